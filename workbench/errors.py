@@ -1,0 +1,25 @@
+"""User-facing errors.
+
+Every problem with a user's input (config, data file, model folder, checkpoint)
+is raised as a :class:`WorkbenchError` with a one-line message that names the
+problem. The CLI prints ``error: <message>`` and exits with status 2.
+"""
+
+
+class WorkbenchError(Exception):
+    """A problem with the user's input, reported in one line (CLI exit status 2)."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))  # force one line
+
+
+class ConfigError(WorkbenchError):
+    """A config key that does not exist, has the wrong type, or is out of range."""
+
+
+class DataError(WorkbenchError):
+    """A data file that is missing, empty, or lacks a required column."""
+
+
+class CheckpointError(WorkbenchError):
+    """A folder that is not a model, or a checkpoint that fails its manifest."""

@@ -1,0 +1,41 @@
+"""Column contracts of the tables that the trainer, analyzer and dashboard share.
+
+Every metric table is *tidy*: one row per value, keyed by
+``(run, step, layer, head, ref_layer, metric, split)``.
+
+- ``layer``: 1..L as in METHODS.md (output of block l; L = final layer).
+- ``head``: attention head index, or ``-1`` for a value over all heads / not per head.
+- ``ref_layer``: the other layer of a pairwise value (``attn_js`` matrix,
+  ``attn_head_match``), or ``-1``.
+- ``split``: ``"reference"`` (teacher-forced reference completions of the probe set)
+  or ``"greedy"`` (the model's own greedy completions).
+- ``source``: ``"probe"`` (trainer's built-in, HF) or ``"analyzer"`` (TransformerLens).
+"""
+
+METRIC_COLUMNS = ["run", "step", "layer", "head", "ref_layer", "metric", "value", "split", "source"]
+
+# Per-prompt drill-down detail written by the analyzer (bounded number of prompts).
+TOPK_COLUMNS = ["run", "step", "prompt", "layer", "position", "k", "token_id", "token", "prob"]
+CELL_COLUMNS = ["run", "step", "prompt", "layer", "position", "token", "target", "metric", "value"]
+ATTN_COLUMNS = ["run", "step", "prompt", "layer", "head", "query", "key", "weight"]
+
+# Lens metrics per layer (averaged over probe positions).
+LENS_METRICS = {
+    "lens_kl": ("KL(p^L || p^l), nats (tuned-lens direction)", "lower = closer to final layer"),
+    "lens_js": ("JSD(p^l, p^L), nats, bounded by ln 2", "lower = closer to final layer"),
+    "top1_agree": ("fraction of positions with argmax p^l == argmax p^L", "higher = closer"),
+    "final_rank": ("rank (0 = top) of the final layer's top-1 token under p^l", "lower = closer"),
+    "target_rank": ("rank (0 = top) of the actual next token under p^l", "lower = better"),
+    "target_nll": ("-log p^l(actual next token), nats", "lower = better"),
+    "entropy": ("H(p^l), nats", "lower = more confident"),
+    "prediction_depth": ("smallest l with argmax p^m == argmax p^L for all m >= l (mean)", "lower = decided earlier"),
+}
+ATTN_METRICS = {
+    "attn_js_final": ("JSD(mean_h a^l, mean_h a^L) (head=-1), or per head", "lower = looks where the final layer looks"),
+    "attn_js": ("JSD(mean_h a^l, mean_h a^m), layer x layer (ref_layer = m)", "lower = more similar"),
+    "attn_head_match": ("mean JSD after Hungarian matching of heads of l to heads of m", "lower = more similar"),
+    "attn_head_identity": ("mean JSD with heads matched by index (beside attn_head_match)", "lower = more similar"),
+    "attn_entropy": ("row entropy / log(number of keys), in [0, 1]", "lower = more focused"),
+    "bos_mass": ("attention weight on the first token", "higher = more attention sink"),
+}
+METRIC_INFO = {**LENS_METRICS, **ATTN_METRICS}
