@@ -1,0 +1,40 @@
+# The README's two commands: `make demo` (the main job on the embedded default) and
+# `make test` (the test suite). Each does all set-up from nothing: a virtual
+# environment, torch first (2.13.0 is the CPU build on this project's machines), then
+# the package with its test extras. Re-running skips what is already done.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed-stamp
+TORCH  ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-all setup browser bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/oisd demo
+
+browser:
+	@bash scripts/install-browser.sh
+
+test: $(STAMP) browser
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-all: $(STAMP) browser
+	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

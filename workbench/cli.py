@@ -1,0 +1,180 @@
+"""The ``oisd`` command line.
+
+Subcommands (fixed spellings, DESIGN.md "CLI"):
+``warmstart | train | probe | dashboard | demo | compare | eval``.
+
+Heavy imports (torch, transformers) happen inside each command so ``--help`` is instant.
+A :class:`~workbench.errors.WorkbenchError` anywhere becomes ``error: <one line>`` on
+stderr and exit status 2; nothing is half-written because every write is atomic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from workbench import __version__
+from workbench.errors import WorkbenchError
+
+EPILOG = "Docs: README.md. Every subcommand has --help."
+
+
+def _cmd_warmstart(args: argparse.Namespace) -> int:
+    from trainer.warmstart import WarmstartConfig, run_warmstart
+
+    cfg = WarmstartConfig.from_args(args)
+    run_warmstart(cfg)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from workbench.config import describe_config, load_config
+
+    if args.help_config:
+        print("\n".join(describe_config()))
+        return 0
+    cfg = load_config(args.config, args.set)
+    if args.run_dir:
+        cfg.run_dir = args.run_dir
+    from trainer.loop import train
+
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from workbench.analyzer import probe_run
+
+    probe_run(args.run_dir, device=args.device, dtype=args.dtype, force=args.force,
+              detail_prompts=args.detail_prompts)
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from app.launch import launch
+
+    return launch(args.runs_root, host=args.host, port=args.port, headless=args.headless)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from trainer.demo import run_demo
+
+    run_demo(root=args.root, steps=args.steps, seed=args.seed, methods=args.methods)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from workbench.compare import print_comparison
+
+    print_comparison(args.run_dirs, layer=args.layer)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from trainer.evaluate import evaluate_cli
+
+    evaluate_cli(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="oisd",
+        description="Workbench for RL post-training with intermediate-layer self-distillation: "
+        "train (GRPO + OISD/SDPG/RLSD/OPSD), probe checkpoints with TransformerLens, browse results.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("warmstart", help="supervised warm start of a preset model on the embedded task",
+                       description="Supervised warm start on the embedded arithmetic task, with a share of "
+                       "hinted (privileged-context) examples. Writes an HF folder (safetensors + tokenizer).")
+    p.add_argument("--preset", default="tiny", help="model preset: tiny | small (default tiny)")
+    p.add_argument("--out", default="runs/warmstart-tiny", help="output model folder")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's budget)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    p.add_argument("--hint-fraction", type=float, default=None, help="share of hinted examples")
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="task knob, e.g. --set digits=2 (n_operands, digits, operators)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output folder")
+    p.set_defaults(func=_cmd_warmstart)
+
+    p = sub.add_parser("train", help="RL training (GRPO + self-distillation) with built-in probes",
+                       description="Train with one config-driven loop for every method. "
+                       "See `oisd train --help-config` for every key.")
+    p.add_argument("--config", default=None, help="YAML file or bundled config name (grpo, oisd, sdpg-ufkl, ...)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set oisd.lambda_attn=0.2 (repeatable)")
+    p.add_argument("--run-dir", default=None, help="run folder (overrides run_dir)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--help-config", action="store_true", help="print every config key with its default")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("probe", help="TransformerLens analysis of a run's checkpoints",
+                       description="Probe every checkpoint of RUN_DIR (incremental) and write analysis/ tables.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--force", action="store_true", help="re-analyse checkpoints already analysed")
+    p.add_argument("--detail-prompts", type=int, default=4, help="probe prompts kept in per-prompt detail")
+    p.set_defaults(func=_cmd_probe)
+
+    p = sub.add_parser("dashboard", help="browse runs in a Streamlit web app",
+                       description="Start the dashboard over RUNS_ROOT (read-only).")
+    p.add_argument("runs_root", nargs="?", default="runs", metavar="RUNS_ROOT")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--headless", action="store_true", help="do not open a browser")
+    p.set_defaults(func=_cmd_dashboard)
+
+    p = sub.add_parser("demo", help="the embedded default end to end",
+                       description="Warm start (reused), short GRPO/OISD/SDPG runs from the same start and seed, "
+                       "probing, a comparison table, and the dashboard command.")
+    p.add_argument("--root", default="runs/demo", help="folder for the demo's runs")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--methods", nargs="+", default=["grpo", "oisd", "sdpg"])
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("compare", help="comparison table of runs",
+                       description="Accuracy before/after, entropy, top1_agree and attn_js_final at the OISD layer.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--layer", type=int, default=None, help="layer to report (default: the OISD layer)")
+    p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("eval", help="held-out evaluation of a checkpoint",
+                       description="Greedy accuracy and mean@k of CHECKPOINT_DIR on the held-out task or a data file.")
+    p.add_argument("checkpoint_dir", metavar="CHECKPOINT_DIR")
+    p.add_argument("--data", default=None, help="JSONL/Parquet file (default: the embedded held-out task)")
+    p.add_argument("--question-column", default="question")
+    p.add_argument("--answer-column", default="answer")
+    p.add_argument("--n", type=int, default=200, help="questions")
+    p.add_argument("--k", type=int, default=4, help="samples per question for mean@k")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="task knob")
+    p.set_defaults(func=_cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except WorkbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Loading models and tokenizers: any local HF folder or hub name, the same way.
+
+One place decides how a model is loaded, so the trainer, the evaluator and the
+analyzer's provenance agree on it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from workbench.errors import CheckpointError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def is_local_path(name: str | os.PathLike) -> bool:
+    """True when ``name`` names (or looks like) a local folder rather than a hub id."""
+    s = str(name)
+    return Path(s).exists() or s.startswith((".", "/", "~")) or s.count("/") > 1
+
+
+def check_model_source(name: str | os.PathLike) -> None:
+    """Fail early, in one line, when a local path is not a model folder."""
+    if not is_local_path(name):
+        return
+    p = Path(name).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"model folder '{p}' does not exist")
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise CheckpointError(f"'{p}' is not a model folder (no config.json)")
+    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+        raise CheckpointError(f"'{p}' is not a model folder (no weights)")
+
+
+def load_model_config(name: str | os.PathLike):
+    """The HF config only (cheap): used to validate layer choices before any work."""
+    from transformers import AutoConfig
+
+    check_model_source(name)
+    try:
+        return AutoConfig.from_pretrained(str(name))
+    except Exception as exc:  # noqa: BLE001 - any loading failure becomes one line
+        raise CheckpointError(f"cannot read model config from '{name}': {_first_line(exc)}") from None
+
+
+def load_model_and_tokenizer(
+    name: str | os.PathLike, *, dtype: str = "float32", attn_implementation: str = "sdpa", device=None
+):
+    """Load an HF causal LM and its tokenizer from a folder or hub name.
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer has a pad token (EOS if it had none) and
+        pads on the left (rollouts append to the right end of every prompt).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_source(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(name))
+        model = AutoModelForCausalLM.from_pretrained(
+            str(name), dtype=DTYPES[dtype], attn_implementation=attn_implementation
+        )
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"cannot load model from '{name}': {_first_line(exc)}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
