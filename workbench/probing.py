@@ -1,0 +1,528 @@
+"""Turn model internals into the tidy probe-metric table.
+
+Both producers of probe numbers go through this module: the trainer's built-in
+probes (HF ``hidden_states`` and attention weights) and the TransformerLens
+analyzer (cached hook activations). Each fills a :class:`ProbeInputs`; everything
+after that is shared, so the two agree to float precision on the same checkpoint.
+
+Memory: the logit lens needs a ``(positions, V)`` distribution per layer, which is
+large for real vocabularies. Scored positions are gathered first and processed in
+chunks of ``chunk_size`` positions, one layer at a time, keeping only running sums
+(and one argmax per layer and position for prediction depth). No
+``(L, positions, V)`` tensor is ever built.
+
+Table conventions (``workbench.schema.METRIC_COLUMNS``):
+
+- Lens metrics: one row per layer ``1..L``, ``head = ref_layer = -1``. Layer L is
+  included: its ``lens_kl``/``lens_js`` are 0, ``top1_agree`` is 1 and ``final_rank``
+  is 0 by construction, while ``target_rank``, ``target_nll`` and ``entropy`` are the
+  model's own.
+- ``prediction_depth`` is a property of a position, not of a layer: it is reported
+  once with ``layer = 0`` (no real layer is 0; layers are ``1..L``).
+- ``attn_js_final``: ``head = -1`` for the head-averaged value, ``head = h`` for the
+  per-head value; ``ref_layer = -1`` (the reference is always layer L).
+- ``attn_js``: the layer x layer matrix, ``layer = l``, ``ref_layer = m``, every pair.
+- ``attn_head_match`` / ``attn_head_identity``: ``layer = l``, ``ref_layer = L``.
+- ``attn_entropy`` / ``bos_mass``: ``head = -1`` is the mean over heads, ``head = h``
+  the per-head value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from workbench import metrics
+from workbench.errors import ConfigError, DataError, WorkbenchError
+from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, TOPK_COLUMNS
+
+__all__ = [
+    "LENS_STAT_NAMES",
+    "ProbeInputs",
+    "ProbeResult",
+    "compute_probe_metrics",
+    "per_position_detail",
+    "attention_detail",
+]
+
+# Per-position lens statistics aggregated per layer, in table order.
+LENS_STAT_NAMES = (
+    "lens_kl", "lens_js", "top1_agree", "final_rank", "target_rank", "target_nll", "entropy"
+)
+
+
+@dataclass
+class ProbeInputs:
+    """Model internals for one batch of probe sequences.
+
+    Attributes:
+        hidden: ``L-1`` tensors ``(N, T, d)``, the outputs of blocks ``1..L-1`` before the
+            final norm (HF ``hidden_states[1:L]``, TransformerLens ``blocks.{i}.hook_resid_post``).
+        final_logits: ``(N, T, V)`` the model's own logits, i.e. layer L (never re-normed).
+        readout: maps ``(..., d)`` to ``(..., V)`` logits: the model's final norm then its
+            unembedding (the logit lens).
+        targets: ``(N, T)`` long, the token at ``t + 1`` (what position t predicts); any
+            value where ``mask`` is False.
+        mask: ``(N, T)`` bool, the scored positions (those that predict a response token).
+        attentions: ``L`` tensors ``(N, H, T, T)`` of attention probabilities for layers
+            ``1..L``, or None to skip the attention metrics.
+        attention_mask: optional ``(N, T)`` bool, False at padding tokens (keys no query
+            can see); None means no padding. Only used to count valid keys
+            (``attn_entropy``) and to find the first real token (``bos_mass``).
+        input_ids: optional ``(N, T)`` long, the input tokens, used only to label the
+            drill-down tables.
+    """
+
+    hidden: Sequence[torch.Tensor]
+    final_logits: torch.Tensor
+    readout: Callable[[torch.Tensor], torch.Tensor]
+    targets: torch.Tensor
+    mask: torch.Tensor
+    attentions: Sequence[torch.Tensor] | None = None
+    attention_mask: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.final_logits.ndim != 3:
+            raise WorkbenchError(
+                f"final_logits must be (N, T, V), got shape {tuple(self.final_logits.shape)}"
+            )
+        n, t, _ = self.final_logits.shape
+        for i, h in enumerate(self.hidden):
+            if h.ndim != 3 or tuple(h.shape[:2]) != (n, t):
+                raise WorkbenchError(
+                    f"hidden[{i}] must be ({n}, {t}, d), got shape {tuple(h.shape)}"
+                )
+        for name in ("targets", "mask", "attention_mask", "input_ids"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != (n, t):
+                raise WorkbenchError(f"{name} must be ({n}, {t}), got shape {tuple(value.shape)}")
+        self.mask = self.mask.to(torch.bool)
+        if self.attention_mask is not None:
+            self.attention_mask = self.attention_mask.to(torch.bool)
+        if self.attentions is not None:
+            if len(self.attentions) != self.n_layers:
+                raise WorkbenchError(
+                    f"attentions must hold one tensor per layer ({self.n_layers}),"
+                    f" got {len(self.attentions)}"
+                )
+            n_heads = self.attentions[0].shape[1] if self.attentions[0].ndim == 4 else -1
+            for i, a in enumerate(self.attentions):
+                if a.ndim != 4 or tuple(a.shape) != (n, n_heads, t, t):
+                    raise WorkbenchError(
+                        f"attentions[{i}] must be ({n}, {n_heads}, {t}, {t}),"
+                        f" got shape {tuple(a.shape)}"
+                    )
+
+    @property
+    def n_layers(self) -> int:
+        """L, the number of layers (blocks); the final layer is ``final_logits``."""
+        return len(self.hidden) + 1
+
+
+@dataclass
+class ProbeResult:
+    """Per-layer probe metrics of one batch, ready for :meth:`to_frame`.
+
+    Attributes:
+        n_layers: L.
+        n_positions: number of scored positions the lens metrics average over.
+        lens: metric name (``LENS_STAT_NAMES``) -> ``(L,)`` mean over positions, layers ``1..L``.
+        prediction_depth: mean prediction depth over positions.
+        n_heads: H, or None without attention.
+        attn_js: ``(L, L)`` mean over scored queries of ``JSD(mean_h a^l, mean_h a^m)``;
+            column ``L-1`` is ``attn_js_final``.
+        attn_js_final_per_head: ``(L, H)`` mean of ``JSD(a^l_h, a^L_h)``.
+        attn_entropy: ``(L, H)`` mean normalised row entropy per head.
+        bos_mass: ``(L, H)`` mean weight on the first token per head.
+        attn_head_match: ``(L,)`` mean JSD to layer L after Hungarian head matching.
+        attn_head_identity: ``(L,)`` the same with heads matched by index.
+        head_perm: ``(L, H)``, head h of layer l matched to head ``head_perm[l, h]`` of L.
+    """
+
+    n_layers: int
+    n_positions: int
+    lens: dict[str, np.ndarray]
+    prediction_depth: float
+    n_heads: int | None = None
+    attn_js: np.ndarray | None = None
+    attn_js_final_per_head: np.ndarray | None = None
+    attn_entropy: np.ndarray | None = None
+    bos_mass: np.ndarray | None = None
+    attn_head_match: np.ndarray | None = None
+    attn_head_identity: np.ndarray | None = None
+    head_perm: np.ndarray | None = None
+
+    def to_frame(self, run: str, step: int, split: str, source: str) -> pd.DataFrame:
+        """The tidy table: one row per value, columns ``workbench.schema.METRIC_COLUMNS``.
+
+        Args:
+            run: run name.
+            step: training step of the checkpoint.
+            split: ``"reference"`` or ``"greedy"``.
+            source: ``"probe"`` (trainer) or ``"analyzer"`` (TransformerLens).
+        """
+        rows: list[tuple[int, int, int, str, float]] = []  # (layer, head, ref_layer, metric, value)
+        layers = range(1, self.n_layers + 1)
+        for name in LENS_STAT_NAMES:
+            rows += [(layer, -1, -1, name, float(self.lens[name][layer - 1])) for layer in layers]
+        rows.append((0, -1, -1, "prediction_depth", float(self.prediction_depth)))
+        if self.attn_js is not None:
+            final = self.n_layers
+            for layer in layers:
+                i = layer - 1
+                rows.append((layer, -1, -1, "attn_js_final", float(self.attn_js[i, final - 1])))
+                js_heads = self.attn_js_final_per_head[i]
+                rows += [(layer, h, -1, "attn_js_final", float(v)) for h, v in enumerate(js_heads)]
+                rows += [(layer, -1, m, "attn_js", float(self.attn_js[i, m - 1])) for m in layers]
+                for name, per_head in (
+                    ("attn_entropy", self.attn_entropy),
+                    ("bos_mass", self.bos_mass),
+                ):
+                    rows.append((layer, -1, -1, name, float(per_head[i].mean())))
+                    rows += [(layer, h, -1, name, float(v)) for h, v in enumerate(per_head[i])]
+                if self.attn_head_match is not None:
+                    for name, values in (
+                        ("attn_head_match", self.attn_head_match),
+                        ("attn_head_identity", self.attn_head_identity),
+                    ):
+                        rows.append((layer, -1, final, name, float(values[i])))
+        frame = pd.DataFrame(rows, columns=["layer", "head", "ref_layer", "metric", "value"])
+        frame = frame.astype(
+            {"layer": "int64", "head": "int64", "ref_layer": "int64", "value": "float64"}
+        )
+        frame["run"] = str(run)
+        frame["step"] = np.int64(step)
+        frame["split"] = str(split)
+        frame["source"] = str(source)
+        return frame[METRIC_COLUMNS]
+
+
+def _check_options(chunk_size: int, temperature: float) -> None:
+    if chunk_size < 1:
+        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
+
+
+def _iter_layer_logprobs(
+    inputs: ProbeInputs, flat_positions: torch.Tensor, chunk_size: int, temperature: float
+) -> Iterator[tuple[int, torch.Tensor, int, torch.Tensor, torch.Tensor]]:
+    """Yield ``(start, chunk_positions, layer, logp_l, logp_final)`` chunk by chunk.
+
+    ``flat_positions`` index the flattened ``(N * T)`` positions; for each chunk the
+    final layer's log-probs are computed once and every layer ``1..L`` is read out
+    against them. Each ``logp`` is ``(chunk, V)`` float32 at ``temperature``.
+    """
+    n_seq, seq_len, vocab = inputs.final_logits.shape
+    final_flat = inputs.final_logits.reshape(n_seq * seq_len, vocab)
+    hidden_flat = [h.reshape(n_seq * seq_len, h.shape[-1]) for h in inputs.hidden]
+    for start in range(0, flat_positions.numel(), chunk_size):
+        idx = flat_positions[start : start + chunk_size]
+        logp_final = torch.log_softmax(final_flat[idx].float() / temperature, dim=-1)  # (c, V)
+        for layer in range(1, inputs.n_layers + 1):
+            if layer == inputs.n_layers:
+                logp = logp_final  # the model's own output: never put through the norm again
+            else:
+                logits = inputs.readout(hidden_flat[layer - 1][idx])  # (c, V)
+                logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+            yield start, idx, layer, logp, logp_final
+
+
+def _scored_targets(inputs: ProbeInputs, flat_positions: torch.Tensor) -> torch.Tensor:
+    """Targets at the scored positions, checked to be token ids of the vocabulary."""
+    targets = inputs.targets.reshape(-1)[flat_positions].long()
+    vocab = inputs.final_logits.shape[-1]
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
+        raise DataError(f"a scored position has a target id outside the vocabulary [0, {vocab})")
+    return targets
+
+
+def _lens_metrics(
+    inputs: ProbeInputs, chunk_size: int, temperature: float
+) -> tuple[dict[str, np.ndarray], float, int]:
+    """Mean lens statistics per layer, mean prediction depth, number of positions."""
+    flat = inputs.mask.reshape(-1).nonzero().squeeze(1)  # (n,)
+    n = flat.numel()
+    if n == 0:
+        raise DataError("the probe mask selects no positions to score")
+    targets = _scored_targets(inputs, flat)
+    device = inputs.final_logits.device
+    # Sums over many positions: accumulate in float64 (MPS has none) so that the mean
+    # does not depend on the chunking.
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
+    sums = {
+        name: torch.zeros(inputs.n_layers, dtype=acc_dtype, device=device)
+        for name in LENS_STAT_NAMES
+    }
+    argmax = torch.empty(inputs.n_layers, n, dtype=torch.long, device=device)  # (L, n)
+    chunks = _iter_layer_logprobs(inputs, flat, chunk_size, temperature)
+    for start, idx, layer, logp, logp_final in chunks:
+        stats = metrics.lens_position_stats(logp, logp_final, targets[start : start + idx.numel()])
+        argmax[layer - 1, start : start + idx.numel()] = stats["argmax"]
+        for name in LENS_STAT_NAMES:
+            sums[name][layer - 1] += stats[name].to(acc_dtype).sum()
+    lens = {name: (total / n).cpu().double().numpy() for name, total in sums.items()}
+    depth = metrics.prediction_depth(argmax).double().mean().item()
+    return lens, depth, n
+
+
+def _attention_metrics(inputs: ProbeInputs, head_match: bool) -> dict[str, np.ndarray | int]:
+    """Attention metrics over the scored query positions of every sequence."""
+    attentions = inputs.attentions
+    n_layers = len(attentions)
+    n_seq, n_heads, seq_len, _ = attentions[0].shape
+    device = attentions[0].device
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
+    js = torch.zeros(n_layers, n_layers, dtype=acc_dtype, device=device)
+    js_head = torch.zeros(n_layers, n_heads, dtype=acc_dtype, device=device)
+    ent = torch.zeros(n_layers, n_heads, dtype=acc_dtype, device=device)
+    bos = torch.zeros(n_layers, n_heads, dtype=acc_dtype, device=device)
+    cost = torch.zeros(n_layers, n_heads, n_heads, dtype=acc_dtype, device=device)
+    n_queries = 0
+    for i in range(n_seq):
+        queries = inputs.mask[i].nonzero().squeeze(1)  # (q,)
+        if queries.numel() == 0:
+            continue
+        key_valid = None if inputs.attention_mask is None else inputs.attention_mask[i]
+        key_mask = metrics.causal_key_mask(queries, seq_len, key_valid)  # (q, T)
+        first_key = 0 if key_valid is None else int(key_valid.long().argmax())  # first real token
+        rows = [a[i][:, queries, :].float() for a in attentions]  # L x (H, q, T)
+        js += metrics.attn_js_matrix(rows).to(acc_dtype).sum(-1)
+        for layer in range(n_layers):
+            js_head[layer] += metrics.attn_js_per_head(rows[layer], rows[-1]).to(acc_dtype).sum(-1)
+            ent[layer] += metrics.attn_entropy(rows[layer], key_mask).to(acc_dtype).sum(-1)
+            bos[layer] += metrics.bos_mass(rows[layer], first_key).to(acc_dtype).sum(-1)
+            if head_match:
+                cost[layer] += metrics.head_js_matrix(rows[layer], rows[-1]).to(acc_dtype).sum(-1)
+        n_queries += queries.numel()
+    if n_queries == 0:
+        raise DataError("the probe mask selects no positions to score")
+    out: dict[str, np.ndarray | int] = {
+        "n_heads": n_heads,
+        "attn_js": (js / n_queries).cpu().double().numpy(),
+        "attn_js_final_per_head": (js_head / n_queries).cpu().double().numpy(),
+        "attn_entropy": (ent / n_queries).cpu().double().numpy(),
+        "bos_mass": (bos / n_queries).cpu().double().numpy(),
+    }
+    if head_match:
+        # One assignment per layer on the cost averaged over all scored queries of all
+        # sequences (not a matching per sequence).
+        matched = [metrics.match_heads(c / n_queries) for c in cost]
+        out["head_perm"] = torch.stack([perm for perm, _, _ in matched]).numpy()
+        out["attn_head_match"] = np.array([m for _, m, _ in matched])
+        out["attn_head_identity"] = np.array([ident for _, _, ident in matched])
+    return out
+
+
+@torch.no_grad()
+def compute_probe_metrics(
+    inputs: ProbeInputs, *, chunk_size: int = 256, temperature: float = 1.0, head_match: bool = True
+) -> ProbeResult:
+    """All probe metrics of DESIGN.md for one batch of probe sequences.
+
+    Lens metrics average over every scored position of all N sequences;
+    attention metrics over the same positions as queries.
+
+    Args:
+        inputs: the model internals, see :class:`ProbeInputs`.
+        chunk_size: positions per read-out chunk (bounds memory at ``chunk_size x V``).
+        temperature: temperature T of every layer's distribution, ``softmax(logits / T)``.
+        head_match: compute the Hungarian head matching (costs ``H^2`` JSDs per layer).
+
+    Returns:
+        A :class:`ProbeResult`; ``.to_frame(...)`` gives the tidy table.
+
+    Raises:
+        ConfigError: ``chunk_size < 1`` or ``temperature <= 0``.
+        DataError: the mask selects nothing, or a scored target is not a token id.
+    """
+    _check_options(chunk_size, temperature)
+    lens, depth, n = _lens_metrics(inputs, chunk_size, temperature)
+    result = ProbeResult(n_layers=inputs.n_layers, n_positions=n, lens=lens, prediction_depth=depth)
+    if inputs.attentions is not None:
+        for name, value in _attention_metrics(inputs, head_match).items():
+            setattr(result, name, value)
+    return result
+
+
+def _labeler(decode: Callable[[int], str] | None) -> Callable[[int], str]:
+    """Token id -> label: ``decode(id)``, or the id as a string without a tokenizer."""
+    return (lambda i: decode(int(i))) if decode is not None else (lambda i: str(int(i)))
+
+
+def _check_prompt(inputs_n: int, prompt_index: int) -> None:
+    if not 0 <= prompt_index < inputs_n:
+        raise WorkbenchError(
+            f"prompt_index {prompt_index} is out of range for {inputs_n} probe sequences"
+        )
+
+
+@torch.no_grad()
+def per_position_detail(
+    inputs: ProbeInputs,
+    prompt_index: int,
+    top_k: int = 5,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 256,
+    decode: Callable[[int], str] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Logit-lens drill-down of one sequence: top-k tokens and metric values per cell.
+
+    A cell is (layer, position) over the scored positions of sequence ``prompt_index``.
+    Token labels are ``decode(id)``, or the id as a string when no ``decode`` is given.
+
+    Args:
+        inputs: the model internals, see :class:`ProbeInputs`.
+        prompt_index: which of the N sequences.
+        top_k: tokens kept per cell.
+        temperature: temperature T of every layer's distribution.
+        chunk_size: positions per read-out chunk.
+        decode: token id -> string.
+
+    Returns:
+        ``(topk, cells)``:
+
+        - ``topk``: columns ``TOPK_COLUMNS`` without run/step: one row per (layer, position,
+          k), ``k = 0`` the most probable token, ``prob`` its probability under ``p^l``.
+        - ``cells``: columns ``CELL_COLUMNS`` without run/step: one row per (layer,
+          position, metric) for the lens statistics of :func:`metrics.lens_position_stats`,
+          plus ``prediction_depth`` per position with ``layer = 0``. ``token`` is the
+          input token at the position (None without ``input_ids``), ``target`` the
+          token it predicts.
+    """
+    _check_options(chunk_size, temperature)
+    n_seq, seq_len, vocab = inputs.final_logits.shape
+    _check_prompt(n_seq, prompt_index)
+    if top_k < 1:
+        raise ConfigError(f"top_k must be >= 1, got {top_k}")
+    label = _labeler(decode)
+    positions = inputs.mask[prompt_index].nonzero().squeeze(1)  # (q,)
+    flat = positions + prompt_index * seq_len
+    targets = _scored_targets(inputs, flat)
+    k = min(top_k, vocab)
+
+    topk_parts: list[pd.DataFrame] = []
+    stat_parts: dict[int, dict[str, list[torch.Tensor]]] = {}
+    argmax = torch.empty(inputs.n_layers, positions.numel(), dtype=torch.long)
+    chunks = _iter_layer_logprobs(inputs, flat, chunk_size, temperature)
+    for start, idx, layer, logp, logp_final in chunks:
+        pos = positions[start : start + idx.numel()].cpu()
+        values, ids = logp.topk(k, dim=-1)  # (c, k)
+        topk_parts.append(
+            pd.DataFrame(
+                {
+                    "layer": layer,
+                    "position": pos.repeat_interleave(k).numpy(),
+                    "k": np.tile(np.arange(k), len(pos)),
+                    "token_id": ids.reshape(-1).cpu().numpy(),
+                    "prob": values.exp().reshape(-1).cpu().double().numpy(),
+                }
+            )
+        )
+        stats = metrics.lens_position_stats(logp, logp_final, targets[start : start + idx.numel()])
+        argmax[layer - 1, start : start + idx.numel()] = stats["argmax"].cpu()
+        per_layer = stat_parts.setdefault(layer, {name: [] for name in LENS_STAT_NAMES})
+        for name in LENS_STAT_NAMES:
+            per_layer[name].append(stats[name].cpu())
+
+    topk = pd.concat(topk_parts, ignore_index=True) if topk_parts else pd.DataFrame(
+        {c: [] for c in ("layer", "position", "k", "token_id", "prob")}
+    )
+    topk.insert(0, "prompt", prompt_index)
+    topk["token"] = [label(i) for i in topk["token_id"]]
+    topk = topk.sort_values(["layer", "position", "k"], kind="stable").reset_index(drop=True)
+
+    pos_np = positions.cpu().numpy()
+    if inputs.input_ids is not None:
+        token_labels = [label(i) for i in inputs.input_ids[prompt_index, positions].tolist()]
+    else:
+        token_labels = [None] * len(pos_np)
+    target_labels = [label(i) for i in targets.tolist()]
+    cell_parts = []
+    for layer in range(1, inputs.n_layers + 1):
+        for name in LENS_STAT_NAMES:
+            values = torch.cat(stat_parts[layer][name]) if positions.numel() else torch.zeros(0)
+            cell_parts.append((layer, name, values.double().numpy()))
+    cell_parts.append((0, "prediction_depth", metrics.prediction_depth(argmax).double().numpy()))
+    cells = pd.DataFrame(
+        {
+            "prompt": prompt_index,
+            "layer": np.concatenate([np.full(len(pos_np), layer) for layer, _, _ in cell_parts]),
+            "position": np.tile(pos_np, len(cell_parts)),
+            "token": token_labels * len(cell_parts),
+            "target": target_labels * len(cell_parts),
+            "metric": np.concatenate(
+                [np.full(len(pos_np), name, dtype=object) for _, name, _ in cell_parts]
+            ),
+            "value": np.concatenate([values for _, _, values in cell_parts]),
+        }
+    )
+    topk_columns = [c for c in TOPK_COLUMNS if c not in ("run", "step")]
+    cell_columns = [c for c in CELL_COLUMNS if c not in ("run", "step")]
+    return topk[topk_columns], cells[cell_columns]
+
+
+@torch.no_grad()
+def attention_detail(
+    attentions: Sequence[torch.Tensor],
+    prompt_index: int,
+    *,
+    query_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> pd.DataFrame:
+    """Attention rows of one sequence for the dashboard's attention maps.
+
+    Emits every (query, key) pair the query can see (``key <= query``, not padding),
+    for each layer, for the mean over heads (``head = -1``) and for each head.
+
+    Args:
+        attentions: ``L`` tensors ``(N, H, T, T)`` of attention probabilities, layers ``1..L``.
+        prompt_index: which of the N sequences.
+        query_mask: optional ``(T,)`` bool, the query positions to keep (default all).
+        attention_mask: optional ``(T,)`` bool, False at padding keys of this sequence.
+
+    Returns:
+        DataFrame with columns ``ATTN_COLUMNS`` without run/step: ``prompt, layer,
+        head, query, key, weight``.
+    """
+    if not attentions:
+        raise WorkbenchError("attention_detail needs at least one layer of attention")
+    n_seq, _, seq_len, _ = attentions[0].shape
+    _check_prompt(n_seq, prompt_index)
+    device = attentions[0].device
+    queries = (
+        torch.arange(seq_len, device=device)
+        if query_mask is None
+        else query_mask.to(device=device, dtype=torch.bool).nonzero().squeeze(1)
+    )
+    key_valid = None if attention_mask is None else attention_mask.to(device)
+    visible = metrics.causal_key_mask(queries, seq_len, key_valid)  # (q, T)
+    q_idx, k_idx = visible.nonzero(as_tuple=True)  # (P,), (P,): every visible (query, key) pair
+    query_pos, key_pos = queries[q_idx].cpu().numpy(), k_idx.cpu().numpy()
+    parts = []
+    for layer, a in enumerate(attentions, start=1):
+        maps = a[prompt_index].float()[:, queries, :]  # (H, q, T)
+        # (H + 1, q, T): row 0 is the mean over heads, reported as head -1.
+        maps = torch.cat([maps.mean(0, keepdim=True), maps])
+        weights = maps[:, q_idx, k_idx].cpu().double().numpy()  # (H + 1, P)
+        heads = np.arange(-1, maps.shape[0] - 1)
+        parts.append(
+            pd.DataFrame(
+                {
+                    "layer": layer,
+                    "head": np.repeat(heads, len(query_pos)),
+                    "query": np.tile(query_pos, len(heads)),
+                    "key": np.tile(key_pos, len(heads)),
+                    "weight": weights.reshape(-1),
+                }
+            )
+        )
+    frame = pd.concat(parts, ignore_index=True)
+    frame.insert(0, "prompt", prompt_index)
+    return frame[[c for c in ATTN_COLUMNS if c not in ("run", "step")]]
