@@ -1,0 +1,250 @@
+"""Multi-step arithmetic: the embedded default task.
+
+A question chains ``n_operands`` numbers of ``digits`` digits with operators
+from ``operators``; the model should write one step per operator and then the
+answer, e.g.::
+
+    question:  Compute 23+45-17.
+    solution:  23+45=68. 68-17=51.
+    answer:    51
+    reference: 23+45=68. 68-17=51. Answer: 51
+
+Evaluation is always left to right, one step per operator. With ``+`` and
+``-`` only that is the usual order. When ``*`` is allowed the usual precedence
+would differ, so those questions say so: ``"Compute left to right: 2+3*4."``
+(answer 20, not 14).
+
+The split is deterministic: one ``random.Random(seed)`` draws distinct
+questions; the first ``n_test`` are the test set and the next ``n_train`` the
+training set, so the test set does not change when ``n_train`` does, and the two
+never share a question.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from functools import cached_property
+
+from trainer.tasks.base import DEFAULT_PROMPT_FORMAT, Example, PromptFormat
+from workbench.errors import ConfigError
+
+_ANSWER_MARK = "Answer:"
+# After the last "Answer:": optional spaces, an optional sign, spaces, ASCII
+# digits; the integer must not continue as a decimal ("51.5") or a digit
+# group ("51,000"), but may be followed by anything else ("51.", "51<eos>").
+_INTEGER_AFTER_MARK = re.compile(r"\s*([+-]?)\s*([0-9]+)(?![0-9]|[.,][0-9])", re.ASCII)
+
+# Attempts to draw one more distinct question before concluding that the knobs
+# cannot give n_train + n_test of them (checked against the space size first).
+_MAX_DRAWS_PER_EXAMPLE = 50
+
+
+def canonical_integer(sign: str, digits: str) -> str:
+    """The canonical spelling of an integer: no leading zeros or plus, no ``-0``.
+
+    Works on strings so that arbitrarily long numbers compare exactly without
+    Python's int/str conversion limit.
+    """
+    digits = digits.lstrip("0") or "0"
+    return f"-{digits}" if sign == "-" and digits != "0" else digits
+
+
+def extract_integer_answer(completion: str) -> str | None:
+    """The integer after the last ``"Answer:"`` in a completion, canonicalised.
+
+    Args:
+        completion: Model output text; anything at all.
+
+    Returns:
+        E.g. ``"51"`` or ``"-5"``; None if there is no ``"Answer:"`` or no
+        integer right after the last one.
+    """
+    if not isinstance(completion, str):
+        return None
+    position = completion.rfind(_ANSWER_MARK)
+    if position < 0:
+        return None
+    match = _INTEGER_AFTER_MARK.match(completion, position + len(_ANSWER_MARK))
+    if match is None:
+        return None
+    return canonical_integer(match.group(1), match.group(2))
+
+
+def _apply(left: int, operator: str, right: int) -> int:
+    if operator == "+":
+        return left + right
+    if operator == "-":
+        return left - right
+    return left * right
+
+
+class ArithmeticTask:
+    """Left-to-right multi-step integer arithmetic with a step-by-step solution.
+
+    Args:
+        n_operands: Numbers per question (>= 2); one solution step per operator.
+        digits: Digits per operand, 1..4 (1 digit: 0..9; d digits: 10^(d-1)..10^d - 1).
+        operators: Allowed operators, a non-empty subset of ``"+-*"``.
+        n_train: Training examples (>= 1).
+        n_test: Test examples (>= 0).
+        seed: Seed of the deterministic generator and split.
+        allow_negative: If False, each step is drawn uniformly among the
+            (operator, operand) pairs that keep the running value >= 0 (the
+            expression is redrawn when there is none), so every intermediate
+            result and the answer are >= 0.
+        prompt_format: How prompts, hints and references are written.
+
+    Raises:
+        ConfigError: naming the knob, for a value out of range, or when the
+            knobs admit fewer distinct questions than ``n_train + n_test``.
+    """
+
+    def __init__(
+        self,
+        n_operands: int = 3,
+        digits: int = 2,
+        operators: str = "+-",
+        n_train: int = 20000,
+        n_test: int = 500,
+        seed: int = 0,
+        allow_negative: bool = False,
+        prompt_format: PromptFormat = DEFAULT_PROMPT_FORMAT,
+    ):
+        _check_int("n_operands", n_operands, minimum=2)
+        _check_int("digits", digits, minimum=1, maximum=4)
+        if (
+            not isinstance(operators, str)
+            or not operators
+            or not set(operators) <= set("+-*")
+            or len(set(operators)) != len(operators)
+        ):
+            raise ConfigError(
+                f"operators must be a non-empty subset of '+-*' without repeats, got {operators!r}"
+            )
+        _check_int("n_train", n_train, minimum=1)
+        _check_int("n_test", n_test, minimum=0)
+        _check_int("seed", seed, minimum=None)
+        if not isinstance(allow_negative, bool):
+            raise ConfigError(f"allow_negative must be true or false, got {allow_negative!r}")
+        self.n_operands = n_operands
+        self.digits = digits
+        self.operators = operators
+        self.n_train = n_train
+        self.n_test = n_test
+        self.seed = seed
+        self.allow_negative = allow_negative
+        self.prompt_format = prompt_format
+        self._low = 0 if digits == 1 else 10 ** (digits - 1)
+        self._high = 10**digits - 1
+        # Upper bound on distinct questions (ignores the non-negativity filter).
+        space = (self._high - self._low + 1) ** n_operands * len(operators) ** (n_operands - 1)
+        if n_train + n_test > space:
+            raise ConfigError(
+                f"n_train + n_test = {n_train + n_test} exceeds the {space} distinct questions "
+                f"with n_operands={n_operands}, digits={digits}, operators={operators!r}"
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"ArithmeticTask(n_operands={self.n_operands}, digits={self.digits}, "
+            f"operators={self.operators!r}, n_train={self.n_train}, n_test={self.n_test}, "
+            f"seed={self.seed}, allow_negative={self.allow_negative})"
+        )
+
+    def train_examples(self) -> list[Example]:
+        """``n_train`` examples, disjoint from the test set (a new list each call)."""
+        return list(self._split[1])
+
+    def test_examples(self) -> list[Example]:
+        """``n_test`` held-out examples (a new list each call)."""
+        return list(self._split[0])
+
+    def extract_answer(self, completion: str) -> str | None:
+        """The integer after the last ``"Answer:"``, canonicalised; None on junk."""
+        return extract_integer_answer(completion)
+
+    def reward(self, completion: str, example: Example) -> float:
+        """1.0 if the completion's final integer equals the example's answer, else 0.0."""
+        predicted = extract_integer_answer(completion)
+        if predicted is None:
+            return 0.0
+        gold = extract_integer_answer(f"{_ANSWER_MARK} {example.answer}")
+        return 1.0 if predicted == gold else 0.0
+
+    @cached_property
+    def _split(self) -> tuple[list[Example], list[Example]]:
+        rng = random.Random(self.seed)
+        needed = self.n_test + self.n_train
+        seen: set[str] = set()
+        examples: list[Example] = []
+        draws = 0
+        while len(examples) < needed:
+            draws += 1
+            if draws > _MAX_DRAWS_PER_EXAMPLE * needed + 1000:
+                raise ConfigError(
+                    f"could draw only {len(examples)} of n_train + n_test = {needed} distinct "
+                    f"questions with n_operands={self.n_operands}, digits={self.digits}, "
+                    f"operators={self.operators!r}, allow_negative={self.allow_negative}"
+                )
+            example = self._draw(rng)
+            if example is not None and example.question not in seen:
+                seen.add(example.question)
+                examples.append(example)
+        return examples[: self.n_test], examples[self.n_test :]
+
+    def _draw(self, rng: random.Random) -> Example | None:
+        """One random example, or None if the running value cannot stay >= 0."""
+        value = rng.randint(self._low, self._high)
+        expression = str(value)
+        steps = []
+        for _ in range(self.n_operands - 1):
+            step = self._draw_step(rng, value)
+            if step is None:
+                return None
+            operator, operand = step
+            result = _apply(value, operator, operand)
+            steps.append(f"{value}{operator}{operand}={result}.")
+            expression += f"{operator}{operand}"
+            value = result
+        prefix = "Compute left to right: " if "*" in self.operators else "Compute "
+        return Example(
+            question=f"{prefix}{expression}.",
+            answer=str(value),
+            solution=" ".join(steps),
+            prompt_format=self.prompt_format,
+        )
+
+    def _draw_step(self, rng: random.Random, value: int) -> tuple[str, int] | None:
+        """An (operator, operand) pair, uniform over the pairs allowed after ``value``.
+
+        With ``allow_negative=False`` this is exactly rejection sampling of a
+        uniform pair until ``value op operand >= 0``, done in one draw: ``+`` and
+        ``*`` keep a non-negative value non-negative for every operand, ``-``
+        only for operands <= value. None when no pair is allowed.
+        """
+        width = self._high - self._low + 1
+        if self.allow_negative:
+            return rng.choice(self.operators), rng.randint(self._low, self._high)
+        counts = [
+            max(0, min(self._high, value) - self._low + 1) if operator == "-" else width
+            for operator in self.operators
+        ]
+        total = sum(counts)
+        if total == 0:
+            return None
+        pick = rng.randrange(total)
+        for operator, count in zip(self.operators, counts):
+            if pick < count:
+                return operator, self._low + pick
+            pick -= count
+        raise AssertionError("unreachable: pick < total")
+
+
+def _check_int(name: str, value, *, minimum: int | None, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name} must be <= {maximum}, got {value}")
