@@ -1,0 +1,299 @@
+"""Cached, read-only access to run folders for the dashboard.
+
+Every reader goes through :mod:`workbench.runstore` and is cached with
+``st.cache_data`` under a key that includes the file's (or folder's) modification
+time and size, so a page load re-reads only what changed: a live run's new metrics
+line or a new analysis file invalidates exactly that entry. Readers return plain
+DataFrames or lists; problems (a corrupt table, an unreadable run.json) come back as
+one-line messages so the view can show them in the table's place.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from workbench.errors import WorkbenchError
+from workbench.runstore import BrokenRun, Run, list_runs, safe_join
+from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, TOPK_COLUMNS
+
+DETAIL_COLUMNS = {"topk": TOPK_COLUMNS, "cells": CELL_COLUMNS, "attn": ATTN_COLUMNS}
+SOURCES = {"probe": "built-in probes (probes.parquet)", "analyzer": "analyzer (analysis/)"}
+
+
+def signature(path: str | os.PathLike) -> tuple[int, int]:
+    """``(mtime_ns, size)`` of a file or folder, ``(0, -1)`` when it does not exist.
+
+    A folder's mtime changes when an entry is added, removed or renamed into it,
+    which is how every atomic write in the run store lands, so it also keys a
+    folder of per-checkpoint tables.
+
+    The cached readers below take it as their ``file_key`` argument (a name without
+    a leading underscore: ``st.cache_data`` does not hash underscored arguments).
+    """
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return (0, -1)
+    return (stat.st_mtime_ns, stat.st_size)
+
+
+def _collect(call, *args, **kwargs):
+    """``(call(...), [warning messages])``: the run store warns instead of raising."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call(*args, **kwargs)
+    return result, [str(w.message) for w in caught]
+
+
+# ---------------------------------------------------------------------------
+# Runs under the root
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class RunListing:
+    """What the runs root holds.
+
+    Attributes:
+        runs: Healthy runs by name (sorted), each opened with its run.json.
+        broken: Run name -> one-line reason it cannot be opened.
+    """
+
+    runs: dict[str, Run] = field(default_factory=dict)
+    broken: dict[str, str] = field(default_factory=dict)
+
+
+def _root_signature(root: Path) -> tuple:
+    """Modification times of the root and of every candidate run.json."""
+    parts = [signature(root), signature(root / "run.json")]
+    try:
+        children = sorted(root.iterdir())
+    except OSError:
+        children = []
+    parts += [(p.name, signature(p / "run.json")) for p in children if not p.name.startswith(".")]
+    return tuple(parts)
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _scan(root: str, file_key: tuple) -> tuple[list[tuple[str, str, dict]], list[tuple[str, str]]]:
+    runs, broken = [], []
+    for entry in list_runs(root):
+        name = "." if Path(entry.path).resolve() == Path(root).resolve() else entry.name
+        try:
+            safe_join(root, name)  # a symlink that leads outside the root is not browsed
+        except WorkbenchError as exc:
+            broken.append((name, str(exc)))
+            continue
+        if isinstance(entry, BrokenRun):
+            broken.append((name, entry.error))
+        else:
+            runs.append((name, str(entry.path), entry.info))
+    return runs, broken
+
+
+def scan_root(root: str | os.PathLike) -> RunListing:
+    """Healthy and broken runs under ``root`` (cached until a run.json changes).
+
+    Raises:
+        WorkbenchError: ``root`` is not a folder.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise WorkbenchError(f"runs root {root} is not a folder")
+    runs, broken = _scan(str(root), _root_signature(root))
+    return RunListing(
+        runs={name: Run(Path(path), info) for name, path, info in runs},
+        broken=dict(broken),
+    )
+
+
+def resolve_run(root: str | os.PathLike, name: str) -> Run:
+    """Open the run ``name`` inside ``root`` (the one way a URL reaches a folder).
+
+    Raises:
+        WorkbenchError: The name leaves the root (``..``, absolute, a link), names no
+            folder, or the folder is not a readable run.
+    """
+    path = safe_join(root, name)
+    if not path.is_dir():
+        raise WorkbenchError(f"no run named {name!r} under {root}")
+    return Run.open(path)
+
+
+# ---------------------------------------------------------------------------
+# Per-run tables
+# ---------------------------------------------------------------------------
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _metrics(path: str, file_key: tuple) -> tuple[pd.DataFrame, list[str]]:
+    return _collect(lambda: Run(Path(path), {}).metrics())
+
+
+def metrics(run: Run) -> tuple[pd.DataFrame, list[str]]:
+    """Training metrics (one row per step) and any warnings (e.g. an unreadable line)."""
+    return _metrics(str(run.path), signature(run.path / "metrics.jsonl"))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _probes(path: str, file_key: tuple) -> tuple[pd.DataFrame, list[str]]:
+    return _collect(lambda: Run(Path(path), {}).probes())
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _analysis(path: str, kind: str, file_key: tuple) -> tuple[pd.DataFrame, list[str]]:
+    return _collect(lambda: Run(Path(path), {}).analysis(kind))
+
+
+def metric_table(run: Run, source: str) -> tuple[pd.DataFrame, list[str]]:
+    """The tidy metric table (``METRIC_COLUMNS``) of one source.
+
+    Args:
+        run: The run.
+        source: ``"probe"`` (probes.parquet, the trainer's built-in probes) or
+            ``"analyzer"`` (``analysis/step-*-metrics.parquet``, all checkpoints).
+
+    Returns:
+        ``(table, warnings)``; an empty table has the contract columns.
+    """
+    if source == "probe":
+        return _probes(str(run.path), signature(run.path / "probes.parquet"))
+    if source == "analyzer":
+        return _analysis(str(run.path), "metrics", signature(run.path / "analysis"))
+    raise WorkbenchError(f"unknown metric source {source!r}; expected one of {sorted(SOURCES)}")
+
+
+def available_sources(run: Run) -> list[str]:
+    """The metric sources a run has files for (without reading the tables)."""
+    found = []
+    if (run.path / "probes.parquet").is_file():
+        found.append("probe")
+    if any((run.path / "analysis").glob("step-*-metrics.parquet")):
+        found.append("analyzer")
+    return found
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _analysed_steps(path: str, kind: str, file_key: tuple) -> tuple[list[int], list[str]]:
+    steps, messages = _collect(lambda: Run(Path(path), {}).analyzed_steps(kind))
+    return sorted(steps), messages
+
+
+def analysed_steps(run: Run, kind: str) -> list[int]:
+    """Checkpoint steps with an analysis table of ``kind`` (reads parquet footers only)."""
+    return _analysed_steps(str(run.path), kind, signature(run.path / "analysis"))[0]
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def _detail(path: str, step: int, kind: str, prompt: int | None, file_key: tuple) -> tuple[pd.DataFrame, list[str]]:
+    file = Run(Path(path), {}).analysis_path(step, kind)
+    if not file.is_file():
+        return pd.DataFrame(columns=DETAIL_COLUMNS[kind]), []
+    try:
+        # Only the rows of one prompt: a per-checkpoint attention table holds every
+        # (layer, head, query, key) of several prompts.
+        filters = None if prompt is None else [("prompt", "==", prompt)]
+        return pd.read_parquet(file, filters=filters), []
+    except Exception as exc:  # a corrupt file shows a message, not a traceback
+        return pd.DataFrame(columns=DETAIL_COLUMNS[kind]), [f"{file} is unreadable: {exc}"]
+
+
+def detail(run: Run, step: int, kind: str, prompt: int | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """One checkpoint's drill-down table of ``kind`` ("topk", "cells" or "attn").
+
+    Reads only ``analysis/step-XXXXXX-{kind}.parquet`` of that step, and only the
+    rows of ``prompt`` when it is given.
+    """
+    if kind not in DETAIL_COLUMNS:
+        raise WorkbenchError(f"unknown detail kind {kind!r}; expected one of {sorted(DETAIL_COLUMNS)}")
+    file = run.analysis_path(int(step), kind)
+    return _detail(str(run.path), int(step), kind, prompt, signature(file))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _prompts(path: str, step: int, file_key: tuple) -> list[int]:
+    file = Run(Path(path), {}).analysis_path(step, "topk")
+    try:
+        column = pd.read_parquet(file, columns=["prompt"])["prompt"]
+    except Exception:
+        return []
+    return sorted(int(p) for p in column.unique())
+
+
+def detail_prompts(run: Run, step: int) -> list[int]:
+    """Probe prompts kept in the drill-down detail of one checkpoint."""
+    file = run.analysis_path(int(step), "topk")
+    return _prompts(str(run.path), int(step), signature(file))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _probe_set(path: str, file_key: tuple) -> tuple[list[dict], list[str]]:
+    return _collect(lambda: Run(Path(path), {}).probe_set())
+
+
+def probe_set(run: Run) -> list[dict]:
+    """The run's probe prompts and reference completions (``[]`` when absent)."""
+    return _probe_set(str(run.path), signature(run.path / "probe_set.jsonl"))[0]
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _checkpoint_steps(path: str, file_key: tuple) -> tuple[list[int], list[str]]:
+    checkpoints, messages = _collect(lambda: Run(Path(path), {}).checkpoints())
+    return [c.step for c in checkpoints], messages
+
+
+def checkpoint_steps(run: Run) -> tuple[list[int], list[str]]:
+    """Steps of complete checkpoints (presence and sizes checked, not hashes)."""
+    return _checkpoint_steps(str(run.path), signature(run.path / "checkpoints"))
+
+
+# ---------------------------------------------------------------------------
+# Summaries
+# ---------------------------------------------------------------------------
+
+
+def _last(frame: pd.DataFrame, column: str) -> float | None:
+    if column not in frame.columns:
+        return None
+    values = pd.to_numeric(frame[column], errors="coerce").dropna()
+    return float(values.iloc[-1]) if len(values) else None
+
+
+def run_summary(name: str, run: Run) -> dict:
+    """One row of the runs table: method, status, steps, last accuracy, provenance."""
+    table, _ = metrics(run)
+    steps, _ = checkpoint_steps(run)
+    status = run.status + (" (live)" if run.is_live else "")
+    versions = run.info.get("versions") if isinstance(run.info.get("versions"), dict) else {}
+    return {
+        "run": name,
+        "method": run.method,
+        "status": status,
+        "steps": int(table["step"].max()) if len(table) else 0,
+        "accuracy": _last(table, "accuracy"),
+        "eval/accuracy": _last(table, "eval/accuracy"),
+        "checkpoints": len(steps),
+        "seed": run.info.get("seed"),
+        "started": run.info.get("start_time"),
+        "torch": versions.get("torch"),
+        "transformers": versions.get("transformers"),
+        "transformer_lens": versions.get("transformer_lens"),
+    }
+
+
+def clear_caches() -> None:
+    """Drop every cached table (tests call this between runs of the app)."""
+    st.cache_data.clear()
+
+
+__all__ = [
+    "METRIC_COLUMNS", "RunListing", "SOURCES", "analysed_steps", "available_sources",
+    "checkpoint_steps", "clear_caches", "detail", "detail_prompts", "metric_table", "metrics",
+    "probe_set", "resolve_run", "run_summary", "scan_root", "signature",
+]

@@ -1,0 +1,283 @@
+"""Plotly figures built from the workbench's tidy tables (no Streamlit here).
+
+Each function takes the rows it plots (``METRIC_COLUMNS``, ``TOPK_COLUMNS``, ...
+from ``workbench.schema``) and returns a ``plotly.graph_objects.Figure``, so the
+notebooks can draw the same pictures as the dashboard.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from workbench.schema import METRIC_INFO
+
+PALETTE = qualitative.Plotly
+SEQUENTIAL = "Viridis"
+DIVERGING = "RdBu_r"
+# Metrics whose larger value means "closer to the final layer / better": their heat
+# maps are drawn with the scale reversed so that "good" is always the same colour.
+HIGHER_IS_CLOSER = {"top1_agree"}
+_FONT = dict(size=13)
+
+
+def metric_label(metric: str) -> str:
+    """A metric's name with its definition, as written on every plot of it.
+
+    ``lens_kl`` names its direction, KL(p^L || p^l) (the tuned-lens direction),
+    because the opposite direction is also common in the literature.
+    """
+    if metric == "lens_kl":
+        return "lens_kl = KL(p^L || p^l), tuned-lens direction"
+    definition = METRIC_INFO.get(metric, (None, None))[0]
+    return f"{metric} = {definition}" if definition else metric
+
+
+def metric_direction(metric: str) -> str:
+    """How to read the metric ("lower = closer to final layer", ...), or ``""``."""
+    return METRIC_INFO.get(metric, ("", ""))[1]
+
+
+def display_token(token: object) -> str:
+    """A token as a short visible label (whitespace made visible, None as ``?``)."""
+    if token is None or (isinstance(token, float) and math.isnan(token)):
+        return "?"
+    text = str(token)
+    return text.replace(" ", "\u2423").replace("\n", "\u23ce").replace("\t", "\u21e5") or "\u2205"
+
+
+def _grid(n: int, max_cols: int = 2) -> tuple[int, int]:
+    cols = max(1, min(n, max_cols))
+    return math.ceil(n / cols), cols
+
+
+# ---------------------------------------------------------------------------
+# Training curves
+# ---------------------------------------------------------------------------
+
+
+def training_curves(tables: dict[str, pd.DataFrame], keys: list[str], smooth: int = 1) -> go.Figure:
+    """One panel per metrics.jsonl key, every run overlaid in its own colour.
+
+    Args:
+        tables: Run name -> metrics table (``step`` plus METHODS.md names).
+        keys: The columns to plot, one panel each.
+        smooth: Trailing rolling-mean window in steps (1 = raw values).
+    """
+    rows, cols = _grid(len(keys))
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=keys, horizontal_spacing=0.08,
+                        vertical_spacing=min(0.12, 0.5 / max(rows, 1)))
+    for i, (name, table) in enumerate(tables.items()):
+        colour = PALETTE[i % len(PALETTE)]
+        for j, key in enumerate(keys):
+            if key not in table.columns:
+                continue
+            series = pd.to_numeric(table[key], errors="coerce")
+            keep = series.notna()
+            y = series[keep].rolling(smooth, min_periods=1).mean() if smooth > 1 else series[keep]
+            fig.add_trace(
+                go.Scatter(x=table["step"][keep], y=y, mode="lines", name=name, legendgroup=name,
+                           showlegend=j == 0, line=dict(color=colour)),
+                row=j // cols + 1, col=j % cols + 1,
+            )
+    fig.update_xaxes(title_text="step")
+    fig.update_layout(height=max(320, 260 * rows), margin=dict(t=40, b=40, l=50, r=20), font=_FONT,
+                      legend=dict(orientation="h", yanchor="bottom", y=1.02 + 0.02 * rows, x=0))
+    return fig
+
+
+# ---------------------------------------------------------------------------
+# Layer x checkpoint
+# ---------------------------------------------------------------------------
+
+
+def layer_step_matrix(rows: pd.DataFrame) -> pd.DataFrame:
+    """Pivot per-layer values to a ``(layers, steps)`` frame (index layer, columns step)."""
+    return rows.pivot_table(index="layer", columns="step", values="value", aggfunc="mean").sort_index()
+
+
+def _heatmap(matrix: pd.DataFrame, **kwargs) -> go.Heatmap:
+    return go.Heatmap(
+        z=matrix.to_numpy(dtype=float), x=[str(c) for c in matrix.columns], y=[str(i) for i in matrix.index],
+        hovertemplate="step %{x}<br>layer %{y}<br>%{z:.4g}<extra></extra>", **kwargs,
+    )
+
+
+def layer_checkpoint_heatmaps(matrices: dict[str, pd.DataFrame], metric: str) -> go.Figure:
+    """A layer x checkpoint heat map per run, on one shared colour scale.
+
+    Args:
+        matrices: Run name -> :func:`layer_step_matrix` of the metric.
+        metric: The metric name (written with its definition on the figure).
+    """
+    n = max(len(matrices), 1)
+    rows, cols = _grid(n)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(matrices), horizontal_spacing=0.08,
+                        vertical_spacing=0.12 if rows > 1 else 0.0)
+    values = [m.to_numpy(dtype=float) for m in matrices.values() if m.size]
+    finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.array([])
+    cmin, cmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    for i, matrix in enumerate(matrices.values()):
+        fig.add_trace(_heatmap(matrix, coloraxis="coloraxis"), row=i // cols + 1, col=i % cols + 1)
+    fig.update_xaxes(title_text="checkpoint step", type="category")
+    fig.update_yaxes(title_text="layer", type="category")
+    fig.update_layout(
+        title=dict(text=metric_label(metric), font=dict(size=14)),
+        coloraxis=dict(colorscale=SEQUENTIAL, cmin=cmin, cmax=cmax, reversescale=metric in HIGHER_IS_CLOSER,
+                       colorbar=dict(title=dict(text=metric, side="right"))),
+        height=max(300, 280 * rows), margin=dict(t=70, b=40, l=50, r=20), font=_FONT,
+    )
+    return fig
+
+
+def difference_heatmap(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: str, metric: str) -> go.Figure:
+    """The heat map of ``a - b`` on the layers and steps both runs have (white = 0)."""
+    diff = layer_step_matrix_difference(a, b)
+    bound = float(np.nanmax(np.abs(diff.to_numpy(dtype=float)))) if diff.size else 1.0
+    bound = bound if bound > 0 and math.isfinite(bound) else 1.0
+    fig = go.Figure(_heatmap(diff, colorscale=DIVERGING, zmid=0.0, zmin=-bound, zmax=bound,
+                             colorbar=dict(title=dict(text=f"\u0394 {metric}", side="right"))))
+    fig.update_xaxes(title_text="checkpoint step", type="category")
+    fig.update_yaxes(title_text="layer", type="category")
+    fig.update_layout(title=dict(text=f"{name_a} minus {name_b}: {metric_label(metric)}", font=dict(size=14)),
+                      height=320, margin=dict(t=60, b=40, l=50, r=20), font=_FONT)
+    return fig
+
+
+def layer_step_matrix_difference(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
+    """``a - b`` of two :func:`layer_step_matrix` frames on their common layers and steps."""
+    layers = a.index.intersection(b.index)
+    steps = a.columns.intersection(b.columns)
+    return a.loc[layers, steps] - b.loc[layers, steps]
+
+
+def step_lines(series: dict[str, pd.DataFrame], metric: str) -> go.Figure:
+    """Per-step values (one per checkpoint, e.g. ``prediction_depth``), one line per run."""
+    fig = go.Figure()
+    for i, (name, rows) in enumerate(series.items()):
+        rows = rows.groupby("step", as_index=False)["value"].mean()
+        fig.add_trace(go.Scatter(x=rows["step"], y=rows["value"], mode="lines+markers", name=name,
+                                 line=dict(color=PALETTE[i % len(PALETTE)])))
+    fig.update_layout(title=dict(text=metric_label(metric), font=dict(size=14)), xaxis_title="checkpoint step",
+                      yaxis_title=metric, height=340, margin=dict(t=60, b=40, l=50, r=20), font=_FONT)
+    return fig
+
+
+# ---------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------
+
+
+def square_heatmap(matrix: pd.DataFrame, title: str, x_title: str, y_title: str, *,
+                   zmin: float | None = None, zmax: float | None = None, colorbar: str = "") -> go.Figure:
+    """A heat map of ``matrix`` (index on y, top to bottom; columns on x)."""
+    fig = go.Figure(go.Heatmap(
+        z=matrix.to_numpy(dtype=float), x=[str(c) for c in matrix.columns], y=[str(i) for i in matrix.index],
+        colorscale=SEQUENTIAL, zmin=zmin, zmax=zmax, colorbar=dict(title=dict(text=colorbar, side="right")),
+        hovertemplate=f"{y_title} %{{y}}<br>{x_title} %{{x}}<br>%{{z:.4g}}<extra></extra>",
+    ))
+    fig.update_xaxes(title_text=x_title, type="category")
+    fig.update_yaxes(title_text=y_title, type="category", autorange="reversed")
+    fig.update_layout(title=dict(text=title, font=dict(size=14)), height=380,
+                      margin=dict(t=60, b=40, l=50, r=20), font=_FONT)
+    return fig
+
+
+def head_matching_bars(rows: pd.DataFrame) -> go.Figure:
+    """Matched (Hungarian) vs identity-matched head JSD to the final layer, per layer."""
+    fig = go.Figure()
+    for metric, label, colour in (("attn_head_identity", "identity (head h to head h)", PALETTE[1]),
+                                  ("attn_head_match", "Hungarian matched", PALETTE[0])):
+        part = rows[rows["metric"] == metric].groupby("layer", as_index=False)["value"].mean()
+        fig.add_trace(go.Bar(x=part["layer"].astype(str), y=part["value"], name=label, marker_color=colour))
+    fig.update_layout(barmode="group", title=dict(text="Head matching to the final layer: mean JSD (lower = more similar)",
+                                                  font=dict(size=14)),
+                      xaxis_title="layer", yaxis_title="mean JSD", height=340, font=_FONT,
+                      margin=dict(t=60, b=40, l=50, r=20), legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def attention_map(rows: pd.DataFrame, title: str, tokens: dict[int, str] | None = None,
+                  zmax: float | None = None) -> go.Figure:
+    """Attention weights of one layer (and head selection): queries down, keys across.
+
+    Args:
+        rows: ``ATTN_COLUMNS`` rows of one (step, prompt, layer, head).
+        title: Figure title.
+        tokens: Position -> token label, used on the axes where known.
+        zmax: Upper end of the colour scale (share it between maps to compare them).
+    """
+    matrix = rows.pivot_table(index="query", columns="key", values="weight", aggfunc="mean")
+    tokens = tokens or {}
+    label = lambda p: f"{p} {display_token(tokens[p])}" if p in tokens else str(p)  # noqa: E731
+    fig = go.Figure(go.Heatmap(
+        z=matrix.to_numpy(dtype=float), x=[label(k) for k in matrix.columns], y=[label(q) for q in matrix.index],
+        colorscale="Blues", zmin=0.0, zmax=zmax, colorbar=dict(title=dict(text="weight", side="right")),
+        hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.3f}<extra></extra>",
+    ))
+    fig.update_xaxes(title_text="key position", type="category", tickangle=-90)
+    fig.update_yaxes(title_text="query position", type="category", autorange="reversed")
+    fig.update_layout(title=dict(text=title, font=dict(size=14)), height=420, font=_FONT,
+                      margin=dict(t=50, b=60, l=60, r=20))
+    return fig
+
+
+# ---------------------------------------------------------------------------
+# Logit-lens grid
+# ---------------------------------------------------------------------------
+
+
+def lens_grid(topk: pd.DataFrame, cells: pd.DataFrame, metric: str | None) -> go.Figure:
+    """The logit-lens grid of one prompt: layers x positions, top-1 token in each cell.
+
+    Args:
+        topk: ``TOPK_COLUMNS`` rows of one (step, prompt); ``k = 0`` is the top token.
+        cells: ``CELL_COLUMNS`` rows of the same (step, prompt): metric values per
+            (layer, position), plus the input token and the target at each position.
+        metric: Cell metric to colour by; ``None`` colours by the top-1 probability.
+
+    Returns:
+        A heat map with layer 1 at the bottom, the top-1 token written in each cell,
+        and the top-k tokens with their probabilities on hover.
+    """
+    ranked = topk.sort_values(["layer", "position", "k"])
+    top1 = ranked.groupby(["layer", "position"]).first()
+    text = top1["token"].map(display_token).unstack("position")
+    hover = ranked.assign(item=[f"{display_token(t)}  {p:.3f}" for t, p in zip(ranked["token"], ranked["prob"])])
+    hover = hover.groupby(["layer", "position"])["item"].agg("<br>".join).unstack("position")
+    layers, positions = text.index, text.columns
+    per_layer_cells = cells[cells["layer"] >= 1]
+    if metric is not None and metric in set(per_layer_cells["metric"]):
+        z = per_layer_cells[per_layer_cells["metric"] == metric].pivot_table(
+            index="layer", columns="position", values="value", aggfunc="mean")
+        colour_title = metric
+    else:
+        z = top1["prob"].unstack("position")
+        colour_title = "top-1 prob"
+    z = z.reindex(index=layers, columns=positions)
+    at_position = cells.drop_duplicates("position").set_index("position")
+    def tick(p: int) -> str:
+        if p not in at_position.index:
+            return str(p)
+        row = at_position.loc[p]
+        return f"{display_token(row['token'])}\u2192{display_token(row['target'])}"
+    fig = go.Figure(go.Heatmap(
+        z=z.to_numpy(dtype=float), x=[str(p) for p in positions], y=[str(layer) for layer in layers],
+        text=text.to_numpy(), texttemplate="%{text}", textfont=dict(size=16),
+        customdata=hover.reindex(index=layers, columns=positions).to_numpy(),
+        colorscale=SEQUENTIAL, reversescale=colour_title in HIGHER_IS_CLOSER or colour_title == "top-1 prob",
+        colorbar=dict(title=dict(text=colour_title, side="right")),
+        hovertemplate=f"layer %{{y}}, position %{{x}}<br>{colour_title} %{{z:.3g}}<br>top-k:<br>%{{customdata}}<extra></extra>",
+    ))
+    fig.update_xaxes(title_text="position (input \u2192 target)", type="category",
+                     tickvals=[str(p) for p in positions], ticktext=[tick(p) for p in positions])
+    fig.update_yaxes(title_text="layer", type="category")
+    title = metric_label(colour_title) if colour_title != "top-1 prob" else "top-1 probability"
+    fig.update_layout(title=dict(text=f"Logit lens: top-1 token per layer; colour = {title}", font=dict(size=14)),
+                      height=max(300, 60 + 42 * len(layers)), font=_FONT, margin=dict(t=60, b=60, l=50, r=20))
+    return fig

@@ -1,0 +1,89 @@
+"""Layer alignment view: a layer x checkpoint heat map per metric, and run differences."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from app import data, figures
+from app.state import ViewContext, download_csv, select
+from workbench.schema import METRIC_INFO
+
+PAIRWISE = {"attn_js", "attn_head_match", "attn_head_identity"}  # shown in the attention view
+
+
+def per_layer_rows(table: pd.DataFrame, metric: str, split: str | None) -> pd.DataFrame:
+    """Rows of one metric over all heads (``head = -1``), not pairwise, of one split."""
+    rows = table[(table["metric"] == metric) & (table["head"] == -1) & (table["ref_layer"] == -1)]
+    if split is not None:
+        rows = rows[rows["split"] == split]
+    return rows
+
+
+def _default_pair(names: list[str], methods: dict[str, str | None]) -> tuple[str, str]:
+    """(A, B) for "A minus B": a self-distillation run minus a GRPO run when there are both."""
+    grpo = [n for n in names if methods.get(n) == "grpo"]
+    other = [n for n in names if methods.get(n) not in (None, "grpo")]
+    if grpo and other:
+        return other[0], grpo[0]
+    return names[0], names[1]
+
+
+def render(ctx: ViewContext) -> None:
+    """Draw heat maps of the chosen metric for the selected runs, and A minus B."""
+    st.header("Layer alignment")
+    if not ctx.runs:
+        st.info("Select one or more runs in the sidebar.")
+        return
+    found = {s for run in ctx.runs.values() for s in data.available_sources(run)}
+    sources = [s for s in data.SOURCES if s in found]
+    if not sources:
+        st.info("None of the selected runs has probes.parquet or analysis tables yet.")
+        return
+    source = select(ctx, "Source", sources, "source", format_func=data.SOURCES.get, widget="radio",
+                    default="probe", horizontal=True)
+    tables = {}
+    for name, run in ctx.runs.items():
+        table, messages = data.metric_table(run, source)
+        for message in messages:
+            st.error(f"Run `{name}`: {message}")
+        if len(table):
+            tables[name] = table
+        else:
+            st.info(f"Run `{name}` has no {data.SOURCES[source]} rows.")
+    if not tables:
+        return
+    present = set().union(*(set(t["metric"].unique()) for t in tables.values())) - PAIRWISE
+    metrics = [m for m in METRIC_INFO if m in present] + sorted(present - set(METRIC_INFO))
+    left, right = st.columns([1, 2])
+    with left:
+        metric = select(ctx, "Metric", metrics, "metric", default="lens_kl")
+        splits = sorted(set().union(*(set(t["split"].unique()) for t in tables.values())))
+        split = select(None, "Split", splits, "alignment_split", default="reference")
+    with right:
+        definition = figures.metric_label(metric)
+        st.markdown(f"**{definition}**  \n{figures.metric_direction(metric)}")
+        st.caption("Layers 1..L (L = final layer); one column per checkpoint with probes. "
+                   "All runs share one colour scale.")
+
+    rows = {name: per_layer_rows(t, metric, split) for name, t in tables.items()}
+    rows = {name: r for name, r in rows.items() if len(r)}
+    if not rows:
+        st.info(f"No {metric} rows in the selected runs.")
+        return
+    per_step_only = all(set(r["layer"].unique()) <= {0} for r in rows.values())
+    if per_step_only:  # e.g. prediction_depth: one value per checkpoint, not per layer
+        st.plotly_chart(figures.step_lines(rows, metric), key="alignment_lines")
+    else:
+        matrices = {name: figures.layer_step_matrix(r[r["layer"] >= 1]) for name, r in rows.items()}
+        st.plotly_chart(figures.layer_checkpoint_heatmaps(matrices, metric), key="alignment_heatmaps")
+        if len(matrices) >= 2:
+            st.subheader("Difference between two runs")
+            names = list(matrices)
+            default_a, default_b = _default_pair(names, {n: ctx.runs[n].method for n in names})
+            col_a, col_b = st.columns(2)
+            a = select(None, "Run A", names, "diff_a", container=col_a, default=default_a)
+            b = select(None, "minus run B", names, "diff_b", container=col_b, default=default_b)
+            st.plotly_chart(figures.difference_heatmap(matrices[a], matrices[b], a, b, metric),
+                            key="alignment_difference")
+    download_csv(pd.concat(rows.values(), ignore_index=True), f"alignment-{metric}.csv")

@@ -1,0 +1,122 @@
+"""Drill-down view: one probe prompt's logit-lens grid and attention maps."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from app import data, figures
+from app.state import ViewContext, download_csv, select
+
+
+def head_rows(attn: pd.DataFrame, layer: int, head: int) -> pd.DataFrame:
+    """Attention rows of one layer for one head, or the mean over heads (``head = -1``).
+
+    The analyzer stores the mean over heads as ``head = -1``; when a table lacks it,
+    the mean is taken here.
+    """
+    rows = attn[attn["layer"] == layer]
+    if head >= 0 or (rows["head"] == -1).any():
+        return rows[rows["head"] == head]
+    return rows[rows["head"] >= 0].groupby(["query", "key"], as_index=False)["weight"].mean()
+
+
+def _prompt_label(records: list[dict], prompt: int) -> str:
+    if 0 <= prompt < len(records):
+        text = str(records[prompt].get("prompt", "")).replace("\n", " ")
+        return f"#{prompt}: {text[:70]}"
+    return f"#{prompt}"
+
+
+def render(ctx: ViewContext) -> None:
+    """Draw the logit-lens grid and attention maps of one prompt at one checkpoint."""
+    st.header("Drill-down")
+    if not ctx.runs:
+        st.info("Select one or more runs in the sidebar.")
+        return
+    top = st.columns(3)
+    name = select(None, "Run", list(ctx.runs), "drilldown_run", container=top[0])
+    run = ctx.runs[name]
+    steps = data.analysed_steps(run, "topk")
+    if not steps:
+        st.info(f"Run `{name}` has no per-prompt detail yet (run `oisd probe {run.path}`).")
+        return
+    step = select(ctx, "Checkpoint step", steps, "step", container=top[1], default=steps[-1])
+    prompts = data.detail_prompts(run, step)
+    records = data.probe_set(run)
+    prompt = select(ctx, "Probe prompt", prompts, "prompt", container=top[2],
+                    format_func=lambda p: _prompt_label(records, p))
+    if prompt is None:
+        st.info(f"No prompts in the detail of step {step}.")
+        return
+    if 0 <= prompt < len(records):
+        record = records[prompt]
+        st.markdown(f"**Prompt** `{record.get('prompt', '')}` \u2192 **reference** `{record.get('reference', '')}`")
+
+    topk, topk_messages = data.detail(run, step, "topk", prompt)
+    cells, cell_messages = data.detail(run, step, "cells", prompt)
+    for message in topk_messages + cell_messages:
+        st.error(message)
+    lens_metrics = sorted(set(cells.loc[cells["layer"] >= 1, "metric"])) if len(cells) else []
+    metric = select(ctx, "Colour by", ["top-1 prob", *lens_metrics], "metric",
+                    default="lens_kl" if "lens_kl" in lens_metrics else "top-1 prob")
+    if len(topk):
+        st.plotly_chart(figures.lens_grid(topk, cells, None if metric == "top-1 prob" else metric),
+                        key="drilldown_grid")
+        if metric != "top-1 prob":
+            st.caption(f"{figures.metric_label(metric)}; {figures.metric_direction(metric)}. "
+                       "Hover a cell for the top-k tokens with their probabilities.")
+    else:
+        st.info("No top-k table for this prompt.")
+
+    attn, attn_messages = data.detail(run, step, "attn", prompt)
+    for message in attn_messages:
+        st.error(message)
+    st.subheader("Attention maps")
+    if attn.empty:
+        st.info(f"No attention detail at step {step}.")
+        download_csv(topk, f"lens-{name}-step{step}-prompt{prompt}.csv")
+        return
+    layers = sorted(int(layer) for layer in attn["layer"].unique())
+    heads = sorted(int(h) for h in attn["head"].unique() if h >= 0)
+    final = layers[-1]
+    controls = st.columns(3)
+    layer = select(ctx, "Layer", layers, "layer", container=controls[0], default=layers[0])
+    head = select(None, "Head", [-1, *heads], "drilldown_head", container=controls[1],
+                  format_func=lambda h: "mean over heads" if h == -1 else f"head {h}")
+    other_steps = [s for s in steps if s != step] or steps
+    step_b = select(None, "Compare with step", other_steps, "drilldown_step_b", container=controls[2],
+                    default=other_steps[0])
+    tokens = {int(p): t for p, t in cells.drop_duplicates("position")[["position", "token"]].itertuples(index=False)}
+    head_text = "mean over heads" if head == -1 else f"head {head}"
+
+    chosen, last = head_rows(attn, layer, head), head_rows(attn, final, head)
+    zmax = float(max(chosen["weight"].max(), last["weight"].max()))
+    left, right = st.columns(2)
+    with left:
+        st.plotly_chart(figures.attention_map(chosen, f"Layer {layer}, {head_text}, step {step}", tokens, zmax),
+                        key="drilldown_attn_layer")
+    with right:
+        st.plotly_chart(figures.attention_map(last, f"Final layer {final}, {head_text}, step {step}", tokens, zmax),
+                        key="drilldown_attn_final")
+
+    attn_b, messages_b = data.detail(run, step_b, "attn", prompt)
+    for message in messages_b:
+        st.error(message)
+    rows_b = head_rows(attn_b, layer, head) if len(attn_b) else attn_b
+    if len(rows_b):
+        zmax_b = float(max(chosen["weight"].max(), rows_b["weight"].max()))
+        left, right = st.columns(2)
+        with left:
+            st.plotly_chart(figures.attention_map(chosen, f"Layer {layer} at step {step}", tokens, zmax_b),
+                            key="drilldown_attn_step_a")
+        with right:
+            st.plotly_chart(figures.attention_map(rows_b, f"Layer {layer} at step {step_b}", tokens, zmax_b),
+                            key="drilldown_attn_step_b")
+    else:
+        st.info(f"No attention detail of prompt {prompt} at step {step_b}.")
+
+    export = st.radio("Table to download", ["logit lens (top-k)", "cells", "attention"], horizontal=True,
+                      key="drilldown_export")
+    table = {"logit lens (top-k)": topk, "cells": cells, "attention": attn}[export]
+    download_csv(table, f"{export.split()[0]}-{name}-step{step}-prompt{prompt}.csv")

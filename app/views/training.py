@@ -1,0 +1,56 @@
+"""Training view: curves of reward, accuracy, entropy, loss terms, schedules and KL."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from app import data, figures
+from app.state import ViewContext, download_csv
+
+# METHODS.md names, in the order a reader scans them.
+DEFAULT_KEYS = ["reward", "accuracy", "eval/accuracy", "entropy", "kl", "loss/policy", "loss/think",
+                "loss/attn", "loss/opd", "loss/ref_kl", "sched/beta", "sched/lambda"]
+HIDDEN = {"step", "time"}
+
+
+def curves_table(tables: dict[str, pd.DataFrame], keys: list[str]) -> pd.DataFrame:
+    """The tidy table behind the curves: ``run, step, metric, value``."""
+    parts = []
+    for name, table in tables.items():
+        present = [k for k in keys if k in table.columns]
+        if not present:
+            continue
+        long = table[["step", *present]].melt(id_vars="step", var_name="metric", value_name="value")
+        parts.append(long.dropna(subset=["value"]).assign(run=name))
+    if not parts:
+        return pd.DataFrame(columns=["run", "step", "metric", "value"])
+    return pd.concat(parts, ignore_index=True)[["run", "step", "metric", "value"]]
+
+
+def render(ctx: ViewContext) -> None:
+    """Draw the selected runs' training curves, overlaid, one panel per metric."""
+    st.header("Training")
+    if not ctx.runs:
+        st.info("Select one or more runs in the sidebar.")
+        return
+    tables = {}
+    for name, run in ctx.runs.items():
+        table, messages = data.metrics(run)
+        for message in messages:
+            st.warning(f"{name}: {message}")
+        if len(table):
+            tables[name] = table
+        else:
+            st.info(f"Run `{name}` has no training metrics yet.")
+    if not tables:
+        return
+    columns = sorted({c for t in tables.values() for c in t.columns} - HIDDEN)
+    defaults = [k for k in DEFAULT_KEYS if k in columns] or columns[:4]
+    keys = st.multiselect("Metrics", columns, default=defaults, key="training_keys")
+    smooth = st.slider("Smoothing (rolling mean over steps)", 1, 50, 1, key="training_smooth")
+    if not keys:
+        st.info("Pick at least one metric.")
+        return
+    st.plotly_chart(figures.training_curves(tables, keys, smooth=smooth), key="training_curves")
+    download_csv(curves_table(tables, keys), "training.csv")

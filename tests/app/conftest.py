@@ -1,0 +1,214 @@
+"""A runs root for the dashboard tests, written through the run store.
+
+``make_runs_root(tmp_path)`` is the one place that builds it (the lead may swap it
+for a tiny real training run plus probe): runs ``grpo`` and ``oisd`` with metrics,
+probes, checkpoints, analysis tables and per-prompt detail; ``partial`` (still
+training, a torn metrics line, a corrupt probes.parquet); ``broken`` (an unreadable
+run.json). Values follow :func:`expected_value`, so tests can check the numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import streamlit as st
+
+from workbench.probing import LENS_STAT_NAMES, ProbeResult
+from workbench.runstore import RunWriter, atomic_write_parquet, write_checkpoint
+
+N_LAYERS = 4
+N_HEADS = 2
+STEPS = (10, 20, 30)
+PROMPTS = (0, 1)
+RUN_SCALE = {"grpo": 1.0, "oisd": 0.5}  # OISD pulls the layers closer to the final one
+TOKENS = list("12+34=46")  # the probe sequence of every prompt (prompt "12+34=", answer "46")
+SCORED = (5, 6)  # positions that predict response tokens (queries of attention detail)
+APP_SCRIPT = Path(__file__).resolve().parents[2] / "app" / "main.py"
+
+
+def expected_value(run: str, metric: str, step: int, layer: int) -> float:
+    """The value written for a per-layer lens metric (all heads, reference split).
+
+    Distance to the final layer shrinks with depth and training: ``(L - l + 1) *
+    scale(run) * 10 / step`` plus a per-metric offset, so every cell is distinct.
+    """
+    offset = LENS_STAT_NAMES.index(metric) if metric in LENS_STAT_NAMES else 0
+    return (N_LAYERS - layer + 1) * RUN_SCALE[run] * 10.0 / step + offset
+
+
+def _probe_result(run: str, step: int) -> ProbeResult:
+    layers = np.arange(1, N_LAYERS + 1)
+    lens = {m: np.array([expected_value(run, m, step, int(l)) for l in layers]) for m in LENS_STAT_NAMES}
+    depth = 1.0 + RUN_SCALE[run] * 30.0 / step
+    # Symmetric layer x layer JSD that grows with the distance between layers.
+    attn_js = np.abs(layers[:, None] - layers[None, :]) * 0.05 * RUN_SCALE[run]
+    per_head = np.array([[attn_js[l - 1, -1] + 0.01 * h for h in range(N_HEADS)] for l in layers])
+    return ProbeResult(
+        n_layers=N_LAYERS, n_positions=len(SCORED) * len(PROMPTS), lens=lens, prediction_depth=depth,
+        n_heads=N_HEADS, attn_js=attn_js, attn_js_final_per_head=per_head,
+        attn_entropy=np.full((N_LAYERS, N_HEADS), 0.5), bos_mass=np.full((N_LAYERS, N_HEADS), 0.2),
+        attn_head_match=attn_js[:, -1] * 0.8, attn_head_identity=attn_js[:, -1],
+        head_perm=np.tile(np.arange(N_HEADS), (N_LAYERS, 1)),
+    )
+
+
+def _detail_tables(run: str, step: int) -> dict[str, pd.DataFrame]:
+    """topk / cells / attn rows of both prompts at one step (``*_COLUMNS`` of schema.py)."""
+    topk, cells, attn = [], [], []
+    for prompt in PROMPTS:
+        for layer in range(1, N_LAYERS + 1):
+            for pos in SCORED:
+                target = TOKENS[pos + 1] if pos + 1 < len(TOKENS) else "<eos>"
+                first = target if layer >= 3 else TOKENS[pos]  # later layers predict the target
+                p1 = 0.4 + 0.1 * layer
+                for k, (token, prob) in enumerate([(first, p1), ("7", (1 - p1) * 0.6), ("8", (1 - p1) * 0.3)]):
+                    topk.append((run, step, prompt, layer, pos, k, ord(token[0]), token, prob))
+                for metric in LENS_STAT_NAMES:
+                    cells.append((run, step, prompt, layer, pos, TOKENS[pos], target, metric,
+                                  expected_value(run, metric, step, layer) + 0.1 * pos))
+        for pos in SCORED:
+            cells.append((run, step, prompt, 0, pos, TOKENS[pos], TOKENS[(pos + 1) % len(TOKENS)],
+                          "prediction_depth", 3.0))
+        for layer in range(1, N_LAYERS + 1):
+            for query in SCORED:
+                keys = np.arange(query + 1)
+                for head in range(N_HEADS):
+                    # Head 0 attends to the first token, head 1 to the query itself,
+                    # sharper in later layers and later checkpoints.
+                    logits = -np.abs(keys - (0 if head == 0 else query)) * layer * step / 10.0
+                    weights = np.exp(logits) / np.exp(logits).sum()
+                    attn += [(run, step, prompt, layer, head, query, int(k), float(w)) for k, w in zip(keys, weights)]
+    topk = pd.DataFrame(topk, columns=["run", "step", "prompt", "layer", "position", "k", "token_id", "token", "prob"])
+    cells = pd.DataFrame(cells, columns=["run", "step", "prompt", "layer", "position", "token", "target", "metric",
+                                         "value"])
+    attn = pd.DataFrame(attn, columns=["run", "step", "prompt", "layer", "head", "query", "key", "weight"])
+    mean = attn.groupby(["run", "step", "prompt", "layer", "query", "key"], as_index=False)["weight"].mean()
+    attn = pd.concat([mean.assign(head=-1), attn], ignore_index=True)[attn.columns]
+    return {"topk": topk, "cells": cells, "attn": attn}
+
+
+def _write_run(root: Path, name: str, method: str) -> None:
+    config = {"method": method, "seed": 0, "steps": STEPS[-1], "checkpoint_every": 10, "probe_every": 10,
+              "model": {"path": "runs/warmstart-tiny"}, "run_dir": str(root / name)}
+    writer = RunWriter(root / name, config, resume=False)
+    writer.write_probe_set([{"prompt": "12+34=", "reference": "46", "prompt_ids": [1, 2, 3, 4, 5, 6],
+                             "reference_ids": [7, 8]},
+                            {"prompt": "5+17=", "reference": "22", "prompt_ids": [9, 3, 1, 10, 6],
+                             "reference_ids": [11, 11]}])
+    for step in range(1, STEPS[-1] + 1):
+        values = {"reward": 0.2 + 0.02 * step * RUN_SCALE[method], "accuracy": 0.01 * step,
+                  "entropy": 1.0 / step, "kl": 0.001 * step, "loss/policy": -0.1, "sched/beta": 0.04}
+        if method == "oisd":
+            values.update({"loss/think": 0.5 / step, "loss/attn": 0.2 / step, "sched/lambda": min(1.0, step / 20)})
+        if step % 10 == 0:
+            values["eval/accuracy"] = 0.02 * step
+        writer.log_metrics(step, values)
+    for step in STEPS:
+        writer.log_probes(_probe_result(method, step).to_frame(name, step, "reference", "probe"))
+        write_checkpoint(root / name, step, lambda d: (d / "config.json").write_text("{}"), keep_last=None)
+        provenance = {"transformer_lens": "4.3", "probe_set_hash": writer.info["probe_set_hash"]}
+        analysis = _probe_result(method, step).to_frame(name, step, "reference", "analyzer")
+        atomic_write_parquet(root / name / "analysis" / f"step-{step:06d}-metrics.parquet", analysis,
+                             metadata=provenance)
+        for kind, table in _detail_tables(method, step).items():
+            table["run"] = name
+            atomic_write_parquet(root / name / "analysis" / f"step-{step:06d}-{kind}.parquet", table,
+                                 metadata=provenance)
+    writer.set_status("finished")
+
+
+def make_runs_root(tmp_path: Path) -> Path:
+    """Write the test runs root under ``tmp_path`` and return it."""
+    root = Path(tmp_path) / "runs"
+    root.mkdir(parents=True)
+    for method in ("grpo", "oisd"):
+        _write_run(root, method, method)
+
+    partial = RunWriter(root / "partial", {"method": "sdpg", "seed": 1}, resume=False)
+    partial.log_metrics(1, {"reward": 0.1, "accuracy": 0.0})
+    with open(partial.metrics_path, "a", encoding="utf-8") as f:
+        f.write('{"step": 2, "rew')  # killed mid-line
+    partial.probes_path.write_bytes(b"PAR1 this is not a parquet file")
+
+    (root / "broken").mkdir()
+    (root / "broken" / "run.json").write_text("{not json")
+    (root / "not-a-run").mkdir()  # no run.json: not listed
+    return root
+
+
+@pytest.fixture(scope="session")
+def runs_root(tmp_path_factory) -> Path:
+    return make_runs_root(tmp_path_factory.mktemp("dashboard"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_streamlit_caches():
+    st.cache_data.clear()
+    yield
+    st.cache_data.clear()
+
+
+@pytest.fixture
+def make_app(monkeypatch):
+    """``make_app(root, **query)`` -> an AppTest of app/main.py over ``root``, not yet run."""
+    from streamlit.testing.v1 import AppTest
+
+    def factory(root: Path, **query) -> AppTest:
+        monkeypatch.setenv("OISD_RUNS_ROOT", str(root))
+        at = AppTest.from_file(str(APP_SCRIPT), default_timeout=60)
+        for key, value in query.items():
+            at.query_params[key] = value
+        return at
+
+    return factory
+
+
+@pytest.fixture
+def downloads(monkeypatch):
+    """Bytes handed to ``st.download_button``, captured as (file_name, data) in order."""
+    import streamlit.testing.v1.app_test as app_test_module
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+
+    captured: list[tuple[str | None, bytes]] = []
+
+    class Recording(MemoryMediaFileStorage):
+        def load_and_get_id(self, path_or_data, mimetype, kind, filename=None):
+            if isinstance(path_or_data, bytes):
+                captured.append((filename, path_or_data))
+            return super().load_and_get_id(path_or_data, mimetype, kind, filename)
+
+    monkeypatch.setattr(app_test_module, "MemoryMediaFileStorage", Recording)
+    return captured
+
+
+def _decode_typed_arrays(node):
+    """Plotly >= 6 writes numpy arrays as ``{"dtype", "bdata"[, "shape"]}``: decode them."""
+    if isinstance(node, dict):
+        if "bdata" in node and "dtype" in node:
+            array = np.frombuffer(base64.b64decode(node["bdata"]), dtype=np.dtype(node["dtype"]))
+            shape = node.get("shape")
+            if shape:
+                array = array.reshape([int(n) for n in str(shape).split(",")])
+            return array
+        return {k: _decode_typed_arrays(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_decode_typed_arrays(v) for v in node]
+    return node
+
+
+def plotly_figures(at) -> dict:
+    """The Plotly figures an AppTest run drew, by element key, as ``go.Figure`` objects."""
+    import plotly.graph_objects as go
+
+    return {element.key: go.Figure(_decode_typed_arrays(json.loads(element.proto.spec)))
+            for element in at.get("plotly_chart")}
+
+
+def isclose(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)

@@ -1,0 +1,113 @@
+"""End to end: `oisd dashboard` in a subprocess, driven by headless Chromium.
+
+Needs Debian's chromium at /usr/bin/chromium (``make browser``) and the Playwright
+Python package; skipped with the reason otherwise. Screenshots are saved under the
+test's tmp folder (``runs-view.png``, ``drilldown-view.png``,
+``alignment-view.png``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+
+from app.launch import wait_for_health
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def dashboard(runs_root, tmp_path):
+    """``(url, log)`` of an `oisd dashboard` server over the test runs root; killed afterwards."""
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "workbench.cli", "dashboard", str(runs_root), "--port", str(port), "--headless"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_for_health(url, timeout_s=60):
+            pytest.fail(f"dashboard did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
+        yield url
+    finally:
+        # The CLI starts streamlit as a child: end the whole process group we created.
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+@pytest.fixture
+def page():
+    sync_api = pytest.importorskip("playwright.sync_api", reason="needs the playwright package")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1500, "height": 1100})
+        yield context.new_page()
+        browser.close()
+
+
+def open_view(page, url: str, **query) -> None:
+    """Open the app with query parameters and wait until the script has finished."""
+    page.goto(f"{url}/?{urlencode(query, doseq=True)}", wait_until="domcontentloaded")
+    page.wait_for_selector("[data-testid='stSidebar']", timeout=60_000)
+    page.wait_for_function(
+        "() => !document.querySelector(\"[data-testid='stStatusWidget']\")"
+        " || !document.querySelector(\"[data-testid='stStatusWidget']\").innerText.includes('Running')",
+        timeout=60_000,
+    )
+
+
+def test_runs_view_and_drilldown_render(dashboard, page, tmp_path):
+    open_view(page, dashboard, view="Runs")
+    page.wait_for_selector("[data-testid='stDataFrame']", timeout=60_000)
+    page.get_by_text("cannot be read").first.wait_for(timeout=30_000)  # the broken run's message
+    page.screenshot(path=str(tmp_path / "runs-view.png"), full_page=True)
+
+    open_view(page, dashboard, view="Drill-down", runs=["oisd"], step="30", prompt="0", layer="2")
+    page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 5", timeout=60_000)
+    assert page.locator(".js-plotly-plot").count() >= 5  # lens grid + four attention maps
+    assert page.get_by_text("Logit lens: top-1 token").count() >= 1
+    # Streamlit scrolls inside its main block, so a tall viewport is what shows the whole view.
+    page.set_viewport_size({"width": 1500, "height": 2700})
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(tmp_path / "drilldown-view.png"))
+    page.set_viewport_size({"width": 1500, "height": 1100})
+    # The view's state is in the URL, so the link reopens it.
+    assert "prompt=0" in page.url and "layer=2" in page.url and "view=Drill-down" in page.url
+
+    open_view(page, dashboard, view="Layer alignment", runs=["grpo", "oisd"], metric="lens_kl")
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 2", timeout=60_000)
+    page.set_viewport_size({"width": 1500, "height": 1500})
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(tmp_path / "alignment-view.png"))
+
+    open_view(page, dashboard, view="Training", runs=["../grpo"])
+    page.get_by_text("Refused run").first.wait_for(timeout=30_000)

@@ -1,0 +1,193 @@
+"""Every dashboard view under Streamlit's AppTest, on the runs root of conftest.py."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.app.conftest import (
+    N_HEADS, N_LAYERS, RUN_SCALE, STEPS, TOKENS, expected_value, make_runs_root, plotly_figures,
+)
+
+
+def _run(at):
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _csv(downloads, name_part: str) -> pd.DataFrame:
+    matches = [data for name, data in downloads if name and name_part in name]
+    assert matches, f"no download named like {name_part!r} in {[n for n, _ in downloads]}"
+    return pd.read_csv(io.BytesIO(matches[-1]))
+
+
+def test_runs_view_lists_runs_and_shows_the_broken_one(runs_root, make_app, downloads):
+    at = _run(make_app(runs_root))
+    assert at.query_params["view"] == "Runs"
+    table = at.dataframe[0].value.set_index("run")
+    assert sorted(table.index) == ["broken", "grpo", "oisd", "partial"]  # not-a-run has no run.json
+    assert table.loc["grpo", "method"] == "grpo" and table.loc["oisd", "method"] == "oisd"
+    assert table.loc["grpo", "status"] == "finished"
+    assert table.loc["partial", "status"] == "training (live)"  # metrics written seconds ago
+    assert table.loc["grpo", "steps"] == 30 and table.loc["partial", "steps"] == 1  # torn line dropped
+    assert table.loc["oisd", "accuracy"] == pytest.approx(0.30)
+    assert table.loc["oisd", "eval/accuracy"] == pytest.approx(0.60)
+    assert table.loc["grpo", "checkpoints"] == len(STEPS)
+    assert table.loc["broken", "status"] == "unreadable"
+    errors = [e.value for e in at.error]
+    assert any("`broken`" in e and "run.json is unreadable" in e for e in errors)
+    # Default selection: the healthy runs; provenance shows the config.
+    assert at.multiselect(key="runs").value == ["grpo", "oisd", "partial"]
+    assert any('"method": "grpo"' in j.proto.body.replace("\n", " ") or '"method":"grpo"' in j.proto.body
+               for j in at.json)
+    exported = _csv(downloads, "runs.csv")
+    assert sorted(exported["run"]) == ["broken", "grpo", "oisd", "partial"]
+
+
+def test_training_view_overlays_runs(runs_root, make_app, downloads):
+    at = _run(make_app(runs_root, view="Training", runs=["grpo", "oisd"]))
+    figure = plotly_figures(at)["training_curves"]
+    reward = {t.name: t for t in figure.data if t.xaxis in ("x", None) and t.yaxis in ("y", None)}
+    assert set(reward) == {"grpo", "oisd"}
+    steps = np.arange(1, STEPS[-1] + 1)
+    np.testing.assert_allclose(reward["oisd"].y, 0.2 + 0.02 * steps * RUN_SCALE["oisd"])
+    titles = [a.text for a in figure.layout.annotations]
+    for key in ("reward", "accuracy", "eval/accuracy", "entropy", "kl", "loss/think", "sched/beta", "sched/lambda"):
+        assert key in titles
+    exported = _csv(downloads, "training.csv")
+    lambda_rows = exported[exported["metric"] == "sched/lambda"]
+    assert set(lambda_rows["run"]) == {"oisd"} and len(lambda_rows) == STEPS[-1]  # grpo logs no lambda
+    assert len(exported[(exported["metric"] == "eval/accuracy")]) == 2 * len(STEPS)
+
+
+def test_alignment_heatmap_has_layer_by_checkpoint_shape(runs_root, make_app, downloads):
+    at = _run(make_app(runs_root, view="Layer alignment", runs=["grpo", "oisd", "partial"], metric="lens_kl"))
+    assert at.radio(key="source").value == "probe"
+    figures = plotly_figures(at)
+    heatmaps = [t for t in figures["alignment_heatmaps"].data if t.type == "heatmap"]
+    assert len(heatmaps) == 2  # partial has no readable probes
+    for trace, run in zip(heatmaps, ["grpo", "oisd"]):
+        z = np.array(trace.z)
+        assert z.shape == (N_LAYERS, len(STEPS))
+        assert list(trace.y) == [str(layer) for layer in range(1, N_LAYERS + 1)]
+        assert list(trace.x) == [str(s) for s in STEPS]
+        expected = [[expected_value(run, "lens_kl", s, layer) for s in STEPS] for layer in range(1, N_LAYERS + 1)]
+        np.testing.assert_allclose(z, expected)
+        assert trace.coloraxis == "coloraxis"  # one shared colour scale
+    axis = figures["alignment_heatmaps"].layout.coloraxis
+    assert axis.cmin == pytest.approx(expected_value("oisd", "lens_kl", 30, N_LAYERS))
+    assert axis.cmax == pytest.approx(expected_value("grpo", "lens_kl", 10, 1))
+    assert "KL(p^L || p^l), tuned-lens direction" in figures["alignment_heatmaps"].layout.title.text
+    assert any("tuned-lens direction" in m.value for m in at.markdown)
+    # The corrupt probes.parquet of `partial` is reported in its place.
+    assert any("partial" in e.value and "unreadable" in e.value for e in at.error)
+    # Difference: OISD minus GRPO by default.
+    diff = figures["alignment_difference"]
+    assert "oisd minus grpo" in diff.layout.title.text
+    expected_diff = [[expected_value("oisd", "lens_kl", s, layer) - expected_value("grpo", "lens_kl", s, layer)
+                      for s in STEPS] for layer in range(1, N_LAYERS + 1)]
+    np.testing.assert_allclose(diff.data[0].z, expected_diff)
+    exported = _csv(downloads, "alignment-lens_kl.csv")
+    assert len(exported) == 2 * N_LAYERS * len(STEPS)
+    assert set(exported["metric"]) == {"lens_kl"} and set(exported["head"]) == {-1}
+
+
+def test_alignment_from_url_analyzer_source_and_per_step_metric(runs_root, make_app):
+    at = _run(make_app(runs_root, view="Layer alignment", runs=["oisd"], metric="top1_agree", source="analyzer"))
+    assert at.radio(key="source").value == "analyzer"
+    assert at.selectbox(key="metric").value == "top1_agree"
+    trace = plotly_figures(at)["alignment_heatmaps"].data[0]
+    np.testing.assert_allclose(trace.z[0], [expected_value("oisd", "top1_agree", s, 1) for s in STEPS])
+    assert at.query_params["source"] == "analyzer" and at.query_params["metric"] == "top1_agree"
+
+    at.selectbox(key="metric").set_value("prediction_depth")
+    _run(at)
+    lines = plotly_figures(at)["alignment_lines"]
+    np.testing.assert_allclose(lines.data[0].y, [1.0 + 0.5 * 30.0 / s for s in STEPS])
+    assert at.query_params["metric"] == "prediction_depth"
+
+
+def test_attention_view(runs_root, make_app, downloads):
+    at = _run(make_app(runs_root, view="Attention", runs=["grpo"], step="20"))
+    assert at.selectbox(key="step").value == 20
+    figures = plotly_figures(at)
+    matrix = np.array(figures["attention_matrix"].data[0].z)
+    layers = np.arange(1, N_LAYERS + 1)
+    np.testing.assert_allclose(matrix, np.abs(layers[:, None] - layers[None, :]) * 0.05)
+    per_head = np.array(figures["attention_heads"].data[0].z)
+    assert per_head.shape == (N_LAYERS, N_HEADS)
+    np.testing.assert_allclose(per_head[:, 1] - per_head[:, 0], 0.01)
+    bars = {t.name: t.y for t in figures["attention_matching"].data}
+    np.testing.assert_allclose(bars["Hungarian matched"], 0.8 * np.array(bars["identity (head h to head h)"]))
+    exported = _csv(downloads, "attention-grpo-step20.csv")
+    assert set(exported["step"]) == {20}
+    assert len(exported[exported["metric"] == "attn_js"]) == N_LAYERS * N_LAYERS
+
+
+def test_drilldown_lens_grid_and_attention_maps(runs_root, make_app, downloads):
+    at = _run(make_app(runs_root, view="Drill-down", runs=["oisd"], step="10", prompt="1", layer="2"))
+    assert (at.selectbox(key="step").value, at.selectbox(key="prompt").value, at.selectbox(key="layer").value) \
+        == (10, 1, 2)
+    figures = plotly_figures(at)
+    grid = figures["drilldown_grid"].data[0]
+    assert np.array(grid.z).shape == (N_LAYERS, 2)  # layers x scored positions
+    # Top-1 token written in each cell: the input token early, the target from layer 3 on.
+    assert list(grid.text[0]) == [TOKENS[5], TOKENS[6]] and list(grid.text[3]) == [TOKENS[6], TOKENS[7]]
+    assert "0.500" in grid.customdata[0][0] and "7" in grid.customdata[0][0]  # top-k on hover
+    np.testing.assert_allclose(grid.z[1][0], expected_value("oisd", "lens_kl", 10, 2) + 0.5)
+    assert "tuned-lens direction" in figures["drilldown_grid"].layout.title.text
+    for key in ("drilldown_attn_layer", "drilldown_attn_final", "drilldown_attn_step_a", "drilldown_attn_step_b"):
+        assert key in figures
+    chosen = np.array(figures["drilldown_attn_layer"].data[0].z, dtype=float)
+    assert chosen.shape == (2, 7)  # queries 5, 6 x keys 0..6
+    np.testing.assert_allclose(np.nansum(chosen, axis=1), 1.0)  # each query row is a distribution
+    assert "Final layer 4" in figures["drilldown_attn_final"].layout.title.text
+    assert "step 20" in figures["drilldown_attn_step_b"].layout.title.text
+    exported = _csv(downloads, "logit-oisd-step10-prompt1.csv")
+    assert len(exported) == N_LAYERS * 2 * 3 and set(exported["prompt"]) == {1}
+    assert at.query_params["prompt"] == "1" and at.query_params["layer"] == "2"
+
+
+@pytest.mark.parametrize("name", ["../outside", "/etc", "grpo/../../outside"])
+def test_url_naming_a_run_outside_the_root_is_refused(runs_root, make_app, name):
+    at = _run(make_app(runs_root, view="Training", runs=[name, "grpo"]))
+    assert any("Refused run" in e.value and name in e.value for e in at.error)
+    assert at.multiselect(key="runs").value == ["grpo"]
+    assert "training_curves" in plotly_figures(at)
+
+
+def test_symlink_leaving_the_root_is_refused(tmp_path, make_app):
+    root = make_runs_root(tmp_path / "inside")
+    outside = tmp_path / "outside"
+    shutil.copytree(root / "grpo", outside)
+    os.symlink(outside, root / "escape")
+    at = _run(make_app(root, runs=["escape"]))
+    errors = " ".join(e.value for e in at.error)
+    assert "escape" in errors and "outside" in errors
+    assert "escape" not in at.multiselect(key="runs").options
+
+
+def test_missing_root_is_one_message(tmp_path, make_app):
+    at = _run(make_app(tmp_path / "nowhere"))
+    assert len(at.error) == 1 and "is not a folder" in at.error[0].value
+
+
+def test_live_run_refreshes_when_files_change(tmp_path, make_app):
+    root = make_runs_root(tmp_path)
+    at = _run(make_app(root, view="Training", runs=["partial"]))
+    assert "Training now" in " ".join(c.value for c in at.sidebar.caption)  # written seconds ago: live
+    at.toggle(key="live").set_value(True)
+    _run(at)
+    before = list(plotly_figures(at)["training_curves"].data[0].x)
+    with open(root / "partial" / "metrics.jsonl", "w") as f:  # the run writes two more steps
+        f.write("".join(json.dumps({"step": s, "time": 0.0, "reward": 0.1 * s}) + "\n" for s in (1, 2, 3)))
+    _run(at)
+    after = list(plotly_figures(at)["training_curves"].data[0].x)
+    assert before == [1] and after == [1, 2, 3]
