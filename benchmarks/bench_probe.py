@@ -1,0 +1,247 @@
+"""Cost of probing one checkpoint: the analyzer's path vs a naive TransformerLens path
+vs one plain HF forward.
+
+Three ways to get the reference-split metric table of one checkpoint (the model
+booted once, outside the timing):
+
+- ``ours``: what ``workbench.analyzer`` does: ``run_with_cache`` restricted by
+  ``names_filter`` to ``blocks.{i}.hook_resid_post`` and ``blocks.{i}.attn.hook_pattern``,
+  then ``compute_probe_metrics``, which reads out only the scored positions, in
+  chunks, one layer at a time.
+- ``naive``: ``run_with_cache`` with no filter (every hook of the model cached), then
+  every layer's logits at every position materialised at once as ``(L, N, T, V)``
+  and their log-softmax, lens statistics over all positions then masked; the
+  attention metrics are the same shared code as ``ours``.
+- ``capture``: the first half of ``ours`` alone (the filtered ``run_with_cache`` and
+  the read-out check), to separate the cost of TransformerLens from the metric math.
+- ``forward``: one plain HF forward (SDPA, no hidden states, no attention): the floor.
+
+Timing: variants interleaved (order rotated each repeat) so that background load hits
+them alike; the median of ``--repeats`` is reported with ratios. Memory: peak resident
+memory measured in a fresh subprocess per variant: the resident high-water mark
+(``VmHWM`` of /proc/self/status; ``ru_maxrss`` elsewhere) after the variant minus the
+same after booting the model and running one plain forward (so loading
+and library start-up are excluded); on CUDA, ``torch.cuda.max_memory_allocated`` above
+the same baseline. ``tracemalloc`` does not see torch's allocations, hence RSS.
+
+Sizes: ``tiny`` = the embedded tiny preset with the character tokenizer; ``32k`` = a
+random Qwen3 with hidden 256, 4 layers and a 32,000-token vocabulary. Both use 16
+probe prompts of about 64 tokens (prompt 16..32 tokens, left-padded, then the
+response).
+
+Usage::
+
+    python benchmarks/bench_probe.py [--sizes tiny 32k] [--repeats 5] [--threads 1] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trainer.presets import preset_config  # noqa: E402
+from trainer.probes import probe_batch  # noqa: E402
+from trainer.tokenizer import build_char_tokenizer  # noqa: E402
+from workbench import metrics as wm  # noqa: E402
+from workbench.analyzer import bridge_probe_inputs  # noqa: E402
+from workbench.probing import ProbeInputs, _attention_metrics, compute_probe_metrics  # noqa: E402
+
+VARIANTS = ("ours", "capture", "naive", "forward")
+N_PROMPTS, SEQ_LEN = 16, 64
+
+
+def make_config(size: str, tokenizer):
+    from transformers import Qwen3Config
+
+    if size == "tiny":
+        return preset_config("tiny", tokenizer)
+    if size == "32k":
+        return Qwen3Config(
+            vocab_size=32000, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+            max_position_embeddings=512, tie_word_embeddings=True,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+    raise SystemExit(f"unknown size {size!r} (tiny, 32k)")
+
+
+def make_records(vocab: int, seed: int = 0) -> list[dict]:
+    """16 probe records of SEQ_LEN tokens: a 16..32-token prompt, then the response."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(N_PROMPTS):
+        prompt_len = rng.randint(16, 32)
+        ids = [rng.randrange(4, vocab) for _ in range(SEQ_LEN)]
+        records.append({"prompt_ids": [1] + ids[: prompt_len - 1],
+                        "reference_ids": ids[prompt_len - 1 : SEQ_LEN - 1] + [2]})
+    return records
+
+
+def setup(size: str, device: str, folder: Path):
+    """Save a random model of ``size`` to ``folder``; boot it with HF and TransformerLens."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(make_config(size, tokenizer))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").to(device).eval()
+    bridge = TransformerBridge.boot_transformers(  # as the analyzer boots a checkpoint
+        str(folder), device=device, dtype=torch.float32,
+        tokenizer=AutoTokenizer.from_pretrained(folder),
+    )
+    bridge.eval()
+    batch = probe_batch(make_records(model.config.vocab_size), pad_id=0)
+    return hf, bridge, {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def run_ours(bridge, batch):
+    return compute_probe_metrics(bridge_probe_inputs(bridge, batch))
+
+
+@torch.no_grad()
+def run_naive(bridge, batch):
+    """Cache everything, materialise (L, N, T, V) lens logits, mask at the end."""
+    n_layers = bridge.cfg.n_layers
+    logits, cache = bridge.run_with_cache(
+        batch["input_ids"], attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+    )
+    resid = torch.stack([cache[f"blocks.{i}.hook_resid_post"] for i in range(n_layers - 1)])
+    lens_logits = torch.cat([bridge.unembed(bridge.ln_final(resid)), logits[None]])  # (L, N, T, V)
+    logp = lens_logits.float().log_softmax(-1)  # (L, N, T, V)
+    vocab = logp.shape[-1]
+    mask = batch["scored"].reshape(-1)
+    targets = batch["targets"].reshape(-1)
+    final = logp[-1].reshape(-1, vocab)
+    lens = {}
+    for layer in range(n_layers):
+        stats = wm.lens_position_stats(logp[layer].reshape(-1, vocab), final, targets)
+        lens[layer] = {k: wm.masked_mean(v.float(), mask) for k, v in stats.items() if k != "argmax"}
+    inputs = ProbeInputs(
+        hidden=[cache[f"blocks.{i}.hook_resid_post"] for i in range(n_layers - 1)],
+        final_logits=logits, readout=lambda h: bridge.unembed(bridge.ln_final(h)),
+        targets=batch["targets"], mask=batch["scored"],
+        attentions=[cache[f"blocks.{i}.attn.hook_pattern"] for i in range(n_layers)],
+        attention_mask=batch["attention_mask"].bool(),
+    )
+    return lens, _attention_metrics(inputs, head_match=True)
+
+
+@torch.no_grad()
+def run_forward(hf, batch):
+    return hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+              position_ids=batch["position_ids"]).logits
+
+
+def call(variant: str, hf, bridge, batch):
+    if variant == "ours":
+        return run_ours(bridge, batch)
+    if variant == "capture":
+        with torch.no_grad():
+            return bridge_probe_inputs(bridge, batch)
+    if variant == "naive":
+        return run_naive(bridge, batch)
+    return run_forward(hf, batch)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_variants(size: str, device: str, repeats: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, bridge, batch = setup(size, device, Path(tmp))
+        for variant in VARIANTS:  # warm-up
+            call(variant, hf, bridge, batch)
+        times = {v: [] for v in VARIANTS}
+        for r in range(repeats):
+            order = VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]
+            for variant in order:
+                sync(device)
+                start = time.perf_counter()
+                call(variant, hf, bridge, batch)
+                sync(device)
+                times[variant].append(time.perf_counter() - start)
+    return {v: statistics.median(t) for v, t in times.items()}
+
+
+def _peak_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    # VmHWM is this process's own resident high-water mark. ru_maxrss is not used on
+    # Linux: it survives fork + exec, so a child would inherit the parent's peak.
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def child_memory(size: str, device: str, variant: str) -> None:
+    """Print the peak memory of one variant above the post-load baseline (JSON)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        hf, bridge, batch = setup(size, device, Path(tmp))
+        run_forward(hf, batch)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        baseline = _peak_bytes(device)
+        call(variant, hf, bridge, batch)
+        print(json.dumps({"peak_mib": (_peak_bytes(device) - baseline) / 2**20}))
+
+
+def measure_memory(size: str, device: str, variant: str, threads: int) -> float:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", variant, "--sizes", size, "--device", device,
+         "--threads", str(threads)],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "32k"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: stable numbers on a shared machine)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        child_memory(args.sizes[0], args.device, args.child)
+        return
+    print(f"device={args.device} threads={args.threads} repeats={args.repeats} "
+          f"probe set {N_PROMPTS} x {SEQ_LEN} tokens")
+    header = f"{'size':>5} {'variant':>8} {'median s':>9} {'vs forward':>10} {'peak MiB':>9}"
+    print(header)
+    for size in args.sizes:
+        times = time_variants(size, args.device, args.repeats)
+        for variant in VARIANTS:
+            peak = measure_memory(size, args.device, variant, args.threads)
+            print(f"{size:>5} {variant:>8} {times[variant]:9.4f} "
+                  f"{times[variant] / times['forward']:9.1f}x {peak:9.1f}")
+        print(f"{size:>5} naive / ours = {times['naive'] / times['ours']:.1f}x,"
+              f" ours / forward = {times['ours'] / times['forward']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The TransformerLens analyzer against the trainer's HF probes, on random-init tiny
+Qwen3, Llama and GPT-2 checkpoints; incremental runs and broken checkpoints."""
+
+import logging
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+from trainer.presets import preset_config
+from trainer.probes import make_probe_set, probe_batch, run_builtin_probes
+from trainer.tasks import ArithmeticTask
+from trainer.tokenizer import build_char_tokenizer
+from workbench.analyzer import PROCESSING_MODE, bridge_probe_inputs, probe_run
+from workbench.errors import WorkbenchError
+from workbench.runstore import Run, RunWriter, read_provenance, write_checkpoint
+from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, TOPK_COLUMNS
+
+KEYS = ["step", "layer", "head", "ref_layer", "metric", "split"]
+
+
+def _configs(tokenizer):
+    special = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return {
+        "qwen3": preset_config("tiny", tokenizer),
+        "llama": LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256, **special,
+        ),
+        "gpt2": GPT2Config(
+            vocab_size=len(tokenizer), n_embd=64, n_layer=3, n_head=4, n_positions=256, **special
+        ),
+    }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny matrices: one thread is faster, and immune to a busy machine's contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def records(tokenizer):
+    task = ArithmeticTask(n_operands=2, digits=1, n_train=20, n_test=6, seed=0)
+    return make_probe_set(task.test_examples(), tokenizer, 5)
+
+
+def _model(config, seed=0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    # Random init gives near-uniform layers; larger weights make the lens metrics
+    # (ranks, argmaxes, attention) differ across layers so the comparison has teeth.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(4.0)
+    return model.eval()
+
+
+def _make_run(root, tokenizer, records, models_by_step, extra=None):
+    """A run folder with one checkpoint per (step, model); ``extra`` step -> save_fn."""
+    run_dir = root / "run"
+    writer = RunWriter(run_dir, {"method": "grpo", "seed": 0}, resume=False)
+    writer.write_probe_set(records)
+    for step, model in models_by_step.items():
+        def save(folder, model=model):
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+        write_checkpoint(run_dir, step, save, keep_last=None)
+    for step, save in (extra or {}).items():
+        write_checkpoint(run_dir, step, save, keep_last=None)
+    return run_dir
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "gpt2"])
+def test_analyzer_agrees_with_builtin_probes(tmp_path, tokenizer, records, arch):
+    model = _model(_configs(tokenizer)[arch])
+    run_dir = _make_run(tmp_path, tokenizer, records, {10: model})
+    report = probe_run(run_dir, progress=False, max_new_tokens=12)
+    assert report.analysed == [10] and not report.skipped
+
+    run = Run.open(run_dir)
+    analyzer = run.analysis("metrics")
+    assert list(analyzer.columns) == METRIC_COLUMNS
+    assert set(analyzer["source"]) == {"analyzer"}
+    assert set(analyzer["split"]) == {"reference", "greedy"}
+    probes = run_builtin_probes(
+        model, tokenizer, records, run="run", step=10, max_new_tokens=12
+    )
+    assert set(probes["source"]) == {"probe"}
+    merged = probes.merge(analyzer, on=KEYS, suffixes=("_hf", "_tl"), validate="one_to_one")
+    assert len(merged) == len(probes) == len(analyzer)
+    assert (merged["value_hf"] - merged["value_tl"]).abs().max() <= 1e-4
+    # The metrics are not degenerate: layers differ from the final layer.
+    lens_js = probes[(probes.metric == "lens_js") & (probes.split == "reference")]
+    assert lens_js[lens_js.layer < lens_js.layer.max()]["value"].max() > 1e-3
+
+    provenance = read_provenance(run.analysis_path(10, "metrics"))
+    assert provenance["processing_mode"] == PROCESSING_MODE
+    assert provenance["model_class"] == type(model).__name__
+    assert provenance["probe_set_hash"] == run.info["probe_set_hash"]
+    assert len(provenance["checkpoint_manifest_sha256"]) == 64
+
+
+def test_bridge_last_layer_reproduces_hf_logits(tmp_path, tokenizer, records):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    model = _model(_configs(tokenizer)["qwen3"])
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    bridge = TransformerBridge.boot_transformers(str(tmp_path), device="cpu", dtype=torch.float32)
+    bridge.eval()
+    batch = probe_batch(records, tokenizer.pad_token_id)
+    inputs = bridge_probe_inputs(bridge, batch)
+    with torch.no_grad():
+        hf_logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        ).logits
+        # The lens read-out applied to the last block's residual (cached beside the
+        # others) is the model's own output.
+        _, cache = bridge.run_with_cache(
+            batch["input_ids"], attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"], names_filter=["blocks.3.hook_resid_post"],
+        )
+        readout_last = inputs.readout(cache["blocks.3.hook_resid_post"])
+    real = batch["attention_mask"].bool()
+    assert (inputs.final_logits - hf_logits)[real].abs().max() <= 1e-5
+    assert (readout_last - hf_logits)[real].abs().max() <= 1e-5
+
+
+def test_broken_checkpoints_are_skipped_and_runs_are_incremental(
+    tmp_path, tokenizer, records, caplog
+):
+    model = _model(_configs(tokenizer)["qwen3"])
+
+    def not_a_model(folder):
+        (folder / "notes.txt").write_text("not a model\n")
+
+    run_dir = _make_run(tmp_path, tokenizer, records, {10: model, 20: model},
+                        extra={30: not_a_model})
+    weights = run_dir / "checkpoints" / "step-000020" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, different sha256
+    weights.write_bytes(bytes(data))
+
+    with caplog.at_level(logging.WARNING, logger="workbench.analyzer"):
+        report = probe_run(run_dir, progress=False, greedy=False, detail_prompts=2)
+    assert report.analysed == [10]
+    assert [step for step, _ in report.skipped] == [20, 30]
+    reasons = dict(report.skipped)
+    assert "sha256 mismatch for model.safetensors" in reasons[20]
+    assert "not a model folder" in reasons[30]
+    assert all("\n" not in reason for reason in reasons.values())
+    warned = [r.getMessage() for r in caplog.records if r.name == "workbench.analyzer"]
+    assert len(warned) == 2 and all("\n" not in m for m in warned)
+
+    run = Run.open(run_dir)
+    for kind, columns in (("topk", TOPK_COLUMNS), ("cells", CELL_COLUMNS), ("attn", ATTN_COLUMNS)):
+        table = run.analysis(kind)
+        assert list(table.columns) == columns
+        assert set(table["prompt"]) == {0, 1} and set(table["step"]) == {10}
+    topk = run.analysis("topk")
+    # Labels decode with the checkpoint's tokenizer: single characters or special tokens.
+    assert all(len(t) == 1 or t.startswith("<") for t in topk["token"])
+    assert set(run.analysis("metrics")["split"]) == {"reference"}
+
+    metrics_file = run.analysis_path(10, "metrics")
+    written = metrics_file.stat().st_mtime_ns
+    again = probe_run(run_dir, progress=False, greedy=False)
+    assert again.analysed == [] and again.up_to_date == [10]
+    assert metrics_file.stat().st_mtime_ns == written
+    forced = probe_run(run_dir, progress=False, greedy=False, force=True)
+    assert forced.analysed == [10]
+    assert metrics_file.stat().st_mtime_ns != written
+
+
+def test_not_a_run_is_one_line_error(tmp_path):
+    with pytest.raises(WorkbenchError, match="not a run folder"):
+        probe_run(tmp_path, progress=False)
+
+
+def test_notebook_api(tmp_path, tokenizer, records):
+    from workbench import api
+
+    run_dir = _make_run(tmp_path, tokenizer, records, {5: _model(_configs(tokenizer)["llama"])})
+    writer = RunWriter(run_dir, {"method": "grpo", "seed": 0}, resume=True, resume_step=5)
+    writer.log_metrics(1, {"accuracy": 0.25, "reward": 0.5})
+    writer.log_metrics(5, {"accuracy": 0.75, "reward": 1.0})
+    writer.log_probes(pd.DataFrame(
+        [["run", 5, 1, -1, -1, "lens_js", 0.1, "reference", "probe"],
+         ["run", 5, 1, -1, -1, "entropy", 2.0, "reference", "probe"]], columns=METRIC_COLUMNS,
+    ))
+    (tmp_path / "not-a-run").mkdir()
+
+    table = api.runs(tmp_path)
+    assert table["name"].tolist() == ["run"]
+    row = table.iloc[0]
+    assert (row.method, row.status, row.steps, row.last_step, row.checkpoints) == (
+        "grpo", "training", 2, 5, 1
+    )
+    assert row.last_accuracy == 0.75 and row.last_reward == 1.0
+    assert api.metrics(run_dir)["accuracy"].tolist() == [0.25, 0.75]
+    assert api.probes(run_dir, metric="entropy")["value"].tolist() == [2.0]
+
+    run = api.load_run(run_dir)
+    report = api.probe(run, progress=False, greedy=False, detail_prompts=1)
+    assert report.analysed == [5]
+    assert set(api.analysis(run)["step"]) == {5}
+    assert set(api.analysis(run_dir, kind="attn")["prompt"]) == {0}

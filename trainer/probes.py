@@ -1,0 +1,330 @@
+"""The trainer's built-in probes: the metric set of DESIGN.md from HF internals.
+
+The trainer calls :func:`run_builtin_probes` every ``probe_every`` steps on a fixed
+probe set (:func:`make_probe_set`, written once to ``probe_set.jsonl``). One
+forward pass with ``output_hidden_states`` and ``output_attentions`` fills a
+:class:`workbench.probing.ProbeInputs`; the metrics themselves come from
+:func:`workbench.probing.compute_probe_metrics`, the same code the
+TransformerLens analyzer (``workbench.analyzer``) uses, so the two agree to float
+precision on the same checkpoint. The analyzer imports :func:`probe_batch` from
+here: one batch construction for both.
+
+Layout of one probe sequence (P prompt tokens incl. BOS, R response tokens incl.
+EOS), left-padded to the batch width T::
+
+    [pad ... pad | prompt (P) | response (R)]
+
+Position t predicts token t + 1, so the scored positions (those predicting a
+response token) are ``P-1 .. P+R-2`` in unpadded coordinates. Position ids are
+``cumsum(attention_mask) - 1`` clamped at 0, as in the rollouts, so a probe
+position sees exactly what it saw while sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import pandas as pd
+import torch
+from torch import nn
+
+from trainer.rollout import position_ids_from_mask, sample
+from workbench.errors import CheckpointError, ConfigError, DataError
+from workbench.probing import ProbeInputs, compute_probe_metrics
+from workbench.schema import METRIC_COLUMNS
+
+__all__ = [
+    "make_probe_set",
+    "probe_batch",
+    "find_readout",
+    "eager_attention",
+    "hf_probe_inputs",
+    "greedy_responses",
+    "run_builtin_probes",
+]
+
+# Attribute names of the final norm on a decoder stack, across HF architectures
+# (Llama/Qwen/Mistral: ``norm``; GPT-2/GPT-J/Bloom: ``ln_f``; GPT-NeoX/OPT: ``final_layer_norm``).
+_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm")
+
+
+def make_probe_set(examples: Sequence, tokenizer, n: int) -> list[dict]:
+    """The fixed probe set: the first ``n`` held-out examples, tokenised.
+
+    Deterministic in its inputs (no sampling), so every checkpoint and every run
+    built from the same test split gets the same records, and the same
+    ``probe_set_hash``.
+
+    Args:
+        examples: held-out examples with ``.prompt`` and ``.reference`` strings
+            (``trainer.tasks.Example``).
+        tokenizer: the run's HF tokenizer (must have an EOS token).
+        n: number of probe prompts (>= 1, at most ``len(examples)``).
+
+    Returns:
+        ``n`` records ``{"index", "prompt", "reference", "prompt_ids", "reference_ids"}``:
+        ``prompt_ids`` = ``tokenizer(prompt, add_special_tokens=True)`` (BOS included
+        where the tokenizer adds one); ``reference_ids`` =
+        ``tokenizer(reference, add_special_tokens=False)`` followed by EOS.
+
+    Raises:
+        ConfigError: ``n`` < 1 or more than the examples available.
+        DataError: the tokenizer has no EOS token, or a prompt encodes to nothing.
+    """
+    if n < 1:
+        raise ConfigError(f"probe set size must be >= 1, got {n}")
+    if n > len(examples):
+        raise ConfigError(f"probe set size {n} exceeds the {len(examples)} held-out examples")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token; probe references need one")
+    records = []
+    for index, example in enumerate(examples[:n]):
+        prompt_ids = list(tokenizer(example.prompt, add_special_tokens=True)["input_ids"])
+        if not prompt_ids:
+            raise DataError(f"probe prompt {index} encodes to no tokens")
+        reference_ids = list(tokenizer(example.reference, add_special_tokens=False)["input_ids"])
+        records.append(
+            {
+                "index": index,
+                "prompt": example.prompt,
+                "reference": example.reference,
+                "prompt_ids": prompt_ids,
+                "reference_ids": reference_ids + [int(eos)],
+            }
+        )
+    return records
+
+
+def probe_batch(
+    records: Sequence[dict], pad_id: int, responses: Sequence[Sequence[int]] | None = None
+) -> dict[str, torch.Tensor]:
+    """Left-padded teacher-forced batch of probe sequences, with the scored positions.
+
+    Args:
+        records: probe records (:func:`make_probe_set`), each with ``prompt_ids`` and
+            ``reference_ids``.
+        pad_id: id written into the padding.
+        responses: optional ``N`` response id lists that replace the references (the
+            ``"greedy"`` split: the model's own completions).
+
+    Returns:
+        Dict of ``(N, T)`` tensors: ``input_ids`` (long), ``attention_mask`` (long, 1 on
+        real tokens), ``position_ids`` (long, ``cumsum(mask) - 1`` clamped at 0),
+        ``scored`` (bool, positions whose next token is a response token) and
+        ``targets`` (long, the token at ``t + 1``; ``pad_id`` at the last position).
+
+    Raises:
+        DataError: no records, a record with an empty prompt or response, or a
+            ``responses`` list of the wrong length.
+    """
+    if len(records) == 0:
+        raise DataError("the probe set is empty")
+    if responses is not None and len(responses) != len(records):
+        raise DataError(f"got {len(responses)} responses for {len(records)} probe prompts")
+    sequences, prompt_lengths = [], []
+    for i, record in enumerate(records):
+        prompt = list(record["prompt_ids"])
+        response = list(record["reference_ids"] if responses is None else responses[i])
+        if not prompt or not response:
+            raise DataError(f"probe record {i} has an empty prompt or response")
+        sequences.append(prompt + response)
+        prompt_lengths.append(len(prompt))
+    width = max(len(s) for s in sequences)
+    n = len(sequences)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    scored = torch.zeros((n, width), dtype=torch.bool)
+    for i, (seq, p) in enumerate(zip(sequences, prompt_lengths)):
+        offset = width - len(seq)  # left padding
+        input_ids[i, offset:] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, offset:] = 1
+        # Unpadded t = P-1 .. P+R-2 predict the R response tokens.
+        scored[i, offset + p - 1 : width - 1] = True
+    targets = torch.cat([input_ids[:, 1:], torch.full((n, 1), pad_id, dtype=torch.long)], dim=1)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids_from_mask(attention_mask),
+        "scored": scored,
+        "targets": targets,
+    }
+
+
+def find_readout(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The model's final norm and unembedding (the logit-lens read-out).
+
+    Generic over HF causal LMs: the unembedding is ``get_output_embeddings()``
+    (``lm_head``); the final norm is looked up on the decoder stack
+    (``model.model.norm`` for Llama/Qwen, ``model.transformer.ln_f`` for GPT-2, ...).
+
+    Returns:
+        ``(final_norm, lm_head)``.
+
+    Raises:
+        CheckpointError: either module cannot be found.
+    """
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if base is None and hasattr(model, "get_decoder"):
+        base = model.get_decoder()
+    norm = None
+    for name in _FINAL_NORM_NAMES:
+        candidate = getattr(base, name, None) if base is not None else None
+        if isinstance(candidate, nn.Module):
+            norm = candidate
+            break
+    if lm_head is None or norm is None:
+        raise CheckpointError(
+            f"cannot find the final norm and unembedding of {type(model).__name__} "
+            "for the logit lens"
+        )
+    return norm, lm_head
+
+
+@contextmanager
+def eager_attention(model: nn.Module):
+    """Run ``model`` with eager attention inside the block, restoring it after.
+
+    Fused kernels (SDPA, flash) do not return attention probabilities; eager does.
+    Switching is a runtime dispatch choice, the weights are untouched.
+    """
+    previous = getattr(model.config, "_attn_implementation", None)
+    if previous == "eager" or previous is None:
+        yield model
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@torch.no_grad()
+def hf_probe_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> ProbeInputs:
+    """One HF forward over a probe batch, as :class:`ProbeInputs`.
+
+    ``hidden`` is ``hidden_states[1..L-1]`` (block outputs before the final norm);
+    ``hidden_states[L]`` is skipped because HF has already put it through the final
+    norm (METHODS.md): layer L is the model's own logits. The forward runs with eager
+    attention (switched temporarily) so that attention weights are returned.
+
+    Args:
+        model: an HF causal LM.
+        batch: from :func:`probe_batch`.
+
+    Returns:
+        The inputs of :func:`workbench.probing.compute_probe_metrics`, on the model's device.
+    """
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    norm, lm_head = find_readout(model)
+    with eager_attention(model):
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            output_hidden_states=True,
+            output_attentions=True,
+            use_cache=False,
+        )
+    hidden_states = out.hidden_states  # L + 1 tensors (N, T, d), index 0 = embeddings
+    n_layers = len(hidden_states) - 1
+    if out.attentions is None or any(a is None for a in out.attentions):
+        raise CheckpointError(f"{type(model).__name__} returned no attention weights in eager mode")
+    return ProbeInputs(
+        hidden=list(hidden_states[1:n_layers]),
+        final_logits=out.logits,
+        readout=lambda h: lm_head(norm(h)),
+        targets=batch["targets"],
+        mask=batch["scored"],
+        attentions=list(out.attentions),
+        attention_mask=batch["attention_mask"].bool(),
+        input_ids=batch["input_ids"],
+    )
+
+
+def greedy_responses(
+    model: nn.Module, records: Sequence[dict], *, pad_id: int, eos_id: int, max_new_tokens: int
+) -> list[list[int]]:
+    """The model's own greedy completions of the probe prompts (EOS kept when emitted).
+
+    Uses :func:`trainer.rollout.sample`, the rollout code of training, so the greedy
+    split is what the policy would answer at temperature 0.
+    """
+    rollout = sample(
+        model,
+        [list(r["prompt_ids"]) for r in records],
+        pad_id=pad_id,
+        eos_id=eos_id,
+        max_new_tokens=max_new_tokens,
+        greedy=True,
+    )
+    responses = rollout.responses.cpu()
+    lengths = rollout.lengths.cpu().tolist()
+    return [responses[i, :n].tolist() for i, n in enumerate(lengths)]
+
+
+def _special_ids(tokenizer) -> tuple[int, int]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token; probes need one")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return int(pad), int(eos)
+
+
+@torch.no_grad()
+def run_builtin_probes(
+    model: nn.Module,
+    tokenizer,
+    records: Sequence[dict],
+    *,
+    run: str,
+    step: int,
+    greedy: bool = True,
+    chunk_size: int = 256,
+    max_new_tokens: int = 64,
+) -> pd.DataFrame:
+    """The built-in probe table of one training step.
+
+    Split ``"reference"``: teacher-forced reference completions. Split ``"greedy"``
+    (when ``greedy``): the model's own greedy completions of the same prompts. Both
+    are scored by :func:`workbench.probing.compute_probe_metrics`. The whole call runs
+    in eval mode with eager attention (greedy decoding included, so that the analyzer,
+    which runs eager, decodes the same tokens); both are restored afterwards.
+
+    Args:
+        model: the HF causal LM (unwrapped from DDP/FSDP wrappers by the caller).
+        tokenizer: its tokenizer (for the pad and EOS ids).
+        records: the probe set (:func:`make_probe_set`).
+        run: run name written in the table.
+        step: training step written in the table.
+        greedy: also probe the greedy completions.
+        chunk_size: positions per logit-lens read-out chunk (bounds memory).
+        max_new_tokens: longest greedy completion.
+
+    Returns:
+        Rows with columns ``workbench.schema.METRIC_COLUMNS``, ``source = "probe"``.
+    """
+    pad_id, eos_id = _special_ids(tokenizer)
+    was_training = model.training
+    model.eval()
+    frames = []
+    try:
+        with eager_attention(model):
+            splits = [("reference", None)]
+            if greedy:
+                responses = greedy_responses(
+                    model, records, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens
+                )
+                splits.append(("greedy", responses))
+            for split, split_responses in splits:
+                batch = probe_batch(records, pad_id, split_responses)
+                inputs = hf_probe_inputs(model, batch)
+                result = compute_probe_metrics(inputs, chunk_size=chunk_size)
+                frames.append(result.to_frame(run, step, split, "probe"))
+                del inputs
+    finally:
+        model.train(was_training)
+    return pd.concat(frames, ignore_index=True)[METRIC_COLUMNS]

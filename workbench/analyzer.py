@@ -1,0 +1,407 @@
+"""The TransformerLens-backed analyzer: ``oisd probe RUN_DIR``.
+
+For each checkpoint of a run, :func:`probe_run` boots the folder with
+``TransformerBridge.boot_transformers`` (TransformerLens 4), runs the run's fixed
+probe set with ``run_with_cache`` restricted to the hooks the metrics need, and
+writes tidy parquet tables to ``analysis/step-XXXXXX-{kind}.parquet``:
+
+- ``metrics``: the metric set of DESIGN.md (``workbench.schema.METRIC_COLUMNS``,
+  ``source = "analyzer"``), splits ``"reference"`` and ``"greedy"``;
+- ``topk``, ``cells``, ``attn``: per-prompt drill-down for the first
+  ``detail_prompts`` probe prompts (reference split).
+
+Numbers: the bridge is used exactly as booted, with raw HF weights (no
+``enable_compatibility_mode``, so no LayerNorm folding, weight centring or
+unembedding centring, which would change every intermediate read-out). Layer l's
+residual is ``blocks.{l-1}.hook_resid_post``, the read-out is the bridge's own
+``ln_final`` then ``unembed`` (the wrapped HF modules), and layer L is the model's
+logits. The read-out of the last block's residual is checked against those logits
+at every scored position before anything is written, so a model whose head does
+more than norm + unembedding (a logit soft-cap, a scale) is refused instead of
+producing a wrong lens. The batch is built by ``trainer.probes.probe_batch`` and the
+metrics by ``workbench.probing``: the same code as the trainer's built-in probes,
+which agree with this analyzer to 1e-4 (tested).
+
+Greedy split: the completions are decoded with ``trainer.rollout.sample`` on the
+HF model the bridge wraps (eager attention, as the built-in probes decode them),
+then teacher-forced through the bridge like the references.
+
+Incremental: a checkpoint whose four tables exist with the current probe set hash
+is skipped unless ``force``. A checkpoint that fails its manifest, a folder that is
+not a model, or an architecture TransformerLens cannot boot is reported in one
+line (a warning and an entry of :attr:`ProbeReport.skipped`); the others go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from workbench.errors import CheckpointError, ConfigError, DataError, WorkbenchError
+from workbench.models import DTYPES
+from workbench.runstore import (
+    MANIFEST_NAME,
+    Checkpoint,
+    Run,
+    atomic_write_parquet,
+    list_checkpoints,
+    probe_set_hash,
+    require_model_folder,
+    verify_checkpoint,
+)
+from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, TOPK_COLUMNS
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["KINDS", "PROCESSING_MODE", "ProbeReport", "probe_checkpoint", "probe_run"]
+
+KINDS = ("metrics", "topk", "cells", "attn")
+PROCESSING_MODE = "none (boot_transformers raw HF weights; no compatibility mode, no fold_ln)"
+# The read-out of the last block must reproduce the model's logits within this
+# tolerance (absolute, scaled by the logits' magnitude); half precisions round more.
+_READOUT_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+@dataclass
+class ProbeReport:
+    """What :func:`probe_run` did.
+
+    Attributes:
+        run_dir: the run folder.
+        analysed: steps analysed in this call.
+        up_to_date: steps skipped because their analysis exists with this probe set.
+        skipped: ``(step, one-line reason)`` for checkpoints that could not be analysed.
+        files: parquet files written.
+    """
+
+    run_dir: Path
+    analysed: list[int] = field(default_factory=list)
+    up_to_date: list[int] = field(default_factory=list)
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.run_dir}: analysed {len(self.analysed)}, up to date {len(self.up_to_date)},"
+            f" skipped {len(self.skipped)}"
+        ]
+        lines += [f"  skipped step {step}: {reason}" for step, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _manifest_hash(folder: Path) -> str:
+    """sha256 of the checkpoint's manifest.json (it names the sha256 of every file)."""
+    return hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
+
+
+def _boot(folder: Path, device: str, dtype: torch.dtype):
+    """Boot a checkpoint folder with TransformerLens; any failure is one CheckpointError."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - a loading failure becomes one line
+        raise CheckpointError(f"cannot load the tokenizer of {folder}: {_first_line(exc)}") from None
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            str(folder), device=device, dtype=dtype, tokenizer=tokenizer
+        )
+    except Exception as exc:  # noqa: BLE001 - unsupported architecture, bad weights, ...
+        raise CheckpointError(
+            f"TransformerLens cannot load {folder}: {_first_line(exc)}"
+        ) from None
+    bridge.eval()
+    return bridge, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _hook_names(n_layers: int) -> list[str]:
+    """The only activations cached: every block's residual output and attention pattern."""
+    return [f"blocks.{i}.hook_resid_post" for i in range(n_layers)] + [
+        f"blocks.{i}.attn.hook_pattern" for i in range(n_layers)
+    ]
+
+
+@torch.no_grad()
+def bridge_probe_inputs(bridge, batch: dict[str, torch.Tensor]):
+    """One cached bridge forward over a probe batch, as ``ProbeInputs``.
+
+    Args:
+        bridge: a booted ``TransformerBridge`` in eval mode.
+        batch: from ``trainer.probes.probe_batch``.
+
+    Returns:
+        ``workbench.probing.ProbeInputs`` with ``hidden`` = ``blocks.{0..L-2}.hook_resid_post``
+        ``(N, T, d)``, ``final_logits`` = the bridge's logits ``(N, T, V)``, ``readout`` =
+        ``unembed(ln_final(.))`` and ``attentions`` = ``blocks.{0..L-1}.attn.hook_pattern``
+        ``(N, H, T, T)``.
+
+    Raises:
+        CheckpointError: the read-out of the last block does not reproduce the logits.
+    """
+    from workbench.probing import ProbeInputs
+
+    device = torch.device(bridge.cfg.device)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    n_layers = bridge.cfg.n_layers
+    logits, cache = bridge.run_with_cache(
+        batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        names_filter=_hook_names(n_layers),
+    )
+
+    def readout(h: torch.Tensor) -> torch.Tensor:
+        return bridge.unembed(bridge.ln_final(h))
+
+    resid = [cache[f"blocks.{i}.hook_resid_post"] for i in range(n_layers)]
+    scored = batch["scored"]
+    reproduced = readout(resid[-1][scored])  # (n, V), scored positions only
+    own = logits[scored]
+    scale = max(1.0, float(own.abs().max())) if own.numel() else 1.0
+    error = float((reproduced.float() - own.float()).abs().max()) if own.numel() else 0.0
+    if error > _READOUT_TOL.get(logits.dtype, 1e-4) * scale:
+        raise CheckpointError(
+            f"ln_final + unembed of the last block does not reproduce the model's logits"
+            f" (max abs diff {error:.3g}); the logit lens would be wrong for this architecture"
+        )
+    return ProbeInputs(
+        hidden=resid[:-1],
+        final_logits=logits,
+        readout=readout,
+        targets=batch["targets"],
+        mask=scored,
+        attentions=[cache[f"blocks.{i}.attn.hook_pattern"] for i in range(n_layers)],
+        attention_mask=batch["attention_mask"].bool(),
+        input_ids=batch["input_ids"],
+    )
+
+
+def _special_ids(tokenizer) -> tuple[int, int]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise CheckpointError("the checkpoint's tokenizer has no EOS token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return int(pad), int(eos)
+
+
+def _decoder(tokenizer):
+    cache: dict[int, str] = {}
+
+    def decode(token_id: int) -> str:
+        if token_id not in cache:
+            cache[token_id] = tokenizer.decode([token_id], skip_special_tokens=False)
+        return cache[token_id]
+
+    return decode
+
+
+@torch.no_grad()
+def probe_checkpoint(
+    bridge,
+    tokenizer,
+    records: list[dict],
+    *,
+    run: str,
+    step: int,
+    detail_prompts: int = 4,
+    greedy: bool = True,
+    chunk_size: int = 256,
+    max_new_tokens: int = 64,
+) -> dict[str, pd.DataFrame]:
+    """All analyzer tables of one booted checkpoint.
+
+    Args:
+        bridge: the ``TransformerBridge`` (eval mode).
+        tokenizer: the checkpoint's tokenizer (pad/EOS ids, token labels).
+        records: the run's probe set.
+        run: run name written in the tables.
+        step: checkpoint step written in the tables.
+        detail_prompts: probe prompts kept in the drill-down tables (0 = none).
+        greedy: also score the model's own greedy completions.
+        chunk_size: positions per logit-lens read-out chunk.
+        max_new_tokens: longest greedy completion.
+
+    Returns:
+        ``{"metrics", "topk", "cells", "attn"}`` -> DataFrame (schema columns).
+    """
+    from trainer.probes import greedy_responses, probe_batch
+    from workbench.probing import attention_detail, compute_probe_metrics, per_position_detail
+
+    pad_id, eos_id = _special_ids(tokenizer)
+    decode = _decoder(tokenizer)
+    splits: list[tuple[str, list[list[int]] | None]] = [("reference", None)]
+    if greedy:
+        # Decoded on the HF model the bridge wraps (eager attention, as booted), with
+        # the trainer's rollout code: the same tokens the built-in probes score.
+        model = bridge.original_model
+        responses = greedy_responses(
+            model, records, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens
+        )
+        splits.append(("greedy", responses))
+
+    metric_frames, topk_frames, cell_frames, attn_frames = [], [], [], []
+    for split, split_responses in splits:
+        inputs = bridge_probe_inputs(bridge, probe_batch(records, pad_id, split_responses))
+        result = compute_probe_metrics(inputs, chunk_size=chunk_size)
+        metric_frames.append(result.to_frame(run, step, split, "analyzer"))
+        if split == "reference":
+            for prompt in range(min(detail_prompts, len(records))):
+                topk, cells = per_position_detail(
+                    inputs, prompt, chunk_size=chunk_size, decode=decode
+                )
+                topk_frames.append(topk)
+                cell_frames.append(cells)
+                attn_frames.append(
+                    attention_detail(
+                        inputs.attentions,
+                        prompt,
+                        query_mask=inputs.mask[prompt],
+                        attention_mask=inputs.attention_mask[prompt],
+                    )
+                )
+        del inputs
+
+    def tidy(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+        if not frames:
+            return pd.DataFrame(columns=columns)
+        frame = pd.concat(frames, ignore_index=True)
+        frame["run"] = run
+        frame["step"] = step
+        return frame[columns]
+
+    return {
+        "metrics": pd.concat(metric_frames, ignore_index=True)[METRIC_COLUMNS],
+        "topk": tidy(topk_frames, TOPK_COLUMNS),
+        "cells": tidy(cell_frames, CELL_COLUMNS),
+        "attn": tidy(attn_frames, ATTN_COLUMNS),
+    }
+
+
+def _provenance(bridge, folder: Path, digest: str, device: str, dtype: str, step: int) -> dict:
+    model = bridge.original_model
+    return {
+        "producer": "workbench.analyzer",
+        "step": step,
+        "checkpoint": str(folder),
+        "checkpoint_manifest_sha256": _manifest_hash(folder),
+        "probe_set_hash": digest,
+        "transformer_lens": _dist_version("transformer-lens"),
+        "transformers": _dist_version("transformers"),
+        "torch": torch.__version__,
+        "architecture": getattr(bridge.cfg, "architecture", None),
+        "model_class": type(model).__name__,
+        "n_layers": int(bridge.cfg.n_layers),
+        "processing_mode": PROCESSING_MODE,
+        "hooks": "blocks.{i}.hook_resid_post, blocks.{i}.attn.hook_pattern",
+        "readout": "unembed(ln_final(resid_post)); layer L = model logits",
+        "dtype": dtype,
+        "device": device,
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _is_up_to_date(run: Run, step: int, digest: str) -> bool:
+    return all(step in run.analyzed_steps(kind, digest) for kind in KINDS)
+
+
+def probe_run(
+    run_dir: str | os.PathLike,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    force: bool = False,
+    detail_prompts: int = 4,
+    progress: bool = True,
+    greedy: bool = True,
+    max_new_tokens: int = 64,
+    chunk_size: int = 256,
+) -> ProbeReport:
+    """Analyse every checkpoint of a run with TransformerLens (incrementally).
+
+    Args:
+        run_dir: the run folder.
+        device: torch device of the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
+        dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        force: re-analyse checkpoints already analysed with this probe set.
+        detail_prompts: probe prompts kept in the per-prompt drill-down tables.
+        progress: show a tqdm progress bar over checkpoints.
+        greedy: also score the model's own greedy completions (split ``"greedy"``).
+        max_new_tokens: longest greedy completion.
+        chunk_size: positions per logit-lens read-out chunk.
+
+    Returns:
+        A :class:`ProbeReport` (``str(report)`` is a short summary).
+
+    Raises:
+        WorkbenchError: ``run_dir`` is not a run folder, or it has no probe set.
+        ConfigError: an unknown dtype or a negative ``detail_prompts``.
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if detail_prompts < 0:
+        raise ConfigError(f"detail_prompts must be >= 0, got {detail_prompts}")
+    run = Run.open(run_dir)
+    records = run.probe_set()
+    if not records:
+        raise DataError(f"{run.path} has no probe set (probe_set.jsonl is missing or empty)")
+    digest = probe_set_hash(records)
+    report = ProbeReport(run_dir=run.path)
+    # Every step-* folder, so that a broken one is reported rather than silently absent.
+    checkpoints: list[Checkpoint] = list_checkpoints(run.path, verify=False)
+    if not checkpoints:
+        logger.warning("%s has no checkpoints to analyse", run.path)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(checkpoints, desc=f"probe {run.name}", unit="ckpt", disable=not progress)
+    for ckpt in bar:
+        if not force and _is_up_to_date(run, ckpt.step, digest):
+            report.up_to_date.append(ckpt.step)
+            continue
+        try:
+            verify_checkpoint(ckpt.path, full=True)
+            require_model_folder(ckpt.path)
+            bridge, tokenizer = _boot(ckpt.path, device, DTYPES[dtype])
+            start = time.perf_counter()
+            tables = probe_checkpoint(
+                bridge, tokenizer, records, run=run.name, step=ckpt.step,
+                detail_prompts=detail_prompts, greedy=greedy, chunk_size=chunk_size,
+                max_new_tokens=max_new_tokens,
+            )
+            provenance = _provenance(bridge, ckpt.path, digest, device, dtype, ckpt.step)
+            provenance["seconds"] = round(time.perf_counter() - start, 3)
+            del bridge
+        except WorkbenchError as exc:
+            message = f"skipping step {ckpt.step}: {exc}"
+            logger.warning(message)
+            report.skipped.append((ckpt.step, str(exc)))
+            continue
+        # metrics last: its presence with this hash is what marks the step analysed.
+        for kind in ("topk", "cells", "attn", "metrics"):
+            path = run.analysis_path(ckpt.step, kind)
+            atomic_write_parquet(path, tables[kind], metadata={**provenance, "kind": kind})
+            report.files.append(path)
+        report.analysed.append(ckpt.step)
+    return report
