@@ -74,6 +74,52 @@ class RolloutBatch:
         """
         return position_ids_from_mask(self.attention_mask)
 
+    def select(self, rows: Tensor) -> "RolloutBatch":
+        """The sub-batch of ``rows`` (same prompt and response widths)."""
+        return RolloutBatch(
+            input_ids=self.input_ids[rows],
+            attention_mask=self.attention_mask[rows],
+            response_mask=self.response_mask[rows],
+            prompt_length=self.prompt_length,
+            logprobs=self.logprobs[rows],
+            lengths=self.lengths[rows],
+            truncated=self.truncated[rows],
+        )
+
+
+def concat_batches(batches: list["RolloutBatch"], pad_id: int) -> RolloutBatch:
+    """Stack batches of possibly different prompt and response widths.
+
+    Prompts are re-padded on the left to the widest prompt, responses on the right
+    to the widest response, so the layout of :class:`RolloutBatch` still holds.
+    """
+    P = max(b.prompt_length for b in batches)
+    R = max(b.response_mask.shape[1] for b in batches)
+
+    def widen(b: RolloutBatch) -> RolloutBatch:
+        dp, dr = P - b.prompt_length, R - b.response_mask.shape[1]
+        pad = torch.nn.functional.pad
+        return RolloutBatch(
+            input_ids=pad(b.input_ids, (dp, dr), value=pad_id),
+            attention_mask=pad(b.attention_mask, (dp, dr), value=0),
+            response_mask=pad(b.response_mask, (0, dr), value=0),
+            prompt_length=P,
+            logprobs=pad(b.logprobs, (0, dr), value=0.0),
+            lengths=b.lengths,
+            truncated=b.truncated,
+        )
+
+    wide = [widen(b) for b in batches]
+    return RolloutBatch(
+        input_ids=torch.cat([b.input_ids for b in wide]),
+        attention_mask=torch.cat([b.attention_mask for b in wide]),
+        response_mask=torch.cat([b.response_mask for b in wide]),
+        prompt_length=P,
+        logprobs=torch.cat([b.logprobs for b in wide]),
+        lengths=torch.cat([b.lengths for b in wide]),
+        truncated=torch.cat([b.truncated for b in wide]),
+    )
+
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """Position ids for left-padded sequences: ``cumsum(mask) - 1`` clamped at 0.
@@ -193,6 +239,7 @@ def sample(
     top_k: int = 0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
 ) -> RolloutBatch:
     """Sample one response per prompt from a Hugging Face causal LM.
 
@@ -225,6 +272,11 @@ def sample(
         top_k: keep only the k most likely tokens; 0 disables it.
         greedy: take the argmax instead of sampling (temperature, top-k and top-p
             then do not change the tokens; logprobs are still under logits / T).
+        noise: optional ``(B, max_new_tokens)`` uniform numbers in [0, 1); row i's
+            token at step j is the inverse-CDF draw at ``noise[i, j]``. Used by the
+            trainer so that a group's responses do not depend on which other rows
+            share the batch (resume and multi-process runs then sample identically).
+            Overrides ``generator``.
         generator: source of randomness for reproducible draws; must be on the
             model's device. None uses the global RNG.
 
@@ -263,6 +315,7 @@ def sample(
                 top_k=top_k,
                 greedy=greedy,
                 generator=generator,
+                noise=noise,
             )
     finally:
         model.train(was_training)
@@ -295,6 +348,7 @@ def _decode(
     top_k: int,
     greedy: bool,
     generator: torch.Generator | None,
+    noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The prefill + decode loop of :func:`sample` (runs under inference mode).
 
@@ -346,7 +400,14 @@ def _decode(
                 probs = _truncate_logits(scores, top_k, top_p).softmax(dim=-1)
             else:
                 probs = step_logprobs.exp()
-            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (n,)
+            if noise is not None:
+                # Inverse-CDF draw with this row's own uniform number: the token a row
+                # draws then depends only on its noise, not on the rest of the batch.
+                cdf = probs.cumsum(dim=-1)  # (n, V)
+                u = noise[rows, step].to(cdf.dtype)[:, None] * cdf[:, -1:]
+                tokens = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+            else:
+                tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (n,)
         column = prompt_length + step
         input_ids[rows, column] = tokens
         response_mask[rows, step] = True

@@ -1,0 +1,123 @@
+"""From examples and rollouts to the tensors the objectives need.
+
+Two facts shape everything here:
+
+- Randomness is *stateless*: the prompts of step k and the sampling noise of each
+  prompt's group are functions of ``(seed, step, prompt index)`` alone. A resumed
+  run, a run split over several processes and an uninterrupted single-process run
+  therefore see exactly the same prompts and draw exactly the same responses.
+- Rollouts are left-padded prompts followed by right-padded responses, so every
+  response token sits in the same columns ``P .. P+R-1`` of every row. The position
+  that *predicts* response token j is column ``P-1+j``: those are the "scored"
+  positions whose logits, hidden states and attention rows the losses use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from trainer.tasks.base import Example
+
+
+def _seed_of(*parts: int | str) -> int:
+    """A 63-bit seed from its parts (stable across processes and Python versions)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class PromptStream:
+    """Training prompts in a seeded order, epoch after epoch; position = a plain integer.
+
+    ``take(position, n)`` is a pure function of (seed, position, n), so resuming needs
+    only the position, and every process computes the same global order.
+    """
+
+    def __init__(self, examples: Sequence[Example], seed: int):
+        if not examples:
+            raise ValueError("no training examples")
+        self.examples = list(examples)
+        self.seed = seed
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.examples)))
+            random.Random(_seed_of(self.seed, "epoch", epoch)).shuffle(order)
+            self._orders = {epoch: order}  # keep one epoch in memory
+        return self._orders[epoch]
+
+    def take(self, position: int, n: int) -> list[tuple[int, Example]]:
+        """``n`` (global index, example) pairs starting at ``position``."""
+        out = []
+        size = len(self.examples)
+        for p in range(position, position + n):
+            epoch, i = divmod(p, size)
+            out.append((p, self.examples[self._order(epoch)[i]]))
+        return out
+
+
+def group_noise(seed: int, prompt_indices: Sequence[int], group_size: int, length: int) -> Tensor:
+    """Uniform sampling noise ``(len(prompt_indices) * group_size, length)``, one seeded
+    generator per prompt, so a group's responses do not depend on batch or process."""
+    rows = []
+    for p in prompt_indices:
+        g = torch.Generator().manual_seed(_seed_of(seed, "rollout", p))
+        rows.append(torch.rand(group_size, length, generator=g, dtype=torch.float64))
+    return torch.cat(rows).float() if rows else torch.empty(0, length)
+
+
+def scored_positions(response_mask: Tensor, prompt_width: int) -> Tensor:
+    """``(B, P + R)`` bool: column ``P-1+j`` is scored when response token j is real.
+
+    The last column (which would predict a token after the response) is never scored.
+    """
+    b, r = response_mask.shape
+    scored = torch.zeros(b, prompt_width + r, dtype=torch.bool, device=response_mask.device)
+    scored[:, prompt_width - 1 : prompt_width - 1 + r] = response_mask.bool()
+    return scored
+
+
+def to_grid(values: Tensor, response_mask: Tensor) -> Tensor:
+    """Scatter per-scored-token values ``(n,)`` back to ``(B, R)`` (zeros elsewhere).
+
+    Scored positions are enumerated row-major, exactly as response tokens are.
+    """
+    grid = values.new_zeros(response_mask.shape)
+    grid[response_mask.bool()] = values
+    return grid
+
+
+@dataclass
+class TeacherBatch:
+    """Teacher prompts (with the privileged hint) followed by the *student's* responses."""
+
+    input_ids: Tensor  # (B, P' + R)
+    attention_mask: Tensor  # (B, P' + R)
+    scored: Tensor  # (B, P' + R): scores the same response tokens as the student batch
+
+
+def teacher_batch(
+    tokenizer, teacher_prompts: Sequence[str], responses: Tensor, response_mask: Tensor
+) -> TeacherBatch:
+    """Left-pad the teacher prompts and append the student's response tokens.
+
+    Both student and teacher then score the same response tokens (METHODS.md, SDPG):
+    only the prompt differs, by the sentinel and the hint.
+    """
+    ids = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in teacher_prompts]
+    width = max(len(x) for x in ids)
+    b = len(ids)
+    prompt = torch.full((b, width), tokenizer.pad_token_id, dtype=torch.long)
+    pmask = torch.zeros((b, width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        prompt[i, width - len(x) :] = torch.tensor(x)
+        pmask[i, width - len(x) :] = 1
+    input_ids = torch.cat([prompt, responses.cpu()], dim=1).to(responses.device)
+    attention_mask = torch.cat([pmask, response_mask.long().cpu()], dim=1).to(responses.device)
+    return TeacherBatch(input_ids, attention_mask, scored_positions(response_mask, width))

@@ -1,0 +1,150 @@
+"""Everything a run needs, validated before any work starts.
+
+Each check below fails with a one-line :class:`~workbench.errors.WorkbenchError`
+naming the problem: a layer that does not exist, a method that needs a hint on data
+without one, a batch that does not divide into groups or processes, a model folder
+that is not one, a run folder that already holds a run.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from trainer.tasks.base import Task
+from workbench.config import TrainConfig
+from workbench.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSetup:
+    accelerator: object
+    model: torch.nn.Module
+    tokenizer: object
+    reference: torch.nn.Module | None
+    task: Task
+    num_layers: int
+    oisd_layers: list[int]
+    run_dir: Path
+
+
+def resolve_layers(spec: list, num_layers: int, key: str = "oisd.layers") -> list[int]:
+    """Block indices (1..L-1) or depth fractions in (0, 1) -> sorted unique block indices.
+
+    A fraction f picks block ``round(f * L)`` clamped to 1..L-1 (0.5 of 4 blocks = block 2).
+    The final layer L is the teacher and cannot be selected.
+    """
+    out = []
+    for x in spec:
+        if isinstance(x, float):
+            out.append(min(max(1, round(x * num_layers)), num_layers - 1))
+        elif 1 <= x <= num_layers - 1:
+            out.append(int(x))
+        else:
+            raise ConfigError(
+                f"config key '{key}': layer {x} does not exist or is the final layer "
+                f"(the model has {num_layers} blocks; choose 1..{num_layers - 1})"
+            )
+    return sorted(set(out))
+
+
+def build_task(cfg: TrainConfig) -> Task:
+    """The embedded arithmetic task, or a data file with math-verify answers."""
+    d = cfg.data
+    if d.path is None:
+        from trainer.tasks import ArithmeticTask
+
+        a = d.arithmetic
+        return ArithmeticTask(n_operands=a.n_operands, digits=a.digits, operators=a.operators,
+                              n_train=a.n_train, n_test=a.n_test, seed=a.seed)
+    import random
+
+    from trainer.data import MathVerifyTask, load_examples
+
+    kw = dict(question_column=d.question_column, answer_column=d.answer_column,
+              solution_column=d.solution_column, split=d.split)
+    train = load_examples(d.path, limit=d.limit, **kw)
+    if d.test_path:
+        test = load_examples(d.test_path, **kw)
+    else:
+        order = list(range(len(train)))
+        random.Random(d.arithmetic.seed).shuffle(order)
+        n_test = max(1, int(len(train) * d.test_fraction))
+        if len(train) - n_test < 1:
+            raise DataError(f"data file '{d.path}' has {len(train)} rows: too few to split off a test set")
+        test = [train[i] for i in order[:n_test]]
+        train = [train[i] for i in order[n_test:]]
+    return MathVerifyTask(train=train, test=test)
+
+
+def check_batch(cfg: TrainConfig, num_processes: int) -> None:
+    P, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
+    if P % num_processes:
+        raise ConfigError(
+            f"config key 'rollout.prompts_per_step': {P} prompts do not divide over {num_processes} processes "
+            "(each process must hold whole groups)"
+        )
+    B = P * G // num_processes
+    if B < cfg.optim.mini_batches or (B // cfg.optim.mini_batches) % G and cfg.optim.mini_batches > 1:
+        raise ConfigError(
+            f"config key 'optim.mini_batches': the batch of {B} sequences per process does not divide into "
+            f"{cfg.optim.mini_batches} mini-batches of whole groups of {G}"
+        )
+    if B % cfg.optim.mini_batches:
+        raise ConfigError(
+            f"config key 'optim.mini_batches': {B} sequences per process do not divide into "
+            f"{cfg.optim.mini_batches} mini-batches"
+        )
+
+
+def prepare(cfg: TrainConfig, *, resume: bool = False) -> TrainSetup:
+    """Validate the config against the model and data, then load them. No run files are
+    written here; a failed check leaves nothing behind."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from trainer.forward import enable_selective_attention
+    from workbench.models import load_model_and_tokenizer, load_model_config
+
+    hf_cfg = load_model_config(cfg.model.path)  # cheap: the folder is checked first
+    L = int(hf_cfg.num_hidden_layers)
+    oisd_layers = resolve_layers(cfg.oisd.layers, L) if cfg.uses_oisd else []
+    accelerator = Accelerator(mixed_precision=cfg.precision.mixed, cpu=not torch.cuda.is_available())
+    check_batch(cfg, accelerator.num_processes)
+    task = build_task(cfg)
+    train_examples = task.train_examples()
+    if not train_examples:
+        raise DataError("no training examples")
+    if cfg.method == "opsd" and train_examples[0].solution is None:
+        raise ConfigError(
+            "method 'opsd' needs reference solutions as the teacher's privileged context, but the data has "
+            "none (set data.solution_column)"
+        )
+    if cfg.needs_hint and not train_examples[0].answer:
+        raise ConfigError(f"method '{cfg.method}' needs a hint (the reference answer), but the data has none")
+
+    run_dir = cfg.resolved_run_dir()
+    if not resume and (run_dir / "run.json").exists():
+        raise ConfigError(f"run folder '{run_dir}' already holds a run (use --resume, or another --run-dir)")
+    if resume and not (run_dir / "run.json").exists():
+        log.warning("--resume: '%s' holds no run yet; starting a new one", run_dir)
+
+    set_seed(cfg.seed)
+    model, tokenizer = load_model_and_tokenizer(
+        cfg.model.path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation
+    )
+    model.to(accelerator.device)
+    model.config.use_cache = False
+    if cfg.uses_oisd and cfg.oisd.lambda_attn > 0:
+        enable_selective_attention(model)
+    reference = None
+    if cfg.needs_reference:
+        reference, _ = load_model_and_tokenizer(cfg.model.path, dtype=cfg.model.dtype,
+                                                attn_implementation=cfg.model.attn_implementation)
+        reference.to(accelerator.device).eval().requires_grad_(False)
+    return TrainSetup(accelerator, model, tokenizer, reference, task, L, oisd_layers, run_dir)

@@ -1,0 +1,88 @@
+"""Trainer state inside a checkpoint, and loading it back for ``--resume``.
+
+A checkpoint folder (written atomically by :func:`workbench.runstore.write_checkpoint`,
+manifest last) holds the HF model (``save_pretrained``: config + safetensors), the
+tokenizer, and ``trainer_state.pt``: optimizer, scheduler, step, RNG states, the data
+position, the non-finite counter, and RLSD's frozen teacher when there is one.
+
+Randomness of rollouts and the prompt order are stateless functions of (seed, step)
+(see :mod:`trainer.batching`), so the step alone fixes the data position; RNG states
+are saved anyway for anything else that draws random numbers.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "trainer_state.pt"
+TEACHER_FILE = "rlsd_teacher.safetensors"
+
+
+def save_checkpoint_fn(tr, step: int):
+    """A ``save_fn(folder)`` for ``write_checkpoint`` that writes everything of ``tr``."""
+
+    def save(folder: Path) -> None:
+        model = tr.s.accelerator.unwrap_model(tr.model)
+        model.save_pretrained(folder, safe_serialization=True)
+        tr.tok.save_pretrained(folder)
+        state = {
+            "step": step,
+            "data_position": step * tr.cfg.rollout.prompts_per_step,
+            "optimizer": tr.optimizer.state_dict(),
+            "scheduler": tr.scheduler.state_dict(),
+            "bad_steps": tr.bad_steps,
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        }
+        torch.save(state, folder / STATE_FILE)
+        if tr.rlsd_teacher is not None:
+            sd = {k: v.detach().contiguous().cpu() for k, v in tr.rlsd_teacher.state_dict().items()}
+            save_file(_untie(sd), str(folder / TEACHER_FILE))
+
+    return save
+
+
+def _untie(sd: dict) -> dict:
+    """safetensors refuses shared storage (tied embeddings): give each tensor its own."""
+    seen, out = set(), {}
+    for k, v in sd.items():
+        ptr = v.data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
+def load_trainer_state(tr, folder: Path) -> int:
+    """Restore model weights, optimizer, scheduler, RNG and teacher from ``folder``; returns the step."""
+    model = tr.s.accelerator.unwrap_model(tr.model)
+    weights = load_file(str(folder / "model.safetensors"), device=str(tr.device))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # tied lm_head weights are not stored separately; anything else missing is an error
+    missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if missing or unexpected:
+        from workbench.errors import CheckpointError
+
+        raise CheckpointError(f"checkpoint '{folder}' does not match the model (missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]})")
+    state = torch.load(folder / STATE_FILE, map_location=tr.device, weights_only=False)
+    tr.optimizer.load_state_dict(state["optimizer"])
+    tr.scheduler.load_state_dict(state["scheduler"])
+    tr.bad_steps = state.get("bad_steps", 0)
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"].cpu())
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if tr.rlsd_teacher is not None:
+        tr.rlsd_teacher.load_state_dict(load_file(str(folder / TEACHER_FILE), device=str(tr.device)), strict=False)
+    return int(state["step"])
