@@ -32,6 +32,9 @@ response).
 Usage::
 
     python benchmarks/bench_probe.py [--sizes tiny 32k] [--repeats 5] [--threads 1] [--device cpu]
+
+``--threads 1`` (the default) gives the most stable numbers on a shared machine;
+``--threads 0`` keeps torch's default thread count.
 """
 
 from __future__ import annotations
@@ -221,15 +224,17 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["tiny", "32k"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1: stable numbers on a shared machine)")
+                        help="torch CPU threads (1: stable numbers on a shared machine;"
+                             " 0: leave torch's default, usually one per core)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.child:
         child_memory(args.sizes[0], args.device, args.child)
         return
-    print(f"device={args.device} threads={args.threads} repeats={args.repeats} "
+    print(f"device={args.device} threads={torch.get_num_threads()} repeats={args.repeats} "
           f"probe set {N_PROMPTS} x {SEQ_LEN} tokens")
     header = f"{'size':>5} {'variant':>8} {'median s':>9} {'vs forward':>10} {'peak MiB':>9}"
     print(header)

@@ -6,6 +6,20 @@ wider, if given) and reduces over the last dimension.
 
 Zero-probability entries are handled exactly: ``0 * log 0 = 0``, so attention rows
 with masked keys (log-prob ``-inf``) are valid inputs.
+
+Two families:
+
+- :func:`kl_divergence`, :func:`generalized_jsd`, :func:`js_divergence`,
+  :func:`entropy` take log-probabilities, are differentiable (the training objectives
+  back-propagate through them) and make no assumption about the inputs.
+- The fast path for the no-grad metrics over large vocabularies:
+  :func:`log_softmax_and_probs`, :func:`sum_xlogx`, :func:`row_dot` and
+  :func:`js_divergence_probs`. Each elementwise op over a ``(n, V)`` tensor is a full
+  pass through memory, and fresh ``(n, V)`` allocations cost as much as the math
+  (page faults), so these functions write into caller-provided buffers and split
+  the divergences into per-distribution sums that are computed once and reused:
+  ``JSD(p, q) = H(M) - (H(p) + H(q)) / 2`` needs one pass over ``M`` per pair, given
+  the entropies. They are not meant for gradients (the clamp below has none).
 """
 
 from __future__ import annotations
@@ -15,6 +29,9 @@ import math
 import torch
 
 LN2 = math.log(2.0)
+# Smallest normal float32. ``log(max(p, TINY))`` is finite, and at ``p == 0`` the term
+# ``p * log(max(p, TINY))`` is exactly 0, i.e. ``0 log 0 = 0`` without a select pass.
+_TINY = torch.finfo(torch.float32).tiny
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
@@ -33,7 +50,7 @@ def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """
     logp, logq = _f32(logp), _f32(logq)
     p = logp.exp()
-    diff = torch.where(p > 0, logp - logq, torch.zeros_like(logp))
+    diff = torch.where(p > 0, logp - logq, 0.0)  # 0 * (-inf - -inf) would be nan
     return (p * diff).sum(-1)
 
 
@@ -76,4 +93,88 @@ def entropy(logp: torch.Tensor) -> torch.Tensor:
     """Shannon entropy ``H(p) = -sum_a p(a) log p(a)`` in nats, ``(..., V) -> (...)``."""
     logp = _f32(logp)
     p = logp.exp()
-    return -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
+    return -(p * torch.where(p > 0, logp, 0.0)).sum(-1)
+
+
+def log_softmax_and_probs(
+    logits: torch.Tensor, temperature: float = 1.0, *, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log softmax(z / T)`` and ``softmax(z / T) = exp(log softmax(z / T))``, float32.
+
+    The values are bit for bit those of ``torch.log_softmax(z.float() / T, -1)`` and its
+    ``exp``; the point is that both may be written to reused buffers (the ``z / T``
+    temporary goes to the ``p`` buffer before it is overwritten).
+
+    Args:
+        logits: ``(..., V)`` logits ``z`` (half precisions are promoted to float32).
+        temperature: ``T > 0``.
+        out: optional ``(logp, p)`` buffers of ``logits``' shape and float dtype.
+
+    Returns:
+        ``(logp, p)``, both ``(..., V)``.
+    """
+    x = _f32(logits)
+    logp_out, p_out = out if out is not None else (None, None)
+    if temperature != 1.0:  # z / 1 == z exactly: skip the pass
+        x = torch.div(x, temperature, out=p_out)
+    logp = torch.log_softmax(x, -1, out=logp_out)
+    return logp, torch.exp(logp, out=p_out)
+
+
+def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_a a(..., a) b(..., a)`` in one pass (a batched matrix product, no ``a * b``
+    temporary). ``(..., V), (..., V) -> (...)``; shapes must match."""
+    if a.shape != b.shape:
+        raise ValueError(f"row_dot needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    v = a.shape[-1]
+    return torch.bmm(a.reshape(-1, 1, v), b.reshape(-1, v, 1)).reshape(a.shape[:-1])
+
+
+def sum_xlogx(p: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_a p(a) log p(a)`` (``= -H(p)``) from probabilities, with ``0 log 0 = 0``.
+
+    Args:
+        p: ``(..., V)`` probabilities (exact zeros allowed).
+        out: optional scratch buffer of ``p``'s shape and dtype (overwritten).
+
+    Returns:
+        ``(...)`` in nats, <= 0.
+    """
+    log_p = torch.clamp(p, min=_TINY, out=out).log_()
+    return row_dot(p, log_p)
+
+
+def js_divergence_probs(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    *,
+    p_xlogx: torch.Tensor | None = None,
+    q_xlogx: torch.Tensor | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Jensen-Shannon divergence from probabilities, broadcasting leading dimensions.
+
+    ``JSD(p, q) = H(M) - (H(p) + H(q)) / 2`` with ``M = (p + q) / 2``: the same value as
+    :func:`js_divergence` on the logs, with one pass over ``M`` per pair once the
+    per-distribution sums ``sum p log p`` are known (pass them in to reuse them across
+    many pairs). Identical inputs give exactly 0 (``M`` is then ``p`` bit for bit);
+    tiny negative rounding is clamped to 0.
+
+    Args:
+        p: ``(..., V)`` probabilities.
+        q: ``(..., V)`` probabilities, broadcastable against ``p``.
+        p_xlogx: optional ``sum_xlogx(p)``, ``p.shape[:-1]``.
+        q_xlogx: optional ``sum_xlogx(q)``, ``q.shape[:-1]``.
+        out: optional two scratch buffers of the broadcast shape (overwritten).
+
+    Returns:
+        ``(...)`` JSD in nats, in ``[0, ln 2]``, of the broadcast leading shape.
+    """
+    m_out, log_out = out if out is not None else (None, None)
+    m = torch.add(p, q, out=m_out).mul_(0.5)  # (..., V) mixture
+    m_xlogx = sum_xlogx(m, out=log_out)
+    if p_xlogx is None:
+        p_xlogx = sum_xlogx(p)
+    if q_xlogx is None:
+        q_xlogx = sum_xlogx(q)
+    return (0.5 * (p_xlogx + q_xlogx) - m_xlogx).clamp_min_(0.0)

@@ -16,6 +16,13 @@ Conventions:
 - All math is float32 (float64 inputs stay float64); divergences come from
   :mod:`workbench.divergence`, which treats ``0 log 0`` as 0, so zero attention
   weights are valid inputs.
+
+Speed: these run over every scored position x vocabulary (lens) and every head pair
+x query x key (head matching), so each statistic is built from per-distribution sums
+computed once (``sum p log p``, ``sum p^L log p^L``) plus one pass per pair of
+distributions (see :mod:`workbench.divergence`), and batched over heads, layers and
+queries instead of Python loops. Broadcast pairwise work is split over queries so
+that no intermediate exceeds ``PAIR_BUDGET`` elements.
 """
 
 from __future__ import annotations
@@ -23,10 +30,11 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from workbench.divergence import entropy, js_divergence, kl_divergence
+from workbench.divergence import js_divergence_probs, kl_divergence, row_dot, sum_xlogx
 
 __all__ = [
     "masked_mean",
+    "LensReference",
     "lens_position_stats",
     "prediction_depth",
     "causal_key_mask",
@@ -74,11 +82,118 @@ def masked_mean(
     return kept.sum(dim) / count.sum(dim)
 
 
-def _rank_of(logp: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
-    """Rank (0 = top) of ``token`` under ``logp``: the number of tokens with strictly
-    greater probability, so tied tokens share the better rank. ``(n, V), (n,) -> (n,)``."""
-    score = logp.gather(-1, token.unsqueeze(-1))  # (n, 1)
-    return (logp > score).sum(-1).to(logp.dtype)
+# Largest number of elements of one broadcast pairwise intermediate (M of all head
+# pairs x queries x keys): 4M float32 = 16 MiB, two of them live at once.
+PAIR_BUDGET = 4 * 2**20
+
+
+class LensReference:
+    """The final layer's side of the logit-lens statistics for one chunk of positions.
+
+    Everything that depends only on ``p^L`` (its probabilities, ``sum p^L log p^L``,
+    argmax, the targets) is computed once here and reused for every layer l, so a
+    layer costs a handful of passes over ``(n, V)``: ``exp`` (unless ``p^l`` is given),
+    ``sum p^l log p^l``, ``sum p^L log p^l``, the mixture and its log for the JSD, one
+    comparison for both ranks, and the argmax.
+
+    Args:
+        logp_final: ``(n, V)`` log-probabilities ``log p^L``.
+        targets: ``(n,)`` ids of the actual next token (in ``[0, V)``).
+        p_final: optional ``(n, V)`` ``p^L = exp(log p^L)`` if already computed.
+    """
+
+    def __init__(
+        self, logp_final: torch.Tensor, targets: torch.Tensor, p_final: torch.Tensor | None = None
+    ) -> None:
+        self.logp = _float(logp_final)
+        self.p = self.logp.exp() if p_final is None else _float(p_final)
+        self.targets = targets.long()
+        self.argmax = self.logp.argmax(-1)  # (n,)
+        # sum p^L log p^L with the given logs: KL(p^L || p^L) is then exactly 0. A zero
+        # of p^L at a -inf log-prob makes it nan; compare() falls back for such rows.
+        self.p_logp = row_dot(self.p, self.logp)  # (n,)
+        # The same sum with 0 log 0 = 0 (finite for every row), for the JSD and entropy.
+        self.xlogx = torch.where(self.p_logp.isnan(), sum_xlogx(self.p), self.p_logp)
+
+    def compare(
+        self,
+        logp_l: torch.Tensor,
+        p_l: torch.Tensor | None = None,
+        *,
+        scratch: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per-position statistics of layer l against the final layer.
+
+        Args:
+            logp_l: ``(n, V)`` log-probabilities ``log p^l`` at the same temperature.
+            p_l: optional ``(n, V)`` ``exp(log p^l)`` if already computed.
+            scratch: optional ``(2, n, V)`` buffer of ``logp_l``'s dtype (overwritten),
+                to avoid allocating temporaries.
+
+        Returns:
+            The dict of :func:`lens_position_stats`.
+        """
+        logp_l = _float(logp_l)
+        if logp_l.shape != self.logp.shape:
+            raise ValueError(
+                f"logp_l {tuple(logp_l.shape)} and logp_final {tuple(self.logp.shape)} differ"
+            )
+        if p_l is None:
+            p_l = logp_l.exp()
+        if scratch is None:
+            scratch = logp_l.new_empty((2, *logp_l.shape))
+        # sum p^l log p^l = -H(p^l) from the given logs (one pass, no log); rows with an
+        # exact zero (0 * -inf = nan) take the 0 log 0 = 0 path.
+        x_l = row_dot(p_l, logp_l)  # (n,)
+        zero_rows = x_l.isnan()
+        if bool(zero_rows.any()):
+            x_l[zero_rows] = sum_xlogx(p_l[zero_rows])
+        # KL(p^L || p^l) = sum p^L log p^L - sum p^L log p^l. A zero of p^L against a
+        # -inf of either log-prob makes 0 * -inf = nan: such rows (only possible with
+        # exact zeros in the inputs, never for a finite-logit softmax) are recomputed
+        # with the select-based definition, which gives 0 log 0 = 0 exactly.
+        kl = self.p_logp - row_dot(self.p, logp_l)
+        bad = kl.isnan()
+        if bool(bad.any()):
+            kl[bad] = kl_divergence(self.logp[bad], logp_l[bad])
+        js = js_divergence_probs(
+            p_l, self.p, p_xlogx=x_l, q_xlogx=self.xlogx, out=(scratch[0], scratch[1])
+        )
+        # Both ranks in one comparison pass: count tokens strictly more probable than the
+        # final top-1 (row 0) and than the target (row 1). Comparing into float and
+        # summing is several times faster than summing a bool tensor.
+        scores = logp_l.gather(-1, torch.stack([self.argmax, self.targets], -1))  # (n, 2)
+        ranks = torch.gt(logp_l.unsqueeze(0), scores.T.unsqueeze(-1), out=scratch).sum(-1)
+        argmax_l = logp_l.argmax(-1)  # (n,)
+        return {
+            "lens_kl": kl,
+            "lens_js": js,
+            "top1_agree": (argmax_l == self.argmax).to(logp_l.dtype),
+            "final_rank": ranks[0],
+            "target_rank": ranks[1],
+            "target_nll": -scores[:, 1],
+            "entropy": -x_l,
+            "argmax": argmax_l,
+        }
+
+    def final_stats(self, scratch: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """:meth:`compare` of the final layer with itself, without the passes whose
+        results are known: ``lens_kl = lens_js = 0``, ``top1_agree = 1``,
+        ``final_rank = 0`` (nothing is strictly more probable than the maximum)."""
+        zeros = torch.zeros_like(self.p_logp)
+        score = self.logp.gather(-1, self.targets.unsqueeze(-1))  # (n, 1)
+        out = None if scratch is None else scratch[0]
+        target_rank = torch.gt(self.logp, score, out=out).sum(-1).to(self.logp.dtype)
+        return {
+            "lens_kl": zeros,
+            "lens_js": zeros.clone(),
+            "top1_agree": torch.ones_like(zeros),
+            "final_rank": zeros.clone(),
+            "target_rank": target_rank,
+            "target_nll": -score.squeeze(-1),
+            "entropy": -self.xlogx,
+            "argmax": self.argmax,
+        }
 
 
 def lens_position_stats(
@@ -104,25 +219,16 @@ def lens_position_stats(
         - ``target_nll``: ``-log p^l(target)`` in nats.
         - ``entropy``: ``H(p^l)`` in nats.
         - ``argmax``: ``argmax p^l`` (long), the input of :func:`prediction_depth`.
+
+    To compare many layers against one final layer, build one :class:`LensReference`
+    and call its ``compare`` per layer (what :mod:`workbench.probing` does).
     """
     logp_l, logp_final = _float(logp_l), _float(logp_final)
     if logp_l.shape != logp_final.shape:
         raise ValueError(
             f"logp_l {tuple(logp_l.shape)} and logp_final {tuple(logp_final.shape)} differ"
         )
-    targets = targets.long()
-    argmax_l = logp_l.argmax(-1)  # (n,)
-    argmax_final = logp_final.argmax(-1)  # (n,)
-    return {
-        "lens_kl": kl_divergence(logp_final, logp_l),
-        "lens_js": js_divergence(logp_l, logp_final),
-        "top1_agree": (argmax_l == argmax_final).to(logp_l.dtype),
-        "final_rank": _rank_of(logp_l, argmax_final),
-        "target_rank": _rank_of(logp_l, targets),
-        "target_nll": -logp_l.gather(-1, targets.unsqueeze(-1)).squeeze(-1),
-        "entropy": entropy(logp_l),
-        "argmax": argmax_l,
-    }
+    return LensReference(logp_final, targets).compare(logp_l)
 
 
 def prediction_depth(argmax_by_layer: torch.Tensor) -> torch.Tensor:
@@ -156,7 +262,8 @@ def causal_key_mask(
     Args:
         query_positions: ``(Q,)`` sequence positions of the queries.
         n_keys: number of keys ``K`` (the sequence length).
-        key_valid: optional ``(K,)`` bool, False at padding keys.
+        key_valid: optional bool, False at padding keys: ``(K,)`` shared by every query,
+            or ``(Q, K)`` per query (queries gathered from several sequences).
 
     Returns:
         ``(Q, K)`` bool, True where ``key <= query`` and the key is valid.
@@ -164,18 +271,50 @@ def causal_key_mask(
     keys = torch.arange(n_keys, device=query_positions.device)
     mask = keys.unsqueeze(0) <= query_positions.unsqueeze(1)  # (Q, K)
     if key_valid is not None:
-        mask = mask & key_valid.to(torch.bool).unsqueeze(0)
+        key_valid = key_valid.to(torch.bool)
+        mask = mask & (key_valid.unsqueeze(0) if key_valid.ndim == 1 else key_valid)
     return mask
-
-
-def _log_probs(a: torch.Tensor) -> torch.Tensor:
-    """Log of attention probabilities; exact zeros (masked keys) become ``-inf``."""
-    return _float(a).clamp_min(0).log()
 
 
 def _check_same_shape(a: torch.Tensor, b: torch.Tensor) -> None:
     if a.shape != b.shape:
         raise ValueError(f"attention maps differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+
+
+def _query_chunk(pairs: int, n_keys: int) -> int:
+    """Queries per chunk so that ``pairs x chunk x n_keys <= PAIR_BUDGET`` (at least 1)."""
+    return max(1, PAIR_BUDGET // max(1, pairs * n_keys))
+
+
+def _pairwise_js(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """JSD between every row group of ``a`` and every row group of ``b``, per query.
+
+    One broadcast op per chunk of queries; ``sum p log p`` of each side is computed
+    once, not once per pair.
+
+    Args:
+        a: ``(A, Q, K)`` probabilities.
+        b: ``(B, Q, K)`` probabilities.
+
+    Returns:
+        ``(A, B, Q)`` with entry ``[i, j, q] = JSD(a_{i,q}, b_{j,q})``.
+    """
+    a, b = _float(a), _float(b)
+    xa, xb = sum_xlogx(a), sum_xlogx(b)  # (A, Q), (B, Q)
+    n_a, n_b = a.shape[0], b.shape[0]
+    n_queries, n_keys = a.shape[-2], a.shape[-1]
+    step = _query_chunk(n_a * n_b, n_keys)
+    out = a.new_empty(n_a, n_b, n_queries)
+    buffers = a.new_empty(2, n_a, n_b, min(step, n_queries), n_keys)
+    for start in range(0, n_queries, step):
+        q = slice(start, start + step)
+        width = min(step, n_queries - start)
+        out[:, :, q] = js_divergence_probs(
+            a[:, None, q], b[None, :, q],
+            p_xlogx=xa[:, None, q], q_xlogx=xb[None, :, q],
+            out=(buffers[0, :, :, :width], buffers[1, :, :, :width]),
+        )
+    return out
 
 
 def attn_js(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -191,7 +330,7 @@ def attn_js(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     if a.shape[-2:] != b.shape[-2:]:
         raise ValueError(f"attention maps differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-    return js_divergence(_log_probs(_float(a).mean(0)), _log_probs(_float(b).mean(0)))
+    return js_divergence_probs(_float(a).mean(0), _float(b).mean(0))
 
 
 def attn_js_per_head(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -205,14 +344,16 @@ def attn_js_per_head(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ``(H, Q)`` JSD per head and query.
     """
     _check_same_shape(a, b)
-    return js_divergence(_log_probs(a), _log_probs(b))
+    return js_divergence_probs(_float(a), _float(b))
 
 
 def attn_js_matrix(layers: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The layer x layer matrix of :func:`attn_js`, per query.
 
-    Head averages are taken once per layer; the matrix is symmetric (JSD is) with an
-    exactly zero diagonal, so only the upper triangle is computed.
+    Head averages are taken once per layer and every pair is computed in one broadcast
+    op (per chunk of queries). The result is exactly symmetric (``(x + y) / 2`` is
+    commutative) with an exactly zero diagonal (the mixture of a row with itself is
+    that row).
 
     Args:
         layers: ``L`` tensors ``(H, Q, K)``, the attention of layers ``1..L``.
@@ -220,13 +361,8 @@ def attn_js_matrix(layers: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> tor
     Returns:
         ``(L, L, Q)`` with entry ``[l, m, q] = JSD(mean_h a^l_{h,q}, mean_h a^m_{h,q})``.
     """
-    logs = [_log_probs(_float(a).mean(0)) for a in layers]  # L x (Q, K)
-    n_layers, n_queries = len(logs), logs[0].shape[0]
-    out = logs[0].new_zeros(n_layers, n_layers, n_queries)
-    for i in range(n_layers):
-        for j in range(i + 1, n_layers):
-            out[i, j] = out[j, i] = js_divergence(logs[i], logs[j])
-    return out
+    means = torch.stack([_float(a).mean(0) for a in layers])  # (L, Q, K)
+    return _pairwise_js(means, means)
 
 
 def attn_entropy(a: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -249,28 +385,35 @@ def attn_entropy(a: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch
         positions = torch.arange(n_keys - n_queries, n_keys, device=a.device)
         key_mask = causal_key_mask(positions, n_keys)
     count = key_mask.to(torch.bool).sum(-1)  # (Q,)
-    h = entropy(_log_probs(a))  # (H, Q)
+    h = -sum_xlogx(_float(a))  # (H, Q)
     norm = torch.log(count.to(h.dtype).clamp_min(2.0))  # clamp only avoids 0/0; masked below
     return torch.where(count > 1, h / norm, torch.zeros_like(h))
 
 
-def bos_mass(a: torch.Tensor, first_key: int = 0) -> torch.Tensor:
+def bos_mass(a: torch.Tensor, first_key: int | torch.Tensor = 0) -> torch.Tensor:
     """Attention weight on the first token (the usual attention sink).
 
     Args:
         a: ``(H, Q, K)`` attention probabilities.
-        first_key: key index of the first real token (non-zero under left padding).
+        first_key: key index of the first real token (non-zero under left padding):
+            an int for every query, or a ``(Q,)`` long tensor per query (queries
+            gathered from several sequences).
 
     Returns:
         ``(H, Q)`` weight on key ``first_key``.
     """
-    return _float(a)[..., first_key]
+    a = _float(a)
+    if isinstance(first_key, int):
+        return a[..., first_key]
+    index = first_key.long().to(a.device).view(1, -1, 1).expand(a.shape[0], -1, 1)
+    return a.gather(-1, index).squeeze(-1)
 
 
 def head_js_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Pairwise JSD between every head of ``a`` and every head of ``b``, per query.
 
-    Loops over the heads of ``a`` so that at most ``(H', Q, K)`` is live at once.
+    All head pairs in one broadcast op per chunk of queries (at most ``PAIR_BUDGET``
+    elements live per intermediate).
 
     Args:
         a: ``(H, Q, K)`` attention probabilities.
@@ -281,8 +424,7 @@ def head_js_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     if a.shape[-2:] != b.shape[-2:]:
         raise ValueError(f"attention maps differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-    log_a, log_b = _log_probs(a), _log_probs(b)
-    return torch.stack([js_divergence(log_a[h].unsqueeze(0), log_b) for h in range(log_a.shape[0])])
+    return _pairwise_js(a, b)
 
 
 def match_heads(cost: torch.Tensor) -> tuple[torch.Tensor, float, float]:

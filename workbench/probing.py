@@ -7,9 +7,16 @@ after that is shared, so the two agree to float precision on the same checkpoint
 
 Memory: the logit lens needs a ``(positions, V)`` distribution per layer, which is
 large for real vocabularies. Scored positions are gathered first and processed in
-chunks of ``chunk_size`` positions, one layer at a time, keeping only running sums
-(and one argmax per layer and position for prediction depth). No
-``(L, positions, V)`` tensor is ever built.
+chunks of ``chunk_size`` positions (default: about ``LENS_CHUNK_ELEMENTS / V``), one
+layer at a time, keeping only running sums (and one argmax per layer and position
+for prediction depth). No ``(L, positions, V)`` tensor is ever built.
+
+Speed: the lens statistics are memory-bound passes over ``(chunk, V)``, and fresh
+``(chunk, V)`` allocations cost as much as the math, so one set of buffers is
+allocated per call and reused for every chunk and layer; the final layer's side of
+every statistic is computed once per chunk (:class:`metrics.LensReference`). The
+attention metrics gather the scored query rows of all sequences at once and run
+each metric as one batched op per layer.
 
 Table conventions (``workbench.schema.METRIC_COLUMNS``):
 
@@ -36,7 +43,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workbench import metrics
+from workbench import divergence, metrics
 from workbench.errors import ConfigError, DataError, WorkbenchError
 from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, TOPK_COLUMNS
 
@@ -48,6 +55,12 @@ __all__ = [
     "per_position_detail",
     "attention_detail",
 ]
+
+# Default logit-lens chunk: positions such that chunk x V is about this many floats
+# (16 MiB per (chunk, V) buffer; about seven are live). On a 32k vocabulary the default
+# (131 positions) and 256 positions measured the same within noise; much smaller chunks
+# lose read-out matmul efficiency, much larger ones only cost memory.
+LENS_CHUNK_ELEMENTS = 4 * 2**20
 
 # Per-position lens statistics aggregated per layer, in table order.
 LENS_STAT_NAMES = (
@@ -202,35 +215,62 @@ class ProbeResult:
         return frame[METRIC_COLUMNS]
 
 
-def _check_options(chunk_size: int, temperature: float) -> None:
-    if chunk_size < 1:
+def _resolve_chunk(chunk_size: int | None, vocab: int) -> int:
+    """``chunk_size``, or the default of about ``LENS_CHUNK_ELEMENTS / V`` positions."""
+    return max(1, LENS_CHUNK_ELEMENTS // max(1, vocab)) if chunk_size is None else chunk_size
+
+
+def _check_options(chunk_size: int | None, temperature: float) -> None:
+    if chunk_size is not None and chunk_size < 1:
         raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
     if not temperature > 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
 
 
-def _iter_layer_logprobs(
-    inputs: ProbeInputs, flat_positions: torch.Tensor, chunk_size: int, temperature: float
-) -> Iterator[tuple[int, torch.Tensor, int, torch.Tensor, torch.Tensor]]:
-    """Yield ``(start, chunk_positions, layer, logp_l, logp_final)`` chunk by chunk.
+def _iter_layer_stats(
+    inputs: ProbeInputs,
+    flat_positions: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    temperature: float,
+) -> Iterator[tuple[int, int, torch.Tensor, dict[str, torch.Tensor]]]:
+    """Yield ``(start, layer, logp_l, stats)`` chunk by chunk, layer by layer.
 
-    ``flat_positions`` index the flattened ``(N * T)`` positions; for each chunk the
-    final layer's log-probs are computed once and every layer ``1..L`` is read out
-    against them. Each ``logp`` is ``(chunk, V)`` float32 at ``temperature``.
+    ``flat_positions`` index the flattened ``(N * T)`` positions and ``targets`` are
+    their targets. For each chunk the final layer's log-probs and its side of the
+    statistics are computed once (:class:`metrics.LensReference`), then every layer
+    ``1..L`` is read out against them. ``logp_l`` is ``(c, V)`` float32 at
+    ``temperature`` and ``stats`` the dict of :func:`metrics.lens_position_stats`.
+    ``logp_l`` lives in a buffer reused by the next step: use it before advancing.
     """
     n_seq, seq_len, vocab = inputs.final_logits.shape
     final_flat = inputs.final_logits.reshape(n_seq * seq_len, vocab)
     hidden_flat = [h.reshape(n_seq * seq_len, h.shape[-1]) for h in inputs.hidden]
-    for start in range(0, flat_positions.numel(), chunk_size):
+    n = flat_positions.numel()
+    width = min(chunk_size, n)
+    # One allocation per call, sliced for the last (shorter) chunk; the leading-dim
+    # slices of contiguous buffers stay contiguous.
+    new = inputs.final_logits.new_empty
+    final_buf = new((2, width, vocab), dtype=torch.float32)  # log p^L, p^L
+    layer_buf = new((2, width, vocab), dtype=torch.float32)  # log p^l, p^l
+    scratch = new((2, width, vocab), dtype=torch.float32)
+    for start in range(0, n, chunk_size):
         idx = flat_positions[start : start + chunk_size]
-        logp_final = torch.log_softmax(final_flat[idx].float() / temperature, dim=-1)  # (c, V)
-        for layer in range(1, inputs.n_layers + 1):
-            if layer == inputs.n_layers:
-                logp = logp_final  # the model's own output: never put through the norm again
-            else:
-                logits = inputs.readout(hidden_flat[layer - 1][idx])  # (c, V)
-                logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-            yield start, idx, layer, logp, logp_final
+        c = idx.numel()
+        logp_final, p_final = divergence.log_softmax_and_probs(
+            final_flat[idx], temperature, out=(final_buf[0, :c], final_buf[1, :c])
+        )
+        reference = metrics.LensReference(logp_final, targets[start : start + c], p_final)
+        for layer in range(1, inputs.n_layers):
+            logits = inputs.readout(hidden_flat[layer - 1][idx])  # (c, V)
+            logp, p = divergence.log_softmax_and_probs(
+                logits, temperature, out=(layer_buf[0, :c], layer_buf[1, :c])
+            )
+            del logits  # free before the statistics' passes
+            yield start, layer, logp, reference.compare(logp, p, scratch=scratch[:, :c])
+        # Layer L is the model's own output: never put through the norm again, and its
+        # comparison with itself is known without the divergence passes.
+        yield start, inputs.n_layers, logp_final, reference.final_stats(scratch[:, :c])
 
 
 def _scored_targets(inputs: ProbeInputs, flat_positions: torch.Tensor) -> torch.Tensor:
@@ -243,7 +283,7 @@ def _scored_targets(inputs: ProbeInputs, flat_positions: torch.Tensor) -> torch.
 
 
 def _lens_metrics(
-    inputs: ProbeInputs, chunk_size: int, temperature: float
+    inputs: ProbeInputs, chunk_size: int | None, temperature: float
 ) -> tuple[dict[str, np.ndarray], float, int]:
     """Mean lens statistics per layer, mean prediction depth, number of positions."""
     flat = inputs.mask.reshape(-1).nonzero().squeeze(1)  # (n,)
@@ -251,6 +291,7 @@ def _lens_metrics(
     if n == 0:
         raise DataError("the probe mask selects no positions to score")
     targets = _scored_targets(inputs, flat)
+    chunk_size = _resolve_chunk(chunk_size, inputs.final_logits.shape[-1])
     device = inputs.final_logits.device
     # Sums over many positions: accumulate in float64 (MPS has none) so that the mean
     # does not depend on the chunking.
@@ -260,10 +301,8 @@ def _lens_metrics(
         for name in LENS_STAT_NAMES
     }
     argmax = torch.empty(inputs.n_layers, n, dtype=torch.long, device=device)  # (L, n)
-    chunks = _iter_layer_logprobs(inputs, flat, chunk_size, temperature)
-    for start, idx, layer, logp, logp_final in chunks:
-        stats = metrics.lens_position_stats(logp, logp_final, targets[start : start + idx.numel()])
-        argmax[layer - 1, start : start + idx.numel()] = stats["argmax"]
+    for start, layer, _, stats in _iter_layer_stats(inputs, flat, targets, chunk_size, temperature):
+        argmax[layer - 1, start : start + stats["argmax"].numel()] = stats["argmax"]
         for name in LENS_STAT_NAMES:
             sums[name][layer - 1] += stats[name].to(acc_dtype).sum()
     lens = {name: (total / n).cpu().double().numpy() for name, total in sums.items()}
@@ -272,42 +311,57 @@ def _lens_metrics(
 
 
 def _attention_metrics(inputs: ProbeInputs, head_match: bool) -> dict[str, np.ndarray | int]:
-    """Attention metrics over the scored query positions of every sequence."""
+    """Attention metrics over the scored query positions of every sequence.
+
+    Every metric is per query row, so the scored rows of all sequences are gathered
+    into one ``(H, n, T)`` block per layer (with per-row key masks and first-token
+    indices) and each metric is one batched call per layer, not one per sequence.
+    """
     attentions = inputs.attentions
     n_layers = len(attentions)
     n_seq, n_heads, seq_len, _ = attentions[0].shape
     device = attentions[0].device
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64
-    js = torch.zeros(n_layers, n_layers, dtype=acc_dtype, device=device)
-    js_head = torch.zeros(n_layers, n_heads, dtype=acc_dtype, device=device)
-    ent = torch.zeros(n_layers, n_heads, dtype=acc_dtype, device=device)
-    bos = torch.zeros(n_layers, n_heads, dtype=acc_dtype, device=device)
-    cost = torch.zeros(n_layers, n_heads, n_heads, dtype=acc_dtype, device=device)
-    n_queries = 0
-    for i in range(n_seq):
-        queries = inputs.mask[i].nonzero().squeeze(1)  # (q,)
-        if queries.numel() == 0:
-            continue
-        key_valid = None if inputs.attention_mask is None else inputs.attention_mask[i]
-        key_mask = metrics.causal_key_mask(queries, seq_len, key_valid)  # (q, T)
-        first_key = 0 if key_valid is None else int(key_valid.long().argmax())  # first real token
-        rows = [a[i][:, queries, :].float() for a in attentions]  # L x (H, q, T)
-        js += metrics.attn_js_matrix(rows).to(acc_dtype).sum(-1)
-        for layer in range(n_layers):
-            js_head[layer] += metrics.attn_js_per_head(rows[layer], rows[-1]).to(acc_dtype).sum(-1)
-            ent[layer] += metrics.attn_entropy(rows[layer], key_mask).to(acc_dtype).sum(-1)
-            bos[layer] += metrics.bos_mass(rows[layer], first_key).to(acc_dtype).sum(-1)
-            if head_match:
-                cost[layer] += metrics.head_js_matrix(rows[layer], rows[-1]).to(acc_dtype).sum(-1)
-        n_queries += queries.numel()
+    seq_idx, query_pos = inputs.mask.nonzero(as_tuple=True)  # (n,), (n,)
+    n_queries = seq_idx.numel()
     if n_queries == 0:
         raise DataError("the probe mask selects no positions to score")
+    if inputs.attention_mask is None:
+        key_valid, first_key = None, 0
+    else:
+        key_valid = inputs.attention_mask[seq_idx]  # (n, T)
+        # The first real token of each query's sequence (left padding shifts it).
+        first_key = inputs.attention_mask.long().argmax(-1)[seq_idx]  # (n,)
+    key_mask = metrics.causal_key_mask(query_pos, seq_len, key_valid)  # (n, T)
+
+    def rows(a: torch.Tensor) -> torch.Tensor:
+        # a[s, :, q, :] for every scored (s, q): (n, H, T) -> (H, n, T).
+        return a[seq_idx, :, query_pos, :].float().transpose(0, 1).contiguous()
+
+    def total(x: torch.Tensor) -> torch.Tensor:
+        return x.to(acc_dtype).sum(-1)
+
+    final = rows(attentions[-1])  # (H, n, T)
+    means, js_head, ent, bos, cost = [], [], [], [], []
+    for a in attentions:
+        layer_rows = rows(a) if a is not attentions[-1] else final
+        means.append(layer_rows.mean(0, keepdim=True))  # (1, n, T)
+        if head_match:
+            pairs = metrics.head_js_matrix(layer_rows, final)  # (H, H, n)
+            cost.append(total(pairs))  # (H, H)
+            # Head h against head h of layer L is the diagonal: no second pass needed.
+            js_head.append(total(pairs.diagonal(0, 0, 1).T))  # (H,)
+        else:
+            js_head.append(total(metrics.attn_js_per_head(layer_rows, final)))  # (H,)
+        ent.append(total(metrics.attn_entropy(layer_rows, key_mask)))
+        bos.append(total(metrics.bos_mass(layer_rows, first_key)))
+    js = total(metrics.attn_js_matrix(means))  # (L, L)
     out: dict[str, np.ndarray | int] = {
         "n_heads": n_heads,
         "attn_js": (js / n_queries).cpu().double().numpy(),
-        "attn_js_final_per_head": (js_head / n_queries).cpu().double().numpy(),
-        "attn_entropy": (ent / n_queries).cpu().double().numpy(),
-        "bos_mass": (bos / n_queries).cpu().double().numpy(),
+        "attn_js_final_per_head": (torch.stack(js_head) / n_queries).cpu().double().numpy(),
+        "attn_entropy": (torch.stack(ent) / n_queries).cpu().double().numpy(),
+        "bos_mass": (torch.stack(bos) / n_queries).cpu().double().numpy(),
     }
     if head_match:
         # One assignment per layer on the cost averaged over all scored queries of all
@@ -321,7 +375,11 @@ def _attention_metrics(inputs: ProbeInputs, head_match: bool) -> dict[str, np.nd
 
 @torch.no_grad()
 def compute_probe_metrics(
-    inputs: ProbeInputs, *, chunk_size: int = 256, temperature: float = 1.0, head_match: bool = True
+    inputs: ProbeInputs,
+    *,
+    chunk_size: int | None = None,
+    temperature: float = 1.0,
+    head_match: bool = True,
 ) -> ProbeResult:
     """All probe metrics of DESIGN.md for one batch of probe sequences.
 
@@ -330,7 +388,8 @@ def compute_probe_metrics(
 
     Args:
         inputs: the model internals, see :class:`ProbeInputs`.
-        chunk_size: positions per read-out chunk (bounds memory at ``chunk_size x V``).
+        chunk_size: positions per read-out chunk (bounds memory at a few ``chunk_size x V``
+            buffers); None picks about ``LENS_CHUNK_ELEMENTS / V`` positions.
         temperature: temperature T of every layer's distribution, ``softmax(logits / T)``.
         head_match: compute the Hungarian head matching (costs ``H^2`` JSDs per layer).
 
@@ -369,7 +428,7 @@ def per_position_detail(
     top_k: int = 5,
     *,
     temperature: float = 1.0,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
     decode: Callable[[int], str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Logit-lens drill-down of one sequence: top-k tokens and metric values per cell.
@@ -382,7 +441,8 @@ def per_position_detail(
         prompt_index: which of the N sequences.
         top_k: tokens kept per cell.
         temperature: temperature T of every layer's distribution.
-        chunk_size: positions per read-out chunk.
+        chunk_size: positions per read-out chunk; None picks the default as in
+            :func:`compute_probe_metrics`.
         decode: token id -> string.
 
     Returns:
@@ -410,9 +470,9 @@ def per_position_detail(
     topk_parts: list[pd.DataFrame] = []
     stat_parts: dict[int, dict[str, list[torch.Tensor]]] = {}
     argmax = torch.empty(inputs.n_layers, positions.numel(), dtype=torch.long)
-    chunks = _iter_layer_logprobs(inputs, flat, chunk_size, temperature)
-    for start, idx, layer, logp, logp_final in chunks:
-        pos = positions[start : start + idx.numel()].cpu()
+    chunk_size = _resolve_chunk(chunk_size, vocab)
+    for start, layer, logp, stats in _iter_layer_stats(inputs, flat, targets, chunk_size, temperature):
+        pos = positions[start : start + logp.shape[0]].cpu()
         values, ids = logp.topk(k, dim=-1)  # (c, k)
         topk_parts.append(
             pd.DataFrame(
@@ -425,8 +485,7 @@ def per_position_detail(
                 }
             )
         )
-        stats = metrics.lens_position_stats(logp, logp_final, targets[start : start + idx.numel()])
-        argmax[layer - 1, start : start + idx.numel()] = stats["argmax"].cpu()
+        argmax[layer - 1, start : start + logp.shape[0]] = stats["argmax"].cpu()
         per_layer = stat_parts.setdefault(layer, {name: [] for name in LENS_STAT_NAMES})
         for name in LENS_STAT_NAMES:
             per_layer[name].append(stats[name].cpu())

@@ -214,3 +214,98 @@ def test_head_match_rejects_different_head_counts():
         metrics.head_match(_causal_attention(2, 4, g), _causal_attention(3, 4, g))
     with pytest.raises(ValueError, match="head counts"):
         metrics.match_heads(torch.zeros(2, 3))
+
+
+# --- fast paths agree with the reference definitions ------------------------------
+
+from workbench import divergence  # noqa: E402
+
+
+def _reference_lens(logp_l, logp_final, targets):
+    """lens_position_stats written directly from the definitions (the slow path)."""
+    argmax_final = logp_final.argmax(-1)
+
+    def rank(token):
+        return (logp_l > logp_l.gather(-1, token[:, None])).sum(-1).float()
+
+    return {
+        "lens_kl": divergence.kl_divergence(logp_final, logp_l),
+        "lens_js": divergence.js_divergence(logp_l, logp_final),
+        "final_rank": rank(argmax_final),
+        "target_rank": rank(targets),
+        "target_nll": -logp_l.gather(-1, targets[:, None]).squeeze(-1),
+        "entropy": divergence.entropy(logp_l),
+    }
+
+
+def test_lens_stats_match_the_definitions_dense_and_with_zeros():
+    g = torch.Generator().manual_seed(0)
+    logp_l = (torch.randn(9, 40, generator=g) * 3).log_softmax(-1)
+    logp_final = (torch.randn(9, 40, generator=g) * 3).log_softmax(-1)
+    # Rows 0-2 carry exact zeros: in p^L only (KL finite, 0 * -inf terms), in both at
+    # the same tokens, and in p^l where p^L has mass (KL = inf).
+    logp_final[0, :5] = -math.inf
+    logp_final[1, :5] = logp_l[1, :5] = -math.inf
+    logp_l[2, :3] = -math.inf
+    logp_final, logp_l = logp_final.log_softmax(-1), logp_l.log_softmax(-1)
+    targets = torch.randint(5, 40, (9,), generator=g)
+    got = metrics.lens_position_stats(logp_l, logp_final, targets)
+    want = _reference_lens(logp_l, logp_final, targets)
+    assert math.isinf(got["lens_kl"][2].item()) and math.isinf(want["lens_kl"][2].item())
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, atol=2e-6, rtol=1e-5, msg=name)
+
+
+def test_lens_reference_final_stats_equal_self_comparison():
+    g = torch.Generator().manual_seed(1)
+    logp = (torch.randn(6, 30, generator=g) * 2).log_softmax(-1)
+    ref = metrics.LensReference(logp, torch.arange(6))
+    fast, full = ref.final_stats(), ref.compare(logp)
+    for name in fast:
+        torch.testing.assert_close(fast[name], full[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_log_softmax_and_probs_matches_torch_with_temperature_and_buffers():
+    logits = torch.randn(4, 25) * 5
+    out = (torch.empty(4, 25), torch.empty(4, 25))
+    logp, p = divergence.log_softmax_and_probs(logits, 0.7, out=out)
+    assert logp.data_ptr() == out[0].data_ptr() and p.data_ptr() == out[1].data_ptr()
+    torch.testing.assert_close(logp, (logits / 0.7).log_softmax(-1))
+    torch.testing.assert_close(p, (logits / 0.7).softmax(-1))
+
+
+def test_js_divergence_probs_equals_log_space_jsd_and_broadcasts():
+    g = torch.Generator().manual_seed(2)
+    a = _causal_attention(3, 6, g)  # exact zeros above the diagonal
+    b = _causal_attention(4, 6, g)
+    got = divergence.js_divergence_probs(a[:, None], b[None])  # (3, 4, 6)
+    want = torch.stack([divergence.js_divergence(a[h].log(), b.log()) for h in range(3)])
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert torch.all(divergence.js_divergence_probs(a, a) == 0)  # identical: exactly 0
+    p, q = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert divergence.js_divergence_probs(p, q).item() == pytest.approx(LN2, abs=1e-6)
+    assert divergence.sum_xlogx(torch.tensor([0.5, 0.5, 0.0])).item() == pytest.approx(-LN2)
+
+
+def test_pairwise_attention_chunking_does_not_change_values(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    a, b = _causal_attention(3, 9, g), _causal_attention(3, 9, g)
+    whole = metrics.head_js_matrix(a, b)
+    layers = [_causal_attention(2, 9, g) for _ in range(4)]
+    matrix = metrics.attn_js_matrix(layers)
+    monkeypatch.setattr(metrics, "PAIR_BUDGET", 20)  # forces one query per chunk
+    torch.testing.assert_close(metrics.head_js_matrix(a, b), whole, atol=1e-7, rtol=0)
+    torch.testing.assert_close(metrics.attn_js_matrix(layers), matrix, atol=1e-7, rtol=0)
+    for h in range(3):  # and both agree with the one-pair definition
+        torch.testing.assert_close(
+            whole[h], metrics.attn_js_per_head(a[h].expand(3, -1, -1), b), atol=1e-6, rtol=0
+        )
+
+
+def test_per_query_key_masks_and_first_keys():
+    # Two queries from different sequences: the first has padding at key 0.
+    valid = torch.tensor([[False, True, True], [True, True, True]])
+    mask = metrics.causal_key_mask(torch.tensor([2, 1]), 3, valid)
+    assert mask.tolist() == [[False, True, True], [True, True, False]]
+    a = torch.tensor([[[0.0, 0.3, 0.7], [0.4, 0.6, 0.0]]])  # (H=1, Q=2, K=3)
+    assert metrics.bos_mass(a, torch.tensor([1, 0]))[0].tolist() == pytest.approx([0.3, 0.4])

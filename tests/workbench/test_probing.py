@@ -327,3 +327,57 @@ def test_metrics_module_is_the_one_used():
     rows = [a[0][:, queries] for a in inputs.attentions]
     expected = metrics.attn_js(rows[0], rows[3]).mean().item()
     assert result.attn_js[0, 3] == pytest.approx(expected, abs=1e-6)
+
+
+def _per_sequence_attention(inputs):
+    """The attention metrics computed one sequence at a time (the obvious loop)."""
+    n_layers, n_seq = len(inputs.attentions), inputs.mask.shape[0]
+    seq_len = inputs.mask.shape[1]
+    js, js_head, ent, bos, cost, count = 0.0, 0.0, 0.0, 0.0, 0.0, 0
+    for i in range(n_seq):
+        queries = inputs.mask[i].nonzero().squeeze(1)
+        if queries.numel() == 0:
+            continue
+        valid = None if inputs.attention_mask is None else inputs.attention_mask[i]
+        key_mask = metrics.causal_key_mask(queries, seq_len, valid)
+        first = 0 if valid is None else int(valid.long().argmax())
+        rows = [a[i][:, queries] for a in inputs.attentions]
+        js = js + metrics.attn_js_matrix(rows).sum(-1)
+        js_head = js_head + torch.stack([metrics.attn_js_per_head(r, rows[-1]) for r in rows]).sum(-1)
+        ent = ent + torch.stack([metrics.attn_entropy(r, key_mask) for r in rows]).sum(-1)
+        bos = bos + torch.stack([metrics.bos_mass(r, first) for r in rows]).sum(-1)
+        cost = cost + torch.stack([metrics.head_js_matrix(r, rows[-1]) for r in rows]).sum(-1)
+        count += queries.numel()
+    assert n_layers == len(rows)
+    return {"attn_js": js / count, "attn_js_final_per_head": js_head / count,
+            "attn_entropy": ent / count, "bos_mass": bos / count}, cost / count
+
+
+def test_batched_attention_equals_the_per_sequence_loop():
+    inputs = _random_inputs(seed=5, n_seq=4, seq_len=9, n_heads=3)
+    padding = torch.ones(4, 9, dtype=torch.bool)
+    padding[1, :3] = padding[2, :1] = False  # left padding: first real token moves
+    inputs.attention_mask = padding
+    inputs.mask[3] = False  # a sequence with nothing scored
+    inputs.mask[1, :3] = False
+    result = compute_probe_metrics(inputs)
+    expected, cost = _per_sequence_attention(inputs)
+    for name, value in expected.items():
+        torch.testing.assert_close(
+            torch.tensor(getattr(result, name)), value.double(), atol=1e-6, rtol=0, msg=name
+        )
+    for layer in range(len(inputs.attentions)):
+        perm, matched, identity = metrics.match_heads(cost[layer])
+        assert result.head_perm[layer].tolist() == perm.tolist()
+        assert result.attn_head_match[layer] == pytest.approx(matched, abs=1e-6)
+        assert result.attn_head_identity[layer] == pytest.approx(identity, abs=1e-6)
+
+
+def test_default_chunk_equals_one_position_at_a_time():
+    inputs = _random_inputs(seed=6)
+    _assert_same_result(
+        compute_probe_metrics(inputs), compute_probe_metrics(inputs, chunk_size=1), atol=1e-6
+    )
+    one = per_position_detail(inputs, 0, chunk_size=1)[1]
+    default = per_position_detail(inputs, 0)[1]
+    pd.testing.assert_frame_equal(one, default, atol=1e-6, check_exact=False)
