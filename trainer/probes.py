@@ -283,7 +283,7 @@ def run_builtin_probes(
     run: str,
     step: int,
     greedy: bool = True,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
     max_new_tokens: int = 64,
 ) -> pd.DataFrame:
     """The built-in probe table of one training step.

@@ -227,7 +227,7 @@ def probe_checkpoint(
     step: int,
     detail_prompts: int = 4,
     greedy: bool = True,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
     max_new_tokens: int = 64,
 ) -> dict[str, pd.DataFrame]:
     """All analyzer tables of one booted checkpoint.
@@ -240,7 +240,7 @@ def probe_checkpoint(
         step: checkpoint step written in the tables.
         detail_prompts: probe prompts kept in the drill-down tables (0 = none).
         greedy: also score the model's own greedy completions.
-        chunk_size: positions per logit-lens read-out chunk.
+        chunk_size: positions per logit-lens read-out chunk (None: about 4M floats per chunk).
         max_new_tokens: longest greedy completion.
 
     Returns:
@@ -336,7 +336,7 @@ def probe_run(
     progress: bool = True,
     greedy: bool = True,
     max_new_tokens: int = 64,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
 ) -> ProbeReport:
     """Analyse every checkpoint of a run with TransformerLens (incrementally).
 
@@ -349,7 +349,7 @@ def probe_run(
         progress: show a tqdm progress bar over checkpoints.
         greedy: also score the model's own greedy completions (split ``"greedy"``).
         max_new_tokens: longest greedy completion.
-        chunk_size: positions per logit-lens read-out chunk.
+        chunk_size: positions per logit-lens read-out chunk (None: about 4M floats per chunk).
 
     Returns:
         A :class:`ProbeReport` (``str(report)`` is a short summary).

@@ -39,8 +39,11 @@ class ModelConfig(_Section):
 
 
 class ArithmeticConfig(_Section):
-    n_operands: int = Field(3, ge=2, le=8, description="numbers per question")
-    digits: int = Field(2, ge=1, le=4, description="digits per number")
+    # Default: "Compute 7+2-5+8." with three chain-of-thought steps. One-digit operands
+    # keep the arithmetic learnable by the tiny preset within the warm-start budget while
+    # three dependent steps leave it only partly right (room for RL).
+    n_operands: int = Field(4, ge=2, le=8, description="numbers per question")
+    digits: int = Field(1, ge=1, le=4, description="digits per number")
     operators: str = Field("+-", min_length=1, description="operators drawn from '+-*'")
     n_train: int = Field(20000, ge=1, description="training questions")
     n_test: int = Field(500, ge=1, description="held-out questions")
@@ -144,7 +147,7 @@ class OPSDConfig(_Section):
 class ProbeConfig(_Section):
     n_prompts: int = Field(16, ge=1, description="size of the fixed probe set (held-out prompts)")
     greedy: bool = Field(True, description="also probe the model's own greedy completions")
-    chunk_size: int = Field(256, ge=1, description="positions per chunk of the logit lens")
+    chunk_size: Optional[int] = Field(None, ge=1, description="positions per chunk of the logit lens (null: ~4M floats)")
 
 
 class EvalConfig(_Section):

@@ -102,8 +102,8 @@ class ArithmeticTask:
 
     def __init__(
         self,
-        n_operands: int = 3,
-        digits: int = 2,
+        n_operands: int = 4,
+        digits: int = 1,
         operators: str = "+-",
         n_train: int = 20000,
         n_test: int = 500,
