@@ -6,6 +6,8 @@ Two facts shape everything here:
   prompt's group are functions of ``(seed, step, prompt index)`` alone. A resumed
   run, a run split over several processes and an uninterrupted single-process run
   therefore see exactly the same prompts and draw exactly the same responses.
+  Dynamic sampling's replacement prompts follow the same rule
+  (:func:`replacement_stream`: a function of ``(seed, step, round, slot)``).
 - Rollouts are left-padded prompts followed by right-padded responses, so every
   response token sits in the same columns ``P .. P+R-1`` of every row. The position
   that *predicts* response token j is column ``P-1+j``: those are the "scored"
@@ -25,7 +27,7 @@ from torch import Tensor
 from trainer.tasks.base import Example
 
 
-def _seed_of(*parts: int | str) -> int:
+def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed from its parts (stable across processes and Python versions)."""
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
@@ -48,7 +50,7 @@ class PromptStream:
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
             order = list(range(len(self.examples)))
-            random.Random(_seed_of(self.seed, "epoch", epoch)).shuffle(order)
+            random.Random(derive_seed(self.seed, "epoch", epoch)).shuffle(order)
             self._orders = {epoch: order}  # keep one epoch in memory
         return self._orders[epoch]
 
@@ -62,12 +64,30 @@ class PromptStream:
         return out
 
 
+def replacement_stream(examples: Sequence[Example], seed: int, step: int) -> tuple[PromptStream, int]:
+    """Dynamic sampling's replacement prompts for ``step``, and the seed of their noise.
+
+    Each step gets its own seeded order of the training examples, so replacements
+    are a pure function of ``(seed, step, position)`` and never depend on the run
+    length or on how many resampling rounds an earlier step needed. The noise seed
+    differs from the run seed, so a replacement group never reuses the sampling
+    noise of a regular group with the same position.
+
+    Returns:
+        ``(stream, noise_seed)``: take replacement groups with
+        ``stream.take(position, n)`` and sample them with
+        ``group_noise(noise_seed, positions, ...)``.
+    """
+    noise_seed = derive_seed(seed, "replacements", step)
+    return PromptStream(examples, noise_seed), noise_seed
+
+
 def group_noise(seed: int, prompt_indices: Sequence[int], group_size: int, length: int) -> Tensor:
     """Uniform sampling noise ``(len(prompt_indices) * group_size, length)``, one seeded
     generator per prompt, so a group's responses do not depend on batch or process."""
     rows = []
     for p in prompt_indices:
-        g = torch.Generator().manual_seed(_seed_of(seed, "rollout", p))
+        g = torch.Generator().manual_seed(derive_seed(seed, "rollout", p))
         rows.append(torch.rand(group_size, length, generator=g, dtype=torch.float64))
     return torch.cat(rows).float() if rows else torch.empty(0, length)
 

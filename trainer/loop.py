@@ -15,7 +15,14 @@ Each step (METHODS.md):
 Processes: ``accelerate launch`` gives each process a slice of the step's prompts.
 Rewards are gathered so advantages are computed over the global batch, every loss
 is divided by the *global* normaliser, and gradients are summed across processes, so
-two processes produce the same update as one process with the same global batch.
+two processes produce the same update as one process with the same global batch
+(with ``optim.mini_batches`` 1: with several, each process splits its own share, so
+the global mini-batches group prompts differently than one process would). No DDP
+wrapper: the loop all-reduces gradients itself, once per mini-batch.
+
+Dynamic sampling (``rollout.dynamic_sampling``) keeps every process's batch at its
+size, so it combines with several processes; its replacement prompts are drawn per
+process, so there the two-process and one-process runs differ.
 """
 
 from __future__ import annotations
@@ -31,12 +38,14 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer import objectives as obj
-from trainer.batching import PromptStream, group_noise, scored_positions, teacher_batch, to_grid
+from trainer.batching import (PromptStream, group_noise, replacement_stream, scored_positions, teacher_batch,
+                              to_grid)
 from trainer.evaluate import evaluate
 from trainer.forward import policy_forward, readout
 from trainer.rollout import sample
 from trainer.setup import TrainSetup, prepare
 from workbench.config import TrainConfig, config_to_dict
+from workbench.errors import WorkbenchError
 from workbench.runstore import RunWriter, latest_checkpoint, write_checkpoint
 
 log = logging.getLogger(__name__)
@@ -89,12 +98,12 @@ class Trainer:
             [p for p in self.model.parameters() if p.requires_grad], lr=cfg.optim.lr,
             betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay,
         )
-        total_updates = cfg.steps * cfg.optim.mini_batches
+        # Linear warm-up over optimizer updates, then constant: RL runs are short and
+        # every step matters, so no decay.
         warm = cfg.optim.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda u: min(1.0, (u + 1) / warm) if warm > 0 else 1.0
         )
-        del total_updates  # constant after warm-up: RL steps are few and each matters
         self.step = 0
         self.bad_steps = 0
         # Frozen models only when a term needs them (METHODS.md): the reference is the
@@ -111,17 +120,19 @@ class Trainer:
     # ---------------------------------------------------------------- rollouts
     @torch.no_grad()
     def rollout(self) -> tuple[StepBatch, dict]:
+        """Sample this process's share of the step's groups, score them, and compute
+        advantages over the *global* batch (rewards gathered from every process)."""
         cfg, acc = self.cfg, self.s.accelerator
         P, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
         rank, world = acc.process_index, acc.num_processes
         position = self.step * P  # global prompt position of this step
         groups = self.stream.take(position, P)[rank * P // world : (rank + 1) * P // world]
-        batch, rewards, correct, examples = self._sample_groups(groups)
-        # Dynamic sampling (a flag for every method alike): replace groups whose rewards
-        # are all equal with fresh prompts from beyond this step's window.
-        dropped = 0
+        batch, rewards, correct, examples = self._sample_groups(groups, cfg.seed)
+        dyn = {}
         if cfg.rollout.dynamic_sampling:
-            batch, rewards, correct, examples, dropped = self._refill(batch, rewards, correct, examples, groups)
+            batch, rewards, correct, examples, dyn = self._refill(batch, rewards, correct, examples)
+        # Every process holds the same number of groups (dynamic sampling keeps the size),
+        # so the gathered rewards are the global batch in process order.
         all_rewards = _all_gather_cat(rewards)
         adv_all = obj.group_advantages(all_rewards, G, cfg.grpo.scale_rewards)
         n_local = rewards.numel()
@@ -135,8 +146,8 @@ class Trainer:
             "completions/mean_length": _all_gather_cat(batch.lengths.float()).mean().item(),
             "completions/clipped_ratio": _all_gather_cat(batch.truncated.float()).mean().item(),
         }
-        if cfg.rollout.dynamic_sampling:
-            stats["dynamic_sampling/dropped_groups"] = dropped
+        for k, v in dyn.items():  # counts summed over processes
+            stats[k] = float(_all_sum(torch.tensor([float(v)], device=self.device))[0])
         P_w = batch.prompt_length
         sb = StepBatch(
             input_ids=batch.input_ids,
@@ -150,11 +161,12 @@ class Trainer:
         )
         return sb, stats
 
-    def _sample_groups(self, groups):
+    def _sample_groups(self, groups: list[tuple[int, object]], noise_seed: int):
+        """G responses per (position, example), with per-group noise keyed by the position."""
         cfg, G = self.cfg, self.cfg.rollout.group_size
         examples = [e for _, e in groups]
         prompt_ids = [self.tok(e.prompt, add_special_tokens=True)["input_ids"] for e in examples for _ in range(G)]
-        noise = group_noise(cfg.seed, [p for p, _ in groups], G, cfg.rollout.max_new_tokens).to(self.device)
+        noise = group_noise(noise_seed, [p for p, _ in groups], G, cfg.rollout.max_new_tokens).to(self.device)
         model = self.s.accelerator.unwrap_model(self.model)
         out = sample(model, prompt_ids, pad_id=self.tok.pad_token_id, eos_id=self.tok.eos_token_id,
                      max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
@@ -168,34 +180,71 @@ class Trainer:
             rewards = rewards + cfg.grpo.format_bonus * has_answer
         return out, rewards.to(self.device), correct.to(self.device), examples
 
-    def _refill(self, batch, rewards, correct, examples, groups):
-        """Drop zero-variance groups and sample replacements (at most `max_resample` rounds)."""
+    def _refill(self, batch, rewards, correct, examples):
+        """Dynamic sampling (DAPO): replace groups whose rewards are all equal.
+
+        Replacement groups come from :func:`~trainer.batching.replacement_stream` (a
+        pure function of seed, step, round and slot, so resume stays exact); each
+        process samples from its own slice of every round's window. At most
+        ``rollout.max_resample`` rounds. The batch keeps its size: if too few
+        informative groups turn up, the first dropped groups fill the remaining
+        slots (they have A = 0). Equal sizes keep processes in step (same gathers,
+        same number of micro-batches) and mini-batches made of whole groups.
+
+        Returns:
+            ``(batch, rewards, correct, examples, stats)`` with stats
+            ``dynamic_sampling/dropped_groups`` (zero-variance groups replaced),
+            ``dynamic_sampling/unfilled_groups`` (kept for lack of replacements),
+            ``dynamic_sampling/resample_rounds``.
+        """
         from trainer.rollout import concat_batches
 
         cfg, G = self.cfg, self.cfg.rollout.group_size
-        keep = rewards.view(-1, G).std(dim=1) > 0
-        dropped = int((~keep).sum())
-        target = len(groups)
-        extra_pos = (self.cfg.steps + self.step) * cfg.rollout.prompts_per_step * 7919  # disjoint window
-        rounds = 0
-        kept = [batch.select(torch.nonzero(keep.repeat_interleave(G)).flatten())]
-        kept_r = [rewards[keep.repeat_interleave(G)]]
-        kept_c = [correct[keep.repeat_interleave(G)]]
-        kept_e = [e for e, k in zip(examples, keep.tolist()) if k]
+        acc = self.s.accelerator
+        target = rewards.numel() // G  # groups this process must hold
+        P, rank, world = cfg.rollout.prompts_per_step, acc.process_index, acc.num_processes
+
+        def informative(r: torch.Tensor) -> torch.Tensor:  # (n_groups,) bool
+            return r.view(-1, G).std(dim=1) > 0
+
+        keep = informative(rewards)
+        pieces = [(batch, rewards, correct, examples, keep)]  # every sampled set, in order
         have = int(keep.sum())
+        stream, noise_seed = replacement_stream(self.stream.examples, cfg.seed, self.step)
+        rounds = 0
         while have < target and rounds < cfg.rollout.max_resample:
-            new_groups = self.stream.take(extra_pos + rounds * target + self.s.accelerator.process_index * 97, target - have)
-            b2, r2, c2, e2 = self._sample_groups(new_groups)
-            k2 = r2.view(-1, G).std(dim=1) > 0
-            idx = torch.nonzero(k2.repeat_interleave(G)).flatten()
-            kept.append(b2.select(idx)); kept_r.append(r2[idx]); kept_c.append(c2[idx])
-            kept_e += [e for e, k in zip(e2, k2.tolist()) if k]
+            # Round r's window is [r * P, (r + 1) * P); this process owns its slice of it.
+            start = rounds * P + rank * P // world
+            new = stream.take(start, target - have)
+            b2, r2, c2, e2 = self._sample_groups(new, noise_seed)
+            k2 = informative(r2)
+            pieces.append((b2, r2, c2, e2, k2))
             have += int(k2.sum())
             rounds += 1
-        if have == 0:  # nothing informative this step: keep the original batch (all A = 0)
-            return batch, rewards, correct, examples, dropped
-        merged = concat_batches(kept, pad_id=self.tok.pad_token_id)
-        return merged, torch.cat(kept_r), torch.cat(kept_c), kept_e, dropped
+        stats = {"dynamic_sampling/dropped_groups": int((~keep).sum()) - max(0, target - have),
+                 "dynamic_sampling/unfilled_groups": max(0, target - have),
+                 "dynamic_sampling/resample_rounds": rounds}
+        if rounds == 0:  # nothing to replace (or no rounds allowed): the batch as sampled
+            return batch, rewards, correct, examples, stats
+        # Per sampled set, the groups to keep: informative ones in sampling order until
+        # the batch is full, then (if slots remain) dropped groups of the step's own prompts.
+        picked: list[list[int]] = []
+        free = target
+        for *_, k in pieces:
+            groups = torch.nonzero(k).flatten().tolist()[:free]
+            picked.append(groups)
+            free -= len(groups)
+        picked[0] += torch.nonzero(~keep).flatten().tolist()[:free]
+        parts, rs, cs, es = [], [], [], []
+        for (b, r, c, e, _), groups in zip(pieces, picked):
+            if groups:
+                rows = torch.tensor([g * G + j for g in groups for j in range(G)], device=r.device)
+                parts.append(b.select(rows))
+                rs.append(r[rows])
+                cs.append(c[rows])
+                es += [e[g] for g in groups]
+        merged = concat_batches(parts, pad_id=self.tok.pad_token_id)
+        return merged, torch.cat(rs), torch.cat(cs), es, stats
 
     # ---------------------------------------------------------------- the loss
     def _teacher_logits(self, model, sb: StepBatch, rows: torch.Tensor) -> torch.Tensor:
@@ -321,51 +370,81 @@ class Trainer:
         return total, logs
 
     # ---------------------------------------------------------------- one step
+    def normalisers(self, sb: StepBatch, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Global normalisers of a mini-batch: response tokens and sequences, summed over
+        processes (every loss divides by these, so processes add up to one batch)."""
+        tokens = _all_sum(sb.response_mask[rows].sum().reshape(1).to(self.device))[0]
+        seqs = _all_sum(torch.tensor([float(len(rows))], device=self.device))[0]
+        return {"tokens": tokens.clamp(min=1), "seqs": seqs}
+
+    def _all_reduce_gradients(self) -> None:
+        """Sum gradients over processes (losses already use global normalisers).
+
+        Every trainable parameter takes part, a missing gradient as zeros, so that all
+        processes reduce tensors of the same size even if a term skipped a parameter.
+        """
+        if not _distributed():
+            return
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.flatten() for p in params])
+        torch.distributed.all_reduce(flat)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
     def train_step(self) -> dict:
+        """One rollout batch and its ``optim.mini_batches`` updates; returns the step's logs.
+
+        Non-finite guard: if any process sees a non-finite loss or the (global)
+        gradient norm is non-finite, every process skips the update of that
+        mini-batch and of the rest of the step (updates of earlier mini-batches of
+        the step stay applied), and ``nonfinite_skipped`` is logged.
+        """
         cfg, acc = self.cfg, self.s.accelerator
         t0 = time.time()
         self.model.train()
         if self.rlsd_teacher is not None and self.step % cfg.rlsd.sync_every == 0:
+            # Re-sync from the policy (at step 0 this is the initial model, as built).
             self.rlsd_teacher.load_state_dict(acc.unwrap_model(self.model).state_dict())
         sb, logs = self.rollout()
         B = sb.input_ids.shape[0]
         n_mb = cfg.optim.mini_batches
         micro = cfg.optim.micro_batch_size or B
-        mb_rows = torch.arange(B).chunk(n_mb)
+        mb_rows = torch.arange(B).chunk(n_mb)  # check_batch: n_mb equal chunks of whole groups
         old_logp = None
         if n_mb > 1:  # several updates per rollout batch: ratios against the sampling policy
             old_logp = sb.sample_logprobs.to(self.device)
         sums: dict[str, float] = {}
         finite = True
+        gnorm = torch.zeros(())
         for rows_mb in mb_rows:
-            mask_mb = sb.response_mask[rows_mb]
-            norm = {"tokens": _all_sum(mask_mb.sum().reshape(1))[0].clamp(min=1),
-                    "seqs": _all_sum(torch.tensor([float(len(rows_mb))], device=self.device))[0]}
+            norm = self.normalisers(sb, rows_mb)
             self.optimizer.zero_grad(set_to_none=True)
+            mb_loss = 0.0
             for rows in rows_mb.split(micro):
                 rows = rows.to(self.device)
                 loss, parts = self.micro_loss(sb, rows, None if old_logp is None else old_logp[rows], norm)
                 loss.backward()
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / n_mb
-                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / n_mb
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            if _distributed():
-                flat = torch.cat([g.flatten() for g in grads])
-                torch.distributed.all_reduce(flat)  # losses use global normalisers: sum
-                offset = 0
-                for g in grads:
-                    g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                    offset += g.numel()
+                mb_loss += float(loss.detach())
+            sums["loss"] = sums.get("loss", 0.0) + mb_loss / n_mb
+            self._all_reduce_gradients()
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
-            if not (math.isfinite(sums.get("loss", 0.0)) and torch.isfinite(gnorm)):
+            # The decision must be the same on every process, or their weights drift apart.
+            bad = 0.0 if (math.isfinite(mb_loss) and bool(torch.isfinite(gnorm))) else 1.0
+            if float(_all_sum(torch.tensor([bad], device=self.device))[0]) > 0:
                 finite = False
                 self.optimizer.zero_grad(set_to_none=True)
                 break
             self.optimizer.step()
             self.scheduler.step()
-        # metrics that are sums over processes of per-process shares
-        for k in sums:  # every logged part is this process's share of a global mean
+        # Every logged part is this process's share of a global mean: sum over processes.
+        for k in sums:
             sums[k] = float(_all_sum(torch.tensor([sums[k]], device=self.device))[0])
         logs.update(sums)
         logs["grad_norm"] = float(gnorm)
@@ -376,42 +455,60 @@ class Trainer:
             logs["sched/lambda"] = obj.rlsd_lambda(self.step, cfg.rlsd.lambda_init, cfg.rlsd.lambda_decay_steps)
         logs["lr"] = self.scheduler.get_last_lr()[0]
         dt = time.time() - t0
-        n_tok = float(_all_sum(sb.response_mask.sum().reshape(1))[0])
+        n_tok = float(_all_sum(sb.response_mask.sum().reshape(1).to(self.device))[0])
         logs["perf/step_time"] = dt
         logs["perf/tokens_per_s"] = n_tok / max(dt, 1e-9)
         if torch.cuda.is_available():
             logs["perf/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        logs["nonfinite_skipped"] = 0.0 if finite else 1.0
         if not finite:
             self.bad_steps += 1
-            logs["nonfinite_skipped"] = 1.0
             log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", self.step, self.bad_steps)
         else:
             self.bad_steps = 0
         return logs
 
 
+class NonFiniteError(WorkbenchError):
+    """Training stopped after ``optim.max_bad_steps`` consecutive non-finite steps."""
+
+
 def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
-    """Run ``cfg`` to completion (or resume it); returns the run folder."""
+    """Run ``cfg`` to completion (or resume it); returns the run folder.
+
+    Everything is validated (:func:`trainer.setup.prepare`) before the run folder is
+    created. With ``resume``, training continues from the newest complete checkpoint
+    (a truncated or corrupt one is skipped with a warning) and metrics/probe rows
+    after it are dropped, so the run's tables match an uninterrupted run.
+
+    Raises:
+        WorkbenchError: bad input (config, data, model folder), before any work.
+        NonFiniteError: ``optim.max_bad_steps`` consecutive non-finite steps; run.json
+            then says ``failed``.
+    """
+    from trainer.probes import run_builtin_probes
     from trainer.state import load_trainer_state, save_checkpoint_fn
-    from trainer.probes import make_probe_set, run_builtin_probes
 
     setup = prepare(cfg, resume=resume)  # validates everything before any work
     acc = setup.accelerator
     run_dir = setup.run_dir
     tr = Trainer(cfg, setup)
-    start_step = 0
+    start_step, resume_step = 0, -1  # resume_step -1: drop every logged row (no checkpoint)
     if resume:
         ckpt = latest_checkpoint(run_dir)
         if ckpt is not None:
-            start_step = load_trainer_state(tr, ckpt.path)
+            start_step = resume_step = load_trainer_state(tr, ckpt.path)
             log.info("resuming %s from %s (step %d)", run_dir, ckpt.path.name, start_step)
         else:
             log.warning("no complete checkpoint in %s; starting from step 0", run_dir)
     tr.step = start_step
-    writer = None
-    records = make_probe_set(setup.task.test_examples(), tr.tok, cfg.probe.n_prompts)
     if acc.is_main_process:
-        writer = RunWriter(run_dir, config_to_dict(cfg), resume=resume, resume_step=start_step)
+        log.info("training %s: steps %d..%d on %d process(es), device %s", cfg.method, start_step + 1, cfg.steps,
+                 acc.num_processes, acc.device)
+    writer = None
+    records = setup.probe_records
+    if acc.is_main_process:
+        writer = RunWriter(run_dir, config_to_dict(cfg), resume=resume, resume_step=resume_step)
         writer.write_probe_set(records)
     run_name = run_dir.name
     test_examples = setup.task.test_examples()[: cfg.eval.n]
@@ -429,11 +526,12 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                                 greedy=cfg.probe.greedy, chunk_size=cfg.probe.chunk_size,
                                 max_new_tokens=cfg.rollout.max_new_tokens)
         writer.log_probes(df)
-        ref = df[(df.split == "reference") & (df.head == -1) & (df.ref_layer == -1)]
+        # df["head"], not df.head: that is DataFrame.head(), and `== -1` would select nothing.
+        ref = df[(df["split"] == "reference") & (df["head"] == -1) & (df["ref_layer"] == -1)]
         out = {}
         for l in setup.oisd_layers or [max(1, setup.num_layers // 2)]:
             for m in ("top1_agree", "lens_js", "attn_js_final"):
-                v = ref[(ref.layer == l) & (ref.metric == m)].value
+                v = ref[(ref["layer"] == l) & (ref["metric"] == m)]["value"]
                 if len(v):
                     out[f"probe/{m}/layer{l}"] = float(v.iloc[0])
         return out
@@ -453,11 +551,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             logs = tr.train_step()
             tr.step += 1
             k = tr.step
-            if tr.bad_steps >= cfg.optim.max_bad_steps:
+            if tr.bad_steps >= cfg.optim.max_bad_steps:  # the same count on every process
                 if writer:
                     writer.log_metrics(k, logs)
-                    writer.set_status("failed", error=f"{tr.bad_steps} consecutive non-finite steps")
-                raise SystemExit(f"error: stopped after {tr.bad_steps} consecutive non-finite steps")
+                raise NonFiniteError(f"stopped at step {k} after {tr.bad_steps} consecutive non-finite steps "
+                                     f"(optim.max_bad_steps={cfg.optim.max_bad_steps})")
             if acc.is_main_process:
                 if cfg.eval_every and (k % cfg.eval_every == 0 or k == cfg.steps):
                     logs.update(evaluate_now(k))
@@ -477,7 +575,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         if writer:
             writer.set_status("finished")
     except BaseException as exc:
-        if writer and not isinstance(exc, SystemExit):
+        if writer:
             writer.set_status("failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
         raise
     finally:

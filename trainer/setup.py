@@ -23,14 +23,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainSetup:
-    accelerator: object
-    model: torch.nn.Module
+    """Everything :func:`prepare` validated and loaded, for :class:`trainer.loop.Trainer`."""
+
+    accelerator: object  # accelerate.Accelerator
+    model: torch.nn.Module  # the policy (trainable)
     tokenizer: object
-    reference: torch.nn.Module | None
+    reference: torch.nn.Module | None  # frozen initial model, only when a term uses it
     task: Task
-    num_layers: int
-    oisd_layers: list[int]
+    num_layers: int  # L, decoder blocks
+    oisd_layers: list[int]  # S, resolved block indices (empty unless OISD is on)
     run_dir: Path
+    probe_records: list[dict]  # the fixed probe set (trainer.probes.make_probe_set)
 
 
 def resolve_layers(spec: list, num_layers: int, key: str = "oisd.layers") -> list[int]:
@@ -83,22 +86,25 @@ def build_task(cfg: TrainConfig) -> Task:
 
 
 def check_batch(cfg: TrainConfig, num_processes: int) -> None:
-    P, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
+    """The step's batch must split into whole groups: over processes, then mini-batches.
+
+    Each process holds ``prompts_per_step / num_processes`` groups of G sequences,
+    and each of its ``optim.mini_batches`` optimizer updates uses the same number of
+    whole groups. (``micro_batch_size`` needs no check: micro-batches only
+    accumulate gradients, a ragged last one included.)
+    """
+    P, n_mb = cfg.rollout.prompts_per_step, cfg.optim.mini_batches
     if P % num_processes:
         raise ConfigError(
             f"config key 'rollout.prompts_per_step': {P} prompts do not divide over {num_processes} processes "
             "(each process must hold whole groups)"
         )
-    B = P * G // num_processes
-    if B < cfg.optim.mini_batches or (B // cfg.optim.mini_batches) % G and cfg.optim.mini_batches > 1:
+    groups = P // num_processes
+    if groups % n_mb:
+        G = cfg.rollout.group_size
         raise ConfigError(
-            f"config key 'optim.mini_batches': the batch of {B} sequences per process does not divide into "
-            f"{cfg.optim.mini_batches} mini-batches of whole groups of {G}"
-        )
-    if B % cfg.optim.mini_batches:
-        raise ConfigError(
-            f"config key 'optim.mini_batches': {B} sequences per process do not divide into "
-            f"{cfg.optim.mini_batches} mini-batches"
+            f"config key 'optim.mini_batches': {groups} groups of {G} per process do not divide into "
+            f"{n_mb} mini-batches of whole groups"
         )
 
 
@@ -109,6 +115,7 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> TrainSetup:
     from accelerate.utils import set_seed
 
     from trainer.forward import enable_selective_attention
+    from trainer.probes import make_probe_set
     from workbench.models import load_model_and_tokenizer, load_model_config
 
     hf_cfg = load_model_config(cfg.model.path)  # cheap: the folder is checked first
@@ -120,19 +127,25 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> TrainSetup:
     train_examples = task.train_examples()
     if not train_examples:
         raise DataError("no training examples")
-    if cfg.method == "opsd" and train_examples[0].solution is None:
+    if cfg.method == "opsd" and not any(e.solution for e in train_examples):
         raise ConfigError(
             "method 'opsd' needs reference solutions as the teacher's privileged context, but the data has "
             "none (set data.solution_column)"
         )
-    if cfg.needs_hint and not train_examples[0].answer:
-        raise ConfigError(f"method '{cfg.method}' needs a hint (the reference answer), but the data has none")
+    if cfg.needs_hint and not all(e.answer for e in train_examples):
+        raise ConfigError(f"method '{cfg.method}' needs a hint (the reference answer), but some examples have none")
+    n_test = len(task.test_examples())
+    if cfg.probe.n_prompts > n_test:
+        raise ConfigError(f"config key 'probe.n_prompts': {cfg.probe.n_prompts} probe prompts exceed the "
+                          f"{n_test} held-out examples")
 
     run_dir = cfg.resolved_run_dir()
     if not resume and (run_dir / "run.json").exists():
         raise ConfigError(f"run folder '{run_dir}' already holds a run (use --resume, or another --run-dir)")
     if resume and not (run_dir / "run.json").exists():
         log.warning("--resume: '%s' holds no run yet; starting a new one", run_dir)
+    # Every process has looked at the run folder before the main one creates run.json.
+    accelerator.wait_for_everyone()
 
     set_seed(cfg.seed)
     model, tokenizer = load_model_and_tokenizer(
@@ -142,9 +155,10 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> TrainSetup:
     model.config.use_cache = False
     if cfg.uses_oisd and cfg.oisd.lambda_attn > 0:
         enable_selective_attention(model)
+    probe_records = make_probe_set(task.test_examples(), tokenizer, cfg.probe.n_prompts)
     reference = None
     if cfg.needs_reference:
         reference, _ = load_model_and_tokenizer(cfg.model.path, dtype=cfg.model.dtype,
                                                 attn_implementation=cfg.model.attn_implementation)
         reference.to(accelerator.device).eval().requires_grad_(False)
-    return TrainSetup(accelerator, model, tokenizer, reference, task, L, oisd_layers, run_dir)
+    return TrainSetup(accelerator, model, tokenizer, reference, task, L, oisd_layers, run_dir, probe_records)

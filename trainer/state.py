@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from workbench.errors import CheckpointError
+
 STATE_FILE = "trainer_state.pt"
 TEACHER_FILE = "rlsd_teacher.safetensors"
 
@@ -61,18 +63,37 @@ def _untie(sd: dict) -> dict:
     return out
 
 
-def load_trainer_state(tr, folder: Path) -> int:
-    """Restore model weights, optimizer, scheduler, RNG and teacher from ``folder``; returns the step."""
-    model = tr.s.accelerator.unwrap_model(tr.model)
-    weights = load_file(str(folder / "model.safetensors"), device=str(tr.device))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    # tied lm_head weights are not stored separately; anything else missing is an error
-    missing = [k for k in missing if not k.endswith("lm_head.weight")]
-    if missing or unexpected:
-        from workbench.errors import CheckpointError
+def _load_weights(model: torch.nn.Module, weights: dict, source: Path) -> None:
+    """``model.load_state_dict(weights)``, strict except for tied aliases.
 
-        raise CheckpointError(f"checkpoint '{folder}' does not match the model (missing {missing[:3]}, "
+    A tied parameter (``lm_head.weight`` sharing the embedding's storage) may be
+    absent from the file: it is filled through the tensor it shares. Any other
+    missing or unexpected key is a :class:`CheckpointError`.
+    """
+    own = model.state_dict()
+    loaded_ptrs = {own[k].data_ptr() for k in weights if k in own}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if own[k].data_ptr() not in loaded_ptrs]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint '{source}' does not match the model (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]})")
+
+
+def load_trainer_state(tr, folder: Path) -> int:
+    """Restore model weights, optimizer, scheduler, RNG and teacher from ``folder``.
+
+    Args:
+        tr: the :class:`trainer.loop.Trainer` built for the same config.
+        folder: a complete (verified) checkpoint folder.
+
+    Returns:
+        The step the checkpoint was written after (training continues with it).
+
+    Raises:
+        CheckpointError: the checkpoint's weights do not fit the model.
+    """
+    model = tr.s.accelerator.unwrap_model(tr.model)
+    _load_weights(model, load_file(str(folder / "model.safetensors"), device=str(tr.device)), folder)
     state = torch.load(folder / STATE_FILE, map_location=tr.device, weights_only=False)
     tr.optimizer.load_state_dict(state["optimizer"])
     tr.scheduler.load_state_dict(state["scheduler"])
@@ -84,5 +105,8 @@ def load_trainer_state(tr, folder: Path) -> int:
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     if tr.rlsd_teacher is not None:
-        tr.rlsd_teacher.load_state_dict(load_file(str(folder / TEACHER_FILE), device=str(tr.device)), strict=False)
+        teacher = folder / TEACHER_FILE
+        if not teacher.is_file():
+            raise CheckpointError(f"checkpoint '{folder}' has no {TEACHER_FILE} (needed by method rlsd)")
+        _load_weights(tr.rlsd_teacher, load_file(str(teacher), device=str(tr.device)), folder)
     return int(state["step"])

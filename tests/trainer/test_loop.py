@@ -1,0 +1,377 @@
+"""The training loop end to end, and the loss it builds, on tiny random models.
+
+- every method trains 2 steps on Qwen3 and Llama folders: METHODS.md metric names,
+  loadable checkpoints, probe rows;
+- every method with its auxiliary coefficients at 0 *is* GRPO: the loop's own
+  ``Trainer.micro_loss`` gives the same loss and bit-identical gradients;
+- OISD's terms send no gradient into the teacher side (blocks after the selected
+  layer, the detached readout, the final layer's attention);
+- bad input fails in one line before any work; the non-finite guard; dynamic sampling.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import trainer.objectives as objectives
+from trainer.loop import NonFiniteError, Trainer, train
+from trainer.setup import check_batch, prepare, resolve_layers
+from workbench.cli import main as cli_main
+from workbench.config import load_config
+from workbench.errors import ConfigError
+from workbench.runstore import write_checkpoint
+
+METHODS = ("grpo", "oisd", "sdpg", "rlsd", "opsd", "oisd+sdpg")
+# Names every training step logs, and those each method adds (METHODS.md "What to log").
+COMMON = {"reward", "reward_std", "frac_reward_zero_std", "accuracy", "completions/mean_length",
+          "completions/clipped_ratio", "entropy", "loss", "perf/step_time", "perf/tokens_per_s"}
+GRPO_TERM = {"loss/policy", "clip_ratio/region_mean"}
+SDPG = GRPO_TERM | {"loss/opd", "loss/ref_kl", "kl", "sched/beta", "sdpg/gate_fraction"}
+OISD = GRPO_TERM | {"loss/think", "loss/attn"}
+EXPECTED = {
+    "grpo": GRPO_TERM,
+    "oisd": OISD,
+    "sdpg": SDPG,
+    "rlsd": GRPO_TERM | {"rlsd/w_mean", "sched/lambda"},
+    "opsd": {"loss/policy", "kl"},
+    "oisd+sdpg": OISD | SDPG,
+}
+CONFIG = {m: m for m in METHODS} | {"sdpg": "sdpg-ufkl"}  # bundled config of each method
+# Small arithmetic split (the default 20000 questions cost time to build).
+SMALL_TASK = {"data.arithmetic.n_train": 200, "data.arithmetic.n_test": 20}
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_two_steps(method, arch, request, tmp_path, run_overrides):
+    model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
+    run_dir = tmp_path / "run"
+    # t_warm 0: beta(0) > 0, so the OPD term is computed (and logged) from the first step.
+    cfg = load_config(CONFIG[method], run_overrides(model_dir, run_dir, **SMALL_TASK, sdpg__t_warm=0))
+    assert train(cfg) == run_dir
+
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["config"]["method"] == method
+    rows = _metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    layer = 2  # oisd.layers [0.5] of 4 blocks; the middle block for every other method
+    for r in (rows[0], rows[2]):  # eval and probes at step 0 and at the last step
+        assert {"eval/accuracy", f"probe/top1_agree/layer{layer}", f"probe/lens_js/layer{layer}",
+                f"probe/attn_js_final/layer{layer}"} <= r.keys()
+    for r in rows[1:]:
+        want = COMMON | EXPECTED[method]
+        assert want <= r.keys(), sorted(want - r.keys())
+        assert all(isinstance(r[k], float) and r[k] == r[k] for k in want)  # numbers, no NaN
+        assert r["nonfinite_skipped"] == 0.0
+        assert r["frac_reward_zero_std"] == 1.0  # a random model never earns a reward
+    if method != "opsd":  # OPSD's loss needs no reward; the others log a clip ratio of 0 here
+        assert rows[1]["clip_ratio/region_mean"] == 0.0
+
+    steps = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert steps == ["step-000001", "step-000002"]
+    loaded = AutoModelForCausalLM.from_pretrained(run_dir / "checkpoints" / "step-000002")
+    assert type(loaded).__name__ == {"qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}[arch]
+    assert loaded.config.num_hidden_layers == 4
+    assert (run_dir / "checkpoints" / "step-000002" / "trainer_state.pt").is_file()
+
+    probes = pd.read_parquet(run_dir / "probes.parquet")
+    assert sorted(probes["step"].unique()) == [0, 2]
+    assert {1, 2, 3, 4} <= set(probes["layer"])
+    assert {"lens_kl", "lens_js", "top1_agree", "attn_js_final"} <= set(probes["metric"])
+    final = probes[(probes["metric"] == "lens_kl") & (probes["layer"] == 4) & (probes["head"] == -1)]
+    assert (final["value"].abs() < 1e-6).all()  # the final layer against itself
+
+
+def test_sdpg_opd_term_off_during_warmup_is_not_logged(tiny_qwen3_dir, tmp_path, run_overrides):
+    """With the paper's warm-up, beta(0) = 0: no teacher forward, no loss/opd, beta logged as 0."""
+    cfg = load_config("sdpg-ufkl", run_overrides(tiny_qwen3_dir, tmp_path / "r", **SMALL_TASK, steps=1,
+                                            probe_every=0, eval_every=0))
+    train(cfg)
+    (row,) = _metrics(tmp_path / "r")
+    assert row["sched/beta"] == 0.0 and "loss/opd" not in row
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def _trainer(model_dir, tmp_path, run_overrides, data, method, **keys) -> Trainer:
+    """A Trainer on a validated setup (``prepare`` writes nothing, so runs may share a path)."""
+    cfg = load_config(CONFIG[method], run_overrides(model_dir, tmp_path / method, data=data, **keys))
+    return Trainer(cfg, prepare(cfg))
+
+
+def _loss_and_grads(tr: Trainer, sb) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    tr.model.zero_grad(set_to_none=True)
+    rows = torch.arange(sb.input_ids.shape[0])
+    loss, _ = tr.micro_loss(sb, rows, None, tr.normalisers(sb, rows))
+    loss.backward()
+    grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+             for n, p in tr.model.named_parameters()}
+    return loss.detach(), grads
+
+
+@pytest.fixture(scope="module")
+def coin_batch(coin_model_dir, coin_data, tmp_path_factory, run_overrides):
+    """One step batch of the coin task (4 prompts x 2), with fixed non-zero advantages."""
+    tr = _trainer(coin_model_dir, tmp_path_factory.mktemp("batch"), run_overrides, coin_data, "grpo",
+                  rollout__prompts_per_step=4)
+    sb, _ = tr.rollout()
+    sb.advantages = torch.tensor([1.0, -0.5, 0.8, -0.3, -0.7, 0.4, 0.2, 0.0])
+    return sb
+
+
+ZERO_AUX = {
+    "oisd": {"oisd__lambda_logit": 0.0, "oisd__lambda_attn": 0.0},
+    "sdpg": {"sdpg__beta_base": 0.0, "sdpg__alpha": 0.0},
+    "rlsd": {"rlsd__lambda_init": 0.0},
+    "oisd+sdpg": {"oisd__lambda_logit": 0.0, "oisd__lambda_attn": 0.0, "sdpg__beta_base": 0.0,
+                  "sdpg__alpha": 0.0},
+}
+SOME_AUX = {  # the same methods with their terms on: the comparison must be able to fail
+    "oisd": {"oisd__lambda_logit": 1.0, "oisd__lambda_attn": 0.1},
+    "sdpg": {"sdpg__beta_base": 0.1, "sdpg__t_warm": 0, "sdpg__gate": False},
+    "rlsd": {"rlsd__lambda_init": 0.5},
+    "oisd+sdpg": {"oisd__lambda_logit": 1.0, "sdpg__beta_base": 0.1, "sdpg__t_warm": 0},
+}
+
+
+@pytest.mark.parametrize("method", sorted(ZERO_AUX))
+def test_zero_auxiliary_coefficients_reproduce_grpo_exactly(method, coin_model_dir, coin_data, coin_batch,
+                                                            tmp_path, run_overrides):
+    grpo = _trainer(coin_model_dir, tmp_path / "g", run_overrides, coin_data, "grpo")
+    loss_g, grads_g = _loss_and_grads(grpo, coin_batch)
+    assert loss_g != 0 and all(g.abs().sum() > 0 for g in grads_g.values())
+
+    off = _trainer(coin_model_dir, tmp_path / "off", run_overrides, coin_data, method, **ZERO_AUX[method])
+    loss_m, grads_m = _loss_and_grads(off, coin_batch)
+    assert torch.equal(loss_m, loss_g)
+    assert grads_m.keys() == grads_g.keys()
+    for name in grads_g:
+        assert torch.equal(grads_m[name], grads_g[name]), name
+
+    on = _trainer(coin_model_dir, tmp_path / "on", run_overrides, coin_data, method, **SOME_AUX[method])
+    loss_on, grads_on = _loss_and_grads(on, coin_batch)
+    assert not torch.equal(loss_on, loss_g) or any(not torch.equal(grads_on[n], grads_g[n]) for n in grads_g)
+
+
+def test_oisd_terms_send_no_gradient_to_the_teacher_side(tiny_llama_dir, coin_data, tmp_path, run_overrides):
+    """Untied Llama, 4 blocks, S = {2}. The teacher (final layer's logits and attention)
+    is detached, so an OISD term's gradient reaches only blocks 1..2 (and the embedding),
+    plus the readout unless ``detach_readout``. Each trainer's gradients are compared
+    with plain GRPO's on the same batch: a parameter the term cannot reach must have a
+    bit-identical gradient; one it does reach must differ (so the test can fail)."""
+    base = dict(oisd__layers=[2], oisd__lambda_logit=0.0, oisd__lambda_attn=0.0, rollout__prompts_per_step=4)
+
+    def trainer(**keys) -> Trainer:
+        return _trainer(tiny_llama_dir, tmp_path, run_overrides, coin_data, "oisd", **{**base, **keys})
+
+    def grads(**keys):
+        tr = trainer(**keys)
+        if keys.get("oisd__lambda_attn"):
+            assert tr.model.config._attn_implementation == "oisd_selective"
+        return tr, _loss_and_grads(tr, batch)[1]
+
+    batch, _ = trainer().rollout()
+    batch.advantages = torch.tensor([1.0, -0.5, 0.8, -0.3, -0.7, 0.4, 0.2, 0.0])
+    _, g_grpo = grads()
+
+    after = [n for n in g_grpo if n.startswith(("model.layers.2.", "model.layers.3."))]
+    readout = ["model.norm.weight", "lm_head.weight"]
+    upto = [n for n in g_grpo if n.startswith(("model.layers.0.", "model.layers.1.", "model.embed_tokens"))]
+    assert len(after) == 18 and len(upto) == 19
+
+    def same(g, names):
+        return [n for n in names if torch.equal(g[n], g_grpo[n])]
+
+    # L_think with a detached readout: nothing after block 2, not the norm, not lm_head.
+    _, g = grads(oisd__lambda_logit=1.0, oisd__detach_readout=True)
+    assert same(g, after + readout) == after + readout
+    assert same(g, upto) == []
+    # Without detach_readout the term does train the readout (but still no later block).
+    _, g = grads(oisd__lambda_logit=1.0, oisd__detach_readout=False)
+    assert same(g, after) == after and same(g, readout) == []
+
+    # L_attn: the final layer's attention a^L is the detached teacher, so its q/k (and every
+    # other weight after block 2, and the readout) get exactly GRPO's gradient. The selective
+    # attention path is on in this trainer; its GRPO-only twin uses it too, so forwards agree.
+    from trainer.forward import enable_selective_attention
+
+    tr_attn, g = grads(oisd__lambda_attn=1.0)
+    tr_ref, _ = grads()
+    enable_selective_attention(tr_ref.model)
+    g_grpo = _loss_and_grads(tr_ref, batch)[1]
+    final_qk = ["model.layers.3.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight"]
+    assert same(g, final_qk) == final_qk
+    assert same(g, after + readout) == after + readout
+    # Layer 2's attention depends on its own q/k: those move. Its v/o do not shape a^2.
+    assert same(g, ["model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"]) == []
+    assert same(g, ["model.layers.1.self_attn.v_proj.weight", "model.layers.1.self_attn.o_proj.weight"]) == [
+        "model.layers.1.self_attn.v_proj.weight", "model.layers.1.self_attn.o_proj.weight"]
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_resolve_layers_and_check_batch():
+    assert resolve_layers([0.5], 4) == [2]
+    assert resolve_layers([0.9, 1, 1], 4) == [1, 3]  # round(3.6) = 4 is the final layer: clamped to 3
+    for bad in ([9], [4]):
+        with pytest.raises(ConfigError, match=r"oisd.layers.*layer \d+ does not exist"):
+            resolve_layers(bad, 4)
+
+    def cfg(**keys):
+        return load_config(None, [f"{k.replace('__', '.')}={v}" for k, v in keys.items()])
+
+    check_batch(cfg(rollout__prompts_per_step=4, optim__mini_batches=2), num_processes=2)  # 1+1 groups
+    check_batch(cfg(rollout__prompts_per_step=4, optim__mini_batches=4), num_processes=1)
+    with pytest.raises(ConfigError, match="'optim.mini_batches': 2 groups of 8 per process do not divide into 4"):
+        check_batch(cfg(rollout__prompts_per_step=4, optim__mini_batches=4), num_processes=2)
+    with pytest.raises(ConfigError, match="'optim.mini_batches'"):
+        check_batch(cfg(rollout__prompts_per_step=6, optim__mini_batches=4), num_processes=1)
+    with pytest.raises(ConfigError, match="'rollout.prompts_per_step': 3 prompts do not divide over 2"):
+        check_batch(cfg(rollout__prompts_per_step=3), num_processes=2)
+
+
+@pytest.fixture()
+def no_solution_data(tmp_path) -> Path:
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"question": f"{i}+1", "answer": str(i + 1)}) + "\n" for i in range(20)))
+    return path
+
+
+@pytest.mark.parametrize("case", ["layer", "no_solution", "mini_batches", "not_a_model", "probe_set"])
+def test_bad_input_is_one_line_before_any_work(case, tiny_qwen3_dir, no_solution_data, tmp_path, capsys,
+                                               run_overrides):
+    run_dir = tmp_path / "run"
+    model_dir = tiny_qwen3_dir
+    config, keys, data = "oisd", {}, None
+    if case == "layer":
+        keys, expect = {"oisd__layers": [9]}, "config key 'oisd.layers': layer 9 does not exist"
+    elif case == "no_solution":
+        config, expect = "opsd", "method 'opsd' needs reference solutions"
+        keys = {"data__path": str(no_solution_data)}
+    elif case == "mini_batches":
+        keys, expect = {"optim__mini_batches": 3}, "config key 'optim.mini_batches'"
+    elif case == "not_a_model":
+        model_dir = tmp_path / "empty"
+        model_dir.mkdir()
+        expect = "is not a model folder (no config.json)"
+    else:
+        keys, expect = {"probe__n_prompts": 50}, "config key 'probe.n_prompts': 50 probe prompts exceed"
+    argv = ["train", "--config", config]
+    for item in run_overrides(model_dir, run_dir, data=data, **SMALL_TASK, **keys):
+        argv += ["--set", item]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and expect in err and "\n" not in err, err
+    assert not run_dir.exists()
+
+
+def test_eval_refuses_a_truncated_checkpoint(tiny_qwen3_dir, tmp_path, capsys):
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen3_dir)
+
+    def save(folder):
+        model.save_pretrained(folder)
+
+    ckpt = write_checkpoint(tmp_path, 1, save, keep_last=None)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert cli_main(["eval", str(ckpt), "--n", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: checkpoint") and "size mismatch for model.safetensors" in err and "\n" not in err
+
+
+# ----------------------------------------------------------------------------- guards
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(coin_model_dir, coin_data, tmp_path, run_overrides,
+                                                        monkeypatch):
+    """OPSD (always a gradient, even without reward). The objective returns NaN at step
+    index 1, then from index 3 on: step 2 is skipped (weights unchanged), step 3 trains,
+    steps 4 and 5 are skipped, and with max_bad_steps 2 the run stops after step 5."""
+    calls = {}
+    real = objectives.opsd_jsd
+
+    def flaky(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out * float("nan") if calls["tr"].step in (1, 3, 4) else out
+
+    real_step = Trainer.train_step
+
+    def tracked(self):
+        calls["tr"] = self
+        return real_step(self)
+
+    monkeypatch.setattr(objectives, "opsd_jsd", flaky)
+    monkeypatch.setattr(Trainer, "train_step", tracked)
+    run_dir = tmp_path / "run"
+    cfg = load_config("opsd", run_overrides(coin_model_dir, run_dir, data=coin_data, steps=8,
+                                             optim__max_bad_steps=2, keep_last=10, probe_every=0,
+                                             eval_every=0))
+    with pytest.raises(NonFiniteError, match="stopped at step 5 after 2 consecutive non-finite steps"):
+        train(cfg)
+    rows = _metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r["nonfinite_skipped"] for r in rows] == [0.0, 1.0, 0.0, 1.0, 1.0]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "failed" and "non-finite" in info["error"]
+
+    def weights(step):
+        return load_file(run_dir / "checkpoints" / f"step-{step:06d}" / "model.safetensors")
+
+    w1, w2, w3, w4 = (weights(s) for s in (1, 2, 3, 4))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # the skipped step left every weight alone
+    assert not all(torch.equal(w2[k], w3[k]) for k in w2)  # a good step moves them
+    assert all(torch.equal(w3[k], w4[k]) for k in w3)
+    assert not (run_dir / "checkpoints" / "step-000005").exists()  # stopped before checkpointing
+
+
+def test_dynamic_sampling_replaces_zero_variance_groups(coin_model_dir, coin_data, tmp_path, run_overrides):
+    keys = dict(rollout__prompts_per_step=4, steps=3)
+    plain = _trainer(coin_model_dir, tmp_path / "a", run_overrides, coin_data, "grpo", **keys)
+    dyn = _trainer(coin_model_dir, tmp_path / "b", run_overrides, coin_data, "grpo",
+                   rollout__dynamic_sampling=True, **keys)
+    none_left = _trainer(coin_model_dir, tmp_path / "c", run_overrides, coin_data, "grpo",
+                         rollout__dynamic_sampling=True, rollout__max_resample=0, **keys)
+    checked = 0
+    for step in range(3):
+        for tr in (plain, dyn, none_left):
+            tr.step = step
+        sb0, s0 = plain.rollout()
+        zero = int(round(s0["frac_reward_zero_std"] * 4))
+        sb, s = dyn.rollout()
+        assert s["dynamic_sampling/dropped_groups"] + s["dynamic_sampling/unfilled_groups"] == zero
+        assert sb.input_ids.shape[0] == 8 and sb.advantages.shape == (8,)  # the batch keeps its size
+        # Groups kept from the step's own prompts are unchanged, replacements are informative.
+        assert s["frac_reward_zero_std"] == s["dynamic_sampling/unfilled_groups"] / 4
+        if zero < 4:  # some group is informative: advantages are not all 0
+            assert sb.advantages.abs().sum() > 0
+        assert len(sb.teacher_prompts) == 8
+        checked += zero > 0
+        # No resampling rounds allowed: the batch as sampled, nothing dropped.
+        sb_n, s_n = none_left.rollout()
+        assert torch.equal(sb_n.input_ids, sb0.input_ids) and torch.equal(sb_n.advantages, sb0.advantages)
+        assert s_n["dynamic_sampling/dropped_groups"] == 0 and s_n["dynamic_sampling/unfilled_groups"] == zero
+    assert checked > 0  # some step had zero-variance groups to replace
+
+    # Through the loop: the counts land in metrics.jsonl.
+    cfg = load_config("grpo", run_overrides(coin_model_dir, tmp_path / "run", data=coin_data,
+                                            rollout__dynamic_sampling=True, probe_every=0, eval_every=0, **keys))
+    train(cfg)
+    rows = _metrics(tmp_path / "run")
+    assert all("dynamic_sampling/dropped_groups" in r for r in rows)
+    assert sum(r["dynamic_sampling/dropped_groups"] for r in rows) > 0
