@@ -101,11 +101,16 @@ def _evaluate_steps(example: Example, allow_negative: bool) -> None:
 
 
 def test_known_first_example_and_arithmetic():
-    task = ArithmeticTask(n_train=300, n_test=50, seed=0)
+    task = ArithmeticTask(n_operands=3, digits=2, n_train=300, n_test=50, seed=0)
     examples = task.train_examples() + task.test_examples()
     assert len(task.train_examples()) == 300 and len(task.test_examples()) == 50
     for example in examples:
         assert re.fullmatch(r"Compute \d\d[+-]\d\d[+-]\d\d\.", example.question)
+        _evaluate_steps(example, allow_negative=False)
+    # The embedded default: four one-digit operands, three chain-of-thought steps.
+    for example in ArithmeticTask(n_train=300, n_test=50).train_examples():
+        assert re.fullmatch(r"Compute \d[+-]\d[+-]\d[+-]\d\.", example.question)
+        assert example.solution.count("=") == 3
         _evaluate_steps(example, allow_negative=False)
 
 
@@ -192,7 +197,7 @@ def test_bad_knobs_raise_config_error_naming_the_knob(kwargs, knob):
 
 def test_impossible_non_negative_request_raises_instead_of_looping():
     # 2-digit "a-b-...-h" >= 0 needs a >= 70: valid questions are very rare.
-    task = ArithmeticTask(n_operands=8, operators="-", n_train=1000, n_test=0)
+    task = ArithmeticTask(n_operands=8, digits=2, operators="-", n_train=1000, n_test=0)
     with pytest.raises(ConfigError, match="n_train"):
         task.train_examples()
 
