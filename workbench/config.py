@@ -12,6 +12,7 @@ Every field has a one-line description: it is also the reference printed by
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -19,6 +20,25 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from workbench.errors import ConfigError
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-5`` (no dot) as a string; researchers write learning rates that way."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
 
 METHODS = ("grpo", "oisd", "sdpg", "rlsd", "opsd", "oisd+sdpg")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -78,7 +98,7 @@ class RolloutConfig(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = Field(2e-4, gt=0, description="AdamW learning rate")
+    lr: float = Field(1e-5, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
     beta2: float = Field(0.99, ge=0, lt=1, description="AdamW beta2")
@@ -293,7 +313,7 @@ def parse_overrides(items: list[str]) -> dict:
             raise ConfigError(f"--set '{item}' must look like key=value")
         key, _, text = item.partition("=")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = _yaml(text) if text.strip() else None
         except yaml.YAMLError:
             value = text
         _set_path(tree, key.strip(), value)
@@ -329,7 +349,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = resolve_config_path(path)
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = _yaml(p.read_text()) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""

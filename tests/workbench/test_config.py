@@ -111,3 +111,11 @@ def test_cli_model_folder_that_is_not_one(tmp_path):
     assert r.returncode == 2
     assert "is not a model folder (no config.json)" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
+    cfg = load_config(None, ["optim.lr=3e-5", "sdpg.beta_base=1E-3"])
+    assert cfg.optim.lr == 3e-5 and cfg.sdpg.beta_base == 1e-3
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  lr: 5e-6\n")
+    assert load_config(f).optim.lr == 5e-6
