@@ -18,7 +18,7 @@ def test_sft_batch_puts_labels_on_the_completion_only():
     # row 0: <bos> 1 + 2 \n | 3 <eos> | pad pad
     assert ids.shape == (2, 10)
     assert labels[0].tolist()[:5] == [-100] * 5
-    assert tok.decode(labels[0][5:7].tolist()) == "3" and labels[0][6] == tok.eos_token_id
+    assert tok.decode(labels[0][5:6].tolist()) == "3" and labels[0][6] == tok.eos_token_id
     assert labels[0][7:].tolist() == [-100] * 3 and mask[0].tolist() == [1] * 7 + [0] * 3
     assert tok.decode([t for t in labels[1].tolist() if t >= 0], skip_special_tokens=True) == "30"
 
