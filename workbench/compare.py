@@ -346,7 +346,10 @@ def print_comparison(
     """
     from rich.console import Console
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
+            console = Console(width=200)
     table = comparison_table(run_dirs, layer=layer)
     console.print(_per_run_table(
         table, "Runs: held-out accuracy and alignment to the final layer (before -> after training)"
