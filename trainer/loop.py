@@ -347,12 +347,10 @@ class Trainer:
             logs["sdpg/gate_fraction"] = gate.mean() * len(rows) / norm["seqs"]
             if beta > 0:
                 t_logits = self._teacher_logits(self.model, sb, rows)
-                head = readout(self.s.accelerator.unwrap_model(self.model))
-                final_h = out.hidden.get(self.L)
-                kl = obj.sdpg_reverse_kl(out.logits.float(), t_logits.float(), clamp=cfg.sdpg.kl_clamp, temperature=T) \
-                    if final_h is None else obj.chunked_token_divergence(
-                        lambda s, t: obj.sdpg_reverse_kl(s, t, clamp=cfg.sdpg.kl_clamp, temperature=T),
-                        final_h, head, t_logits, cfg.sdpg.chunk_size)
+                # The policy's (n, V) logits are already in memory for log pi; chunking this
+                # KL pays only once those are chunked too (the performance issue, #6).
+                kl = obj.sdpg_reverse_kl(out.logits.float(), t_logits.float(), clamp=cfg.sdpg.kl_clamp,
+                                         temperature=T)
                 l_opd = agg(gate[:, None] * to_grid(kl, mask))
                 total = total + beta * l_opd
                 logs["loss/opd"] = l_opd.detach()
