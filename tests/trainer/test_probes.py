@@ -23,14 +23,6 @@ from workbench.runstore import probe_set_hash
 from workbench.schema import METRIC_COLUMNS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_char_tokenizer()

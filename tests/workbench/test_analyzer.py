@@ -35,15 +35,6 @@ def _configs(tokenizer):
     }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny matrices: one thread is faster, and immune to a busy machine's contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_char_tokenizer()
