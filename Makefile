@@ -1,7 +1,8 @@
 # The README's two commands: `make demo` (the main job on the embedded default) and
 # `make test` (the test suite). Each does all set-up from nothing: a virtual
 # environment, torch first (2.13.0 is the CPU build on this project's machines), then
-# the package with its test extras. Re-running skips what is already done.
+# the package with its test extras at the versions constraints.txt pins. Re-running
+# skips what is already done.
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,11 +15,11 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test]" -c constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
