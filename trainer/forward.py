@@ -9,7 +9,8 @@ nothing more:
 
 - logits: the base model runs once, the final hidden state is gathered at the
   scored positions and only then multiplied by ``lm_head``, so no ``(B, T, V)``
-  tensor is ever built;
+  tensor is ever built; with ``return_logits=False`` not even the ``(n, V)`` logits
+  are: the training loss reads them out chunk by chunk from ``final_hidden``;
 - hidden states: forward hooks on the decoder blocks gather block outputs at the
   scored positions (``(n, d)`` per layer, not ``(B, T, d)``);
 - attention probabilities: fused kernels (SDPA, flash) never materialise them, and
@@ -67,7 +68,10 @@ class PolicyForward:
     length ``T``.
 
     Attributes:
-        logits: ``(n, V)`` final-layer logits, in the model's dtype.
+        logits: ``(n, V)`` final-layer logits, in the model's dtype (``None`` with
+            ``return_logits=False``).
+        final_hidden: ``(n, d)`` the final-normed last hidden state, so that
+            ``logits == lm_head(final_hidden)``.
         hidden: layer ``l`` -> ``(n, d)`` output of block ``l`` (before the final norm).
         attentions: layer ``l`` -> ``(m, H, K)`` float32 attention probabilities of
             the captured query rows over all key positions; keys after the query
@@ -81,11 +85,12 @@ class PolicyForward:
             only for instances built by hand, meaning "every scored row".
     """
 
-    logits: Tensor
+    logits: Tensor | None
     hidden: dict[int, Tensor]
     attentions: dict[int, Tensor]
     index: tuple[Tensor, Tensor]
     attn_rows: Tensor | None = field(default=None)
+    final_hidden: Tensor | None = field(default=None)
 
 
 # ---------------------------------------------------------------------------
@@ -369,6 +374,7 @@ def policy_forward(
     attn_layers: Iterable[int] = (),
     position_ids: Tensor | None = None,
     attn_query_stride: int = 1,
+    return_logits: bool = True,
 ) -> PolicyForward:
     """One forward pass returning logits, hidden states and attention at scored positions.
 
@@ -387,6 +393,8 @@ def policy_forward(
         attn_query_stride: capture attention only for every ``k``-th scored query
             of each sequence (cheaper on long responses); rows are listed in
             :attr:`PolicyForward.attn_rows`.
+        return_logits: also apply ``lm_head`` (``(n, V)``); ``False`` leaves only
+            :attr:`PolicyForward.final_hidden`, for callers that read out in chunks.
 
     Returns:
         A :class:`PolicyForward` with ``n = scored.sum()`` rows.
@@ -467,7 +475,7 @@ def policy_forward(
 
     # last_hidden_state is already final-normed: only lm_head remains.
     final = outputs.last_hidden_state[batch_idx, pos_idx]  # (n, d)
-    logits = model.get_output_embeddings()(final)  # (n, V)
+    logits = model.get_output_embeddings()(final) if return_logits else None  # (n, V)
     attentions: dict[int, Tensor] = {}
     if capture is not None:
         missing = [layer for layer in attn_layers if layer - 1 not in capture.store]
@@ -482,4 +490,5 @@ def policy_forward(
         attentions=attentions,
         index=(batch_idx, pos_idx),
         attn_rows=attn_rows,
+        final_hidden=final,
     )

@@ -6,9 +6,11 @@ Each step (METHODS.md):
    per prompt from the final layer (the acting policy);
 2. score them with the verifier, turn rewards into group advantages;
 3. for each optimizer mini-batch and micro-batch: one policy forward that returns the
-   final-layer logits at response positions (+ hidden states and attention rows of the
-   OISD layers when OISD is on), a teacher forward when the method has one, and the
-   loss ``L_GRPO + sum of auxiliary terms``, every term normalised like the GRPO term;
+   final hidden state at response positions (+ block outputs and attention rows of the
+   OISD layers when OISD is on), a teacher forward when the method has one, every
+   full-vocabulary term in one chunked pass (logits read out chunk by chunk and
+   recomputed in backward, so no ``(tokens, V)`` tensor is kept), and the loss
+   ``L_GRPO + sum of auxiliary terms``, every term normalised like the GRPO term;
 4. gradient clipping, a non-finite guard, AdamW;
 5. metrics every step, evaluation / probes / checkpoints every N steps.
 
@@ -93,6 +95,7 @@ class Trainer:
         self.tok = setup.tokenizer
         self.device = setup.accelerator.device
         self.L = setup.num_layers
+        self.vocab_size = setup.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
         self.stream = PromptStream(setup.task.train_examples(), cfg.seed)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=cfg.optim.lr,
@@ -247,33 +250,104 @@ class Trainer:
         return merged, torch.cat(rs), torch.cat(cs), es, stats
 
     # ---------------------------------------------------------------- the loss
-    def _teacher_logits(self, model, sb: StepBatch, rows: torch.Tensor) -> torch.Tensor:
-        """Teacher logits ``(n, V)`` on the student's response tokens, with the hint, no grad."""
+    def _teacher_hidden(self, model, sb: StepBatch, rows: torch.Tensor) -> torch.Tensor:
+        """A teacher's final hidden states ``(n, d)`` on the student's response tokens, with
+        the hint in its prompt, no grad; its logits are read out chunk by chunk later."""
         tb = teacher_batch(self.tok, [sb.teacher_prompts[i] for i in rows.tolist()],
                            sb.input_ids[rows, sb.prompt_width:], sb.response_mask[rows])
         with torch.no_grad(), self.s.accelerator.autocast():
             return policy_forward(model, tb.input_ids.to(self.device), tb.attention_mask.to(self.device),
-                                  tb.scored.to(self.device)).logits.detach()
+                                  tb.scored.to(self.device), return_logits=False).final_hidden
+
+    def vocab_chunk_size(self) -> int:
+        """Rows per chunk of the full-vocabulary terms (``optim.vocab_chunk_size``; auto: 128 MiB)."""
+        size = self.cfg.optim.vocab_chunk_size
+        return obj.auto_chunk_size(self.vocab_size) if size is None else size
+
+    def _vocab_terms(self, think_layers: list[int], teacher_heads: dict[str, torch.nn.Module]):
+        """The per-token function of every full-vocabulary term, for :func:`~trainer.objectives.chunked_rows`.
+
+        It reads the policy's logits ``z`` from the final hidden state once per chunk and
+        computes from them: log pi_theta of the sampled token and the entropy; OISD's
+        ``J^l = JSD(p^l, SG[p^L])`` for each layer in ``think_layers``; and, from each
+        teacher's hidden state read out by its own ``lm_head`` under ``no_grad``: RLSD's
+        and the reference's log-prob of the sampled token, SDPG's clamped reverse KL, OPSD's
+        generalised JSD. Outputs are ``(m,)`` per chunk.
+        """
+        cfg, T = self.cfg, self.cfg.rollout.temperature
+        policy = self.s.accelerator.unwrap_model(self.model)
+        head = policy.get_output_embeddings()
+        lens = readout(policy, detach=cfg.oisd.detach_readout) if think_layers else None
+
+        def terms(r: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            z = head(r["final"])  # (m, V) the acting policy's logits
+            out = dict(zip(("logp", "entropy"), obj.sampled_token_logprobs(z, r["tokens"], T)))
+            for l in think_layers:
+                out[f"think{l}"] = obj.oisd_logit_alignment(lens(r[f"layer{l}"]), z.detach(), temperature=T)
+            with torch.no_grad():
+                q = {name: h(r[name]) for name, h in teacher_heads.items()}  # (m, V) each
+            for name in ("rlsd", "ref"):
+                if name in q:
+                    out[f"{name}_logp"] = obj.sampled_token_logprobs(q[name], r["tokens"], T)[0]
+            if "sdpg" in q:
+                out["opd"] = obj.sdpg_reverse_kl(z, q["sdpg"], clamp=cfg.sdpg.kl_clamp, temperature=T)
+            if "opsd" in q:
+                out["opsd"] = obj.opsd_jsd(z, q["opsd"], beta=cfg.opsd.beta, temperature=T)
+            return out
+
+        return terms
 
     def micro_loss(self, sb: StepBatch, rows: torch.Tensor, old_logp: torch.Tensor | None,
                    norm: dict[str, float]) -> tuple[torch.Tensor, dict]:
         """The loss of one micro-batch (rows of the step batch), already divided by the
-        global normaliser of its mini-batch, so micro-batch losses add up exactly."""
-        cfg, T = self.cfg, self.cfg.rollout.temperature
+        global normaliser of its mini-batch, so micro-batch losses add up exactly.
+
+        One policy forward returns hidden states (never ``(n, V)`` logits); the teachers'
+        forwards return theirs; every full-vocabulary term is then computed in one chunked
+        pass (:meth:`_vocab_terms`), and the rest are ``(b, R)`` tensor ops.
+        """
+        cfg = self.cfg
         ids, am, scored = sb.input_ids[rows], sb.attention_mask[rows], sb.scored[rows]
         mask = sb.response_mask[rows]
         adv = sb.advantages[rows]
         oisd_on = cfg.uses_oisd and (cfg.oisd.lambda_logit > 0 or cfg.oisd.lambda_attn > 0)
         S = self.s.oisd_layers if oisd_on else []
+        think_layers = S if cfg.oisd.lambda_logit > 0 else []
         attn_layers = (S + [self.L]) if (oisd_on and cfg.oisd.lambda_attn > 0) else []
+        beta = 0.0
+        if cfg.uses_sdpg:
+            beta = obj.sdpg_beta(self.step, beta_base=cfg.sdpg.beta_base, t_warm=cfg.sdpg.t_warm,
+                                 t_decay=cfg.sdpg.t_decay, total_steps=cfg.sdpg.total_steps or cfg.steps)
         with self.s.accelerator.autocast():
-            out = policy_forward(self.model, ids, am, scored, hidden_layers=S if cfg.oisd.lambda_logit > 0 else [],
-                                 attn_layers=attn_layers, attn_query_stride=cfg.oisd.attn_query_stride)
-        logp_all = torch.log_softmax(out.logits.float() / T, dim=-1)  # (n, V)
-        tokens = ids[out.index[0], out.index[1] + 1]
-        logp = to_grid(logp_all.gather(-1, tokens[:, None]).squeeze(-1), mask)  # (b, R)
-        with torch.no_grad():
-            ent = to_grid(-(logp_all.exp() * logp_all).sum(-1), mask)
+            out = policy_forward(self.model, ids, am, scored, hidden_layers=think_layers, attn_layers=attn_layers,
+                                 attn_query_stride=cfg.oisd.attn_query_stride, return_logits=False)
+        tokens = ids[out.index[0], out.index[1] + 1]  # (n,) the response token each scored row predicts
+
+        # Rows the full-vocabulary terms read: the policy's (with gradient), the OISD layers',
+        # and each teacher's final hidden state (no gradient), all (n, d).
+        teachers = {}  # name -> (model, hinted prompt?)
+        if cfg.method == "rlsd":
+            teachers["rlsd"] = (self.rlsd_teacher, True)
+        if beta > 0:  # SDPG's teacher: the current model given the hint
+            teachers["sdpg"] = (self.model, True)
+        if cfg.method == "opsd":  # OPSD's teacher: the fixed initial model given the solution
+            teachers["opsd"] = (self.reference, True)
+        if self.reference is not None:  # the reference on the student's own prompt
+            teachers["ref"] = (self.reference, False)
+        rows_in = {"final": out.final_hidden, "tokens": tokens}
+        rows_in |= {f"layer{l}": out.hidden[l] for l in think_layers}
+        heads = {}
+        for name, (model, hinted) in teachers.items():
+            if hinted:
+                rows_in[name] = self._teacher_hidden(model, sb, rows)
+            else:
+                with torch.no_grad(), self.s.accelerator.autocast():
+                    rows_in[name] = policy_forward(model, ids, am, scored, return_logits=False).final_hidden
+            heads[name] = self.s.accelerator.unwrap_model(model).get_output_embeddings()
+        with self.s.accelerator.autocast():
+            vocab = obj.chunked_rows(self._vocab_terms(think_layers, heads), rows_in, self.vocab_chunk_size())
+        logp = to_grid(vocab["logp"], mask)  # (b, R)
+        ent = to_grid(vocab["entropy"], mask)
         old = logp.detach() if old_logp is None else old_logp
         # scale: an aggregate over this micro-batch times (its count / the global count)
         # equals its share of the aggregate over the whole (global) mini-batch.
@@ -287,8 +361,7 @@ class Trainer:
         A = adv
         if cfg.method == "rlsd":
             lam = obj.rlsd_lambda(self.step, cfg.rlsd.lambda_init, cfg.rlsd.lambda_decay_steps)
-            t_logits = self._teacher_logits(self.rlsd_teacher, sb, rows)
-            t_logp = to_grid(torch.log_softmax(t_logits.float() / T, -1).gather(-1, tokens[:, None]).squeeze(-1), mask)
+            t_logp = to_grid(vocab["rlsd_logp"], mask)
             A, w = obj.rlsd_token_advantages(adv, t_logp, logp.detach(), lam, cfg.rlsd.eps_w)
             logs["rlsd/w_mean"] = (w * mask).sum() / norm["tokens"]
         if cfg.method != "opsd":  # OPSD has no reward term (METHODS.md)
@@ -301,12 +374,8 @@ class Trainer:
             logs["clip_ratio/region_mean"] = cstats["clip_ratio/region_mean"] * tok_share
         logs["entropy"] = (ent * mask).sum() / norm["tokens"]
 
-        needs_ref = self.reference is not None
-        if needs_ref:
-            with torch.no_grad(), self.s.accelerator.autocast():
-                ref_out = policy_forward(self.reference, ids, am, scored)
-            ref_logp_all = torch.log_softmax(ref_out.logits.float() / T, -1)
-            ref_logp = to_grid(ref_logp_all.gather(-1, tokens[:, None]).squeeze(-1), mask)
+        if self.reference is not None:
+            ref_logp = to_grid(vocab["ref_logp"], mask)
             k3 = obj.reference_kl(logp, ref_logp, cfg.grpo.kl_estimator)
             logs["kl"] = agg(k3.detach())
             if cfg.grpo.kl_coef > 0:
@@ -314,25 +383,22 @@ class Trainer:
 
         if oisd_on:
             w_i = obj.oisd_weights(adv, cfg.oisd.weight)
-            if cfg.oisd.lambda_logit > 0:
-                head = readout(self.s.accelerator.unwrap_model(self.model), detach=cfg.oisd.detach_readout)
-                teacher = out.logits.detach()
-                J = [to_grid(obj.chunked_token_divergence(
-                        lambda s, t: obj.oisd_logit_alignment(s, t, temperature=T),
-                        out.hidden[l], head, teacher, cfg.oisd.chunk_size), mask) for l in S]
+            if think_layers:
+                J = [to_grid(vocab[f"think{l}"], mask) for l in think_layers]
                 l_think = obj.oisd_loss(J, w_i, mask, cfg.grpo.loss_type, cfg.rollout.max_new_tokens) * scale
                 total = total + cfg.oisd.lambda_logit * l_think
                 logs["loss/think"] = l_think.detach()
-            if cfg.oisd.lambda_attn > 0:
+            if attn_layers:
                 rows_a = out.attn_rows
-                sel = torch.zeros(out.logits.shape[0], device=mask.device)
+                n = out.final_hidden.shape[0]
+                sel = torch.zeros(n, device=mask.device)
                 sel[rows_a] = 1.0
                 amask = to_grid(sel, mask)  # strided query rows only
                 teacher_a = out.attentions[self.L]
                 K = []
                 for l in S:
                     k_rows = obj.oisd_attention_alignment(out.attentions[l], teacher_a, cfg.oisd.attn_mode == "per_head")
-                    full = torch.zeros(out.logits.shape[0], device=mask.device, dtype=k_rows.dtype)
+                    full = torch.zeros(n, device=mask.device, dtype=k_rows.dtype)
                     full[rows_a] = k_rows
                     K.append(to_grid(full, mask))
                 scale_a = scale if cfg.oisd.attn_query_stride == 1 else scale * mask.sum() / amask.sum().clamp(min=1)
@@ -341,17 +407,10 @@ class Trainer:
                 logs["loss/attn"] = l_attn.detach()
 
         if cfg.uses_sdpg:
-            beta = obj.sdpg_beta(self.step, beta_base=cfg.sdpg.beta_base, t_warm=cfg.sdpg.t_warm,
-                                 t_decay=cfg.sdpg.t_decay, total_steps=cfg.sdpg.total_steps or cfg.steps)
             gate = obj.sdpg_gate(adv) if cfg.sdpg.gate else torch.ones_like(adv)
             logs["sdpg/gate_fraction"] = gate.mean() * len(rows) / norm["seqs"]
             if beta > 0:
-                t_logits = self._teacher_logits(self.model, sb, rows)
-                # The policy's (n, V) logits are already in memory for log pi; chunking this
-                # KL pays only once those are chunked too (the performance issue, #6).
-                kl = obj.sdpg_reverse_kl(out.logits.float(), t_logits.float(), clamp=cfg.sdpg.kl_clamp,
-                                         temperature=T)
-                l_opd = agg(gate[:, None] * to_grid(kl, mask))
+                l_opd = agg(gate[:, None] * to_grid(vocab["opd"], mask))
                 total = total + beta * l_opd
                 logs["loss/opd"] = l_opd.detach()
             if cfg.sdpg.alpha > 0:
@@ -360,9 +419,7 @@ class Trainer:
                 logs["loss/ref_kl"] = l_k.detach()
 
         if cfg.method == "opsd":
-            t_logits = self._teacher_logits(self.reference, sb, rows)
-            jsd = obj.opsd_jsd(out.logits.float(), t_logits.float(), beta=cfg.opsd.beta, temperature=T)
-            l_opsd = agg(to_grid(jsd, mask))
+            l_opsd = agg(to_grid(vocab["opsd"], mask))
             total = total + l_opsd
             logs["loss/policy"] = l_opsd.detach()
         return total, logs

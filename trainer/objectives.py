@@ -631,109 +631,92 @@ def opsd_jsd(
 
 # ----------------------------------------------------------- chunked (large vocabularies)
 
-TeacherLogits = torch.Tensor | Callable[[int, int], torch.Tensor]
 
-
-def chunked_token_divergence(
-    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    student_hidden: torch.Tensor,
-    readout: Callable[[torch.Tensor], torch.Tensor],
-    teacher_logits: TeacherLogits,
-    chunk_size: int,
-) -> torch.Tensor:
-    """``fn(readout(h), teacher)`` over tokens, in chunks, with bounded memory.
-
-    Each chunk of ``chunk_size`` tokens runs under
-    ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the forward keeps
-    only the chunk's inputs and its ``(m,)`` output, and the backward recomputes the
-    ``(m, V)`` logits one chunk at a time. So no ``(n, V)`` student-logit tensor (nor
-    its softmax) is ever held for backward; peak extra memory is a few ``(chunk, V)``
-    float32 tensors. Value and gradients equal the unchunked ``fn(readout(h), teacher)``.
-
-    Args:
-        fn: per-token divergence ``(m, V), (m, V) -> (m,)``, for example
-            :func:`oisd_logit_alignment`, :func:`sdpg_reverse_kl`, :func:`opsd_jsd`
-            (bind temperature/beta with ``functools.partial``).
-        student_hidden: ``(n, d)`` hidden states that the student logits are read from.
-        readout: ``(m, d) -> (m, V)``, e.g. ``lambda h: lm_head(final_norm(h))``; its
-            parameters receive gradient.
-        teacher_logits: ``(n, V)`` tensor, or a callable ``(start, end) -> (end - start, V)``
-            that produces a chunk's teacher logits (called under ``no_grad`` inside
-            the checkpoint, so its chunks are recomputed in backward rather than kept:
-            use it when the teacher's ``(n, V)`` logits should never exist either).
-            Teacher logits are constants: they never receive gradient.
-        chunk_size: tokens per chunk (>= 1).
-
-    Returns:
-        ``(n,)`` per-token values (float32 for the functions above).
-    """
-    if chunk_size < 1:
-        raise ConfigError(f"chunk_size must be >= 1; got {chunk_size}")
-    n = student_hidden.shape[0]
-    if torch.is_tensor(teacher_logits) and teacher_logits.shape[0] != n:
-        raise ValueError(f"teacher logits have {teacher_logits.shape[0]} tokens, hidden has {n}")
-
-    def run_chunk(
-        h: torch.Tensor, teacher: torch.Tensor | None, start: int, end: int
-    ) -> torch.Tensor:
-        if teacher is None:  # a callable teacher: recomputed here, never saved
-            with torch.no_grad():
-                teacher = teacher_logits(start, end)
-        return fn(readout(h), teacher.detach())
-
-    outputs = []
-    for start in range(0, n, chunk_size):
-        end = min(start + chunk_size, n)
-        teacher = teacher_logits[start:end] if torch.is_tensor(teacher_logits) else None
-        outputs.append(_maybe_checkpoint(run_chunk, student_hidden[start:end], teacher, start, end))
-    return torch.cat(outputs) if outputs else student_hidden.new_zeros((0,), dtype=torch.float32)
-
-
-def chunked_selected_logprobs(
-    hidden: torch.Tensor,
-    readout: Callable[[torch.Tensor], torch.Tensor],
-    tokens: torch.Tensor,
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
+def sampled_token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The policy's log-prob of its sampled tokens, and its entropy, in chunks.
+    """The log-probability of each sampled token, and the distribution's entropy.
 
-    ``logp_t = log softmax(readout(h_t) / T)[y_t]`` (float32, with gradient) and
-    ``H_t = -sum_a p_t(a) log p_t(a)`` (detached, for the ``entropy`` metric). Chunks
-    run under non-reentrant checkpointing as in :func:`chunked_token_divergence`, so
-    no ``(n, V)`` logit tensor is kept for backward.
+    ``logp_t = log softmax(z_t / T)[y_t]`` (float32, with gradient: the policy term's
+    ``log pi_theta``, or a teacher's / reference's ``log P(y_t)`` when ``z`` is
+    detached) and ``H_t = -sum_a p_t(a) log p_t(a)`` (detached, the ``entropy`` metric).
 
     Args:
-        hidden: ``(n, d)`` final-layer hidden states at the positions that predict
-            ``tokens`` (already shifted by the caller).
-        readout: ``(m, d) -> (m, V)``, e.g. ``model.lm_head``.
+        logits: ``(n, V)`` logits.
         tokens: ``(n,)`` sampled token ids.
         temperature: sampling temperature (logits are divided by it, as in TRL).
-        chunk_size: tokens per chunk (>= 1).
 
     Returns:
         ``(logp, entropy)``, both ``(n,)`` float32; entropy detached.
     """
-    if chunk_size < 1:
-        raise ConfigError(f"chunk_size must be >= 1; got {chunk_size}")
-    if tokens.shape != hidden.shape[:1]:
-        raise ValueError(f"tokens must be ({hidden.shape[0]},); got {tuple(tokens.shape)}")
+    if tokens.shape != logits.shape[:1]:
+        raise ValueError(f"tokens must be ({logits.shape[0]},); got {tuple(tokens.shape)}")
+    log_probs = _log_softmax(logits, temperature)  # (n, V) float32
+    selected = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (n,)
+    return selected, entropy(log_probs.detach())
 
-    def run_chunk(h: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        log_probs = _log_softmax(readout(h), temperature)  # (m, V) float32
-        selected = log_probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)  # (m,)
-        return selected, entropy(log_probs.detach())
 
-    logps, entropies = [], []
-    for start in range(0, hidden.shape[0], chunk_size):
-        end = start + chunk_size
-        logp, ent = _maybe_checkpoint(run_chunk, hidden[start:end], tokens[start:end])
-        logps.append(logp)
-        entropies.append(ent)
-    if not logps:
-        empty = hidden.new_zeros((0,), dtype=torch.float32)
-        return empty, empty
-    return torch.cat(logps), torch.cat(entropies)
+ChunkInputs = dict[str, torch.Tensor]
+
+
+def chunked_rows(
+    fn: Callable[[ChunkInputs], dict[str, torch.Tensor]],
+    inputs: ChunkInputs,
+    chunk_size: int,
+) -> dict[str, torch.Tensor]:
+    """``fn(inputs)`` over row chunks, so that no ``(n, V)`` tensor is kept for backward.
+
+    Every full-vocabulary term (the policy's log-probs, OISD's JSD, SDPG's reverse KL,
+    OPSD's JSD, a teacher's log-probs) is a per-token function of a few ``(n, d)``
+    hidden states. ``fn`` maps a chunk of those rows to per-row outputs, reading the
+    ``(m, V)`` logits out inside. Each chunk of ``chunk_size`` rows runs under
+    ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the forward keeps
+    only the chunk's ``(m, d)`` inputs and its ``(m,)`` outputs, and backward recomputes
+    the chunk's logits. Peak extra memory is then a few ``(chunk, V)`` float32
+    tensors instead of several ``(n, V)`` ones, and values and gradients equal the
+    unchunked ``fn(inputs)`` (tested); the price is one more read-out per chunk in
+    backward.
+
+    ``fn`` must be per-row (row ``i`` of an output depends on row ``i`` of the inputs
+    only) and may compute teacher logits inside under ``torch.no_grad()``, so that a
+    teacher's ``(n, V)`` logits never exist either.
+
+    Args:
+        fn: ``{name: (m, ...)} -> {name: (m,)}``.
+        inputs: tensors with the same first dimension ``n``.
+        chunk_size: rows per chunk; ``0`` runs ``fn`` once on all rows without
+            checkpointing (faster when the ``(n, V)`` tensors fit in memory).
+
+    Returns:
+        ``{name: (n,)}``, the chunks' outputs concatenated.
+    """
+    if chunk_size < 0:
+        raise ConfigError(f"chunk_size must be >= 0 (0 = no chunking); got {chunk_size}")
+    sizes = {k: v.shape[0] for k, v in inputs.items()}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"chunked inputs must share their first dimension; got {sizes}")
+    n = next(iter(sizes.values()), 0)
+    if chunk_size == 0 or n <= chunk_size:
+        return fn(inputs)
+    names = list(inputs)
+
+    def run_chunk(*rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return fn(dict(zip(names, rows)))
+
+    parts = []
+    for start in range(0, n, chunk_size):
+        rows = [inputs[k][start : start + chunk_size] for k in names]
+        if torch.is_grad_enabled():
+            parts.append(checkpoint(run_chunk, *rows, use_reentrant=False))
+        else:
+            parts.append(run_chunk(*rows))
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def auto_chunk_size(vocab_size: int, budget: int = 1 << 25) -> int:
+    """Rows per chunk so that one ``(rows, V)`` float32 tensor holds ``budget`` numbers
+    (128 MiB by default): the chunk that :func:`chunked_rows` uses when none is set."""
+    return max(1, budget // max(1, vocab_size))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -753,10 +736,3 @@ def _safe_log(probs: torch.Tensor) -> torch.Tensor:
     """``log p`` with ``log 0 = -inf`` and a zero gradient there (plain ``log`` gives nan)."""
     positive = probs > 0
     return torch.where(positive, torch.where(positive, probs, 1.0).log(), -math.inf)
-
-
-def _maybe_checkpoint(function: Callable, *args):
-    """Run under non-reentrant activation checkpointing when a graph is being built."""
-    if torch.is_grad_enabled():
-        return checkpoint(function, *args, use_reentrant=False)
-    return function(*args)

@@ -109,6 +109,10 @@ class OptimConfig(_Section):
         None, ge=1, description="sequences per forward/backward (gradient accumulation); null = whole mini-batch"
     )
     max_bad_steps: int = Field(5, ge=1, description="stop after this many consecutive non-finite steps")
+    vocab_chunk_size: Optional[int] = Field(
+        None, ge=0, description="tokens per chunk of every full-vocabulary term (log-probs, OISD JSD, SDPG KL, "
+        "OPSD JSD), recomputed in backward; null = 128 MiB of float32 logits per chunk; 0 = no chunking",
+    )
 
 
 class GRPOConfig(_Section):
@@ -137,7 +141,6 @@ class OISDConfig(_Section):
     attn_mode: Literal["mean_heads", "per_head"] = Field("mean_heads", description="attention alignment form")
     detach_readout: bool = Field(False, description="auxiliary path uses detached final norm and lm_head")
     attn_query_stride: int = Field(1, ge=1, description="keep every k-th response query for attention")
-    chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the full-vocabulary JSD")
 
 
 class SDPGConfig(_Section):
@@ -149,7 +152,6 @@ class SDPGConfig(_Section):
     kl_clamp: float = Field(20.0, gt=0, description="per-token clamp of the reverse KL")
     alpha: float = Field(1e-3, ge=0, description="weight of L_K, the unnormalised KL to the frozen reference")
     ref_kl: Literal["ufkl", "urkl", "fkl", "rkl"] = Field("ufkl", description="form of L_K")
-    chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the full-vocabulary KL")
 
 
 class RLSDConfig(_Section):
@@ -161,7 +163,6 @@ class RLSDConfig(_Section):
 
 class OPSDConfig(_Section):
     beta: float = Field(0.5, gt=0, lt=1, description="generalised JSD mixture weight")
-    chunk_size: int = Field(1024, ge=1, description="tokens per chunk of the full-vocabulary JSD")
 
 
 class ProbeConfig(_Section):

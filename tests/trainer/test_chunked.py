@@ -1,5 +1,6 @@
-"""Chunked divergences and log-probs equal the unchunked ones, in value and gradient,
-and keep no (n, V) tensor for backward."""
+"""``chunked_rows``: full-vocabulary terms computed chunk by chunk equal the unchunked
+ones in value and gradient, recompute their logits in backward, and keep no (n, V)
+tensor for it. The loop-level check (every method's loss) is in test_loop.py."""
 
 import functools
 
@@ -33,8 +34,8 @@ def setup():
         readout.norm.weight.uniform_(0.5, 1.5)
         readout.norm.bias.normal_()
     hidden = torch.randn(N, D, requires_grad=True)
-    teacher = torch.randn(N, V) * 2
-    return readout, hidden, teacher
+    teacher_hidden = torch.randn(N, D) * 2
+    return readout, hidden, teacher_hidden
 
 
 FUNCTIONS = {
@@ -48,74 +49,69 @@ CHUNKS = [1, 3, N, N + 5]
 def _grads(value, readout, hidden):
     params = [hidden, *readout.parameters()]
     weights = torch.linspace(-1.0, 2.0, value.numel())  # a non-uniform upstream gradient
-    return torch.autograd.grad((weights * value).sum(), params)
+    return torch.autograd.grad((weights * value).sum(), params, retain_graph=True)
+
+
+def _terms(fn, readout, teacher_readout=None):
+    """A per-row function like the loop's: student logits read out inside, the teacher's
+    under no_grad, one divergence and the sampled-token log-prob out."""
+    teacher_readout = teacher_readout or readout
+
+    def terms(r):
+        z = readout(r["hidden"])
+        with torch.no_grad():
+            q = teacher_readout(r["teacher"])
+        logp, ent = obj.sampled_token_logprobs(z, r["tokens"], 0.8)
+        return {"div": fn(z, q), "logp": logp, "entropy": ent}
+
+    return terms
 
 
 @pytest.mark.parametrize("chunk_size", CHUNKS)
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
-def test_chunked_token_divergence_matches_unchunked(setup, name, chunk_size):
-    readout, hidden, teacher = setup
-    fn = FUNCTIONS[name]
-    expected = fn(readout(hidden), teacher)
-    expected_grads = _grads(expected, readout, hidden)
-    value = obj.chunked_token_divergence(fn, hidden, readout, teacher, chunk_size)
-    assert value.shape == (N,)
-    torch.testing.assert_close(value, expected, atol=1e-6, rtol=1e-5)
-    for got, want in zip(_grads(value, readout, hidden), expected_grads):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+def test_chunked_rows_match_unchunked(setup, name, chunk_size):
+    readout, hidden, teacher_hidden = setup
+    tokens = torch.randint(V, (N,))
+    inputs = {"hidden": hidden, "teacher": teacher_hidden, "tokens": tokens}
+    terms = _terms(FUNCTIONS[name], readout)
+    expected = terms(inputs)
+    got = obj.chunked_rows(terms, inputs, chunk_size)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        assert got[key].shape == (N,)
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5)
+    assert not got["entropy"].requires_grad
+    for key in ("div", "logp"):
+        for g, want in zip(_grads(got[key], readout, hidden), _grads(expected[key], readout, hidden)):
+            torch.testing.assert_close(g, want, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("chunk_size", CHUNKS)
-def test_chunked_token_divergence_callable_teacher(setup, chunk_size):
-    readout, hidden, _ = setup
-    teacher_hidden = torch.randn(N, D)
-    calls = []
-
-    def teacher(start, end):
-        calls.append((start, end))
-        return readout(teacher_hidden[start:end])
-
-    expected = obj.oisd_logit_alignment(readout(hidden), readout(teacher_hidden))
-    expected_grads = _grads(expected, readout, hidden)
-    value = obj.chunked_token_divergence(
-        obj.oisd_logit_alignment, hidden, readout, teacher, chunk_size
-    )
-    torch.testing.assert_close(value, expected, atol=1e-6, rtol=1e-5)
-    for got, want in zip(_grads(value, readout, hidden), expected_grads):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
-    # called chunk by chunk (forward, then again in backward's recompute), never on all n
-    chunks = {(s, min(s + chunk_size, N)) for s in range(0, N, chunk_size)}
-    assert set(calls) == chunks and len(calls) == 2 * len(chunks)
-
-
-@pytest.mark.parametrize("temperature", [1.0, 0.6])
-@pytest.mark.parametrize("chunk_size", CHUNKS)
-def test_chunked_selected_logprobs_matches_unchunked(setup, chunk_size, temperature):
+def test_sampled_token_logprobs_is_the_plain_formula(setup):
     readout, hidden, _ = setup
     tokens = torch.randint(V, (N,))
-    log_probs = torch.log_softmax(readout(hidden) / temperature, -1)
-    expected = log_probs.gather(-1, tokens[:, None]).squeeze(-1)
-    expected_entropy = entropy(log_probs).detach()
-    expected_grads = _grads(expected, readout, hidden)
-    logp, ent = obj.chunked_selected_logprobs(hidden, readout, tokens, temperature, chunk_size)
-    torch.testing.assert_close(logp, expected, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(ent, expected_entropy, atol=1e-6, rtol=1e-5)
-    assert not ent.requires_grad
-    for got, want in zip(_grads(logp, readout, hidden), expected_grads):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    log_probs = torch.log_softmax(readout(hidden) / 0.6, -1)
+    logp, ent = obj.sampled_token_logprobs(readout(hidden), tokens, 0.6)
+    torch.testing.assert_close(logp, log_probs.gather(-1, tokens[:, None]).squeeze(-1))
+    torch.testing.assert_close(ent, entropy(log_probs).detach())
+    with pytest.raises(ValueError, match="tokens"):
+        obj.sampled_token_logprobs(readout(hidden), tokens[:3])
 
 
-def _largest_saved(compute):
-    """numel of the largest tensor that autograd saves for backward while ``compute`` runs."""
-    sizes = []
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_teacher_is_read_out_chunk_by_chunk_forward_and_backward(setup, chunk_size):
+    readout, hidden, teacher_hidden = setup
+    calls = []
 
-    def pack(t):
-        sizes.append(t.numel())
-        return t
+    def teacher_readout(h):
+        calls.append(h.shape[0])
+        return readout(h)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = compute()
-    return max(sizes), out
+    inputs = {"hidden": hidden, "teacher": teacher_hidden, "tokens": torch.zeros(N, dtype=torch.long)}
+    out = obj.chunked_rows(_terms(obj.oisd_logit_alignment, readout, teacher_readout), inputs, chunk_size)
+    n_chunks = -(-N // chunk_size)
+    assert len(calls) == n_chunks and max(calls) <= chunk_size
+    out["div"].sum().backward()
+    assert len(calls) == 2 * n_chunks and max(calls) <= chunk_size  # recomputed in backward
 
 
 def test_chunking_keeps_no_full_vocabulary_tensor():
@@ -123,41 +119,49 @@ def test_chunking_keeps_no_full_vocabulary_tensor():
     n, d, vocab, chunk = 64, 4, 512, 8
     head = torch.nn.Linear(d, vocab, bias=False)
     hidden = torch.randn(n, d, requires_grad=True)
-    teacher_hidden = torch.randn(n, d)
-    tokens = torch.randint(vocab, (n,))
+    inputs = {"hidden": hidden, "teacher": torch.randn(n, d), "tokens": torch.randint(vocab, (n,))}
+    terms = _terms(obj.sdpg_reverse_kl, head)
 
-    def teacher(start, end):
-        return head(teacher_hidden[start:end])
+    def largest_activation_saved(compute):
+        sizes = [0]
 
-    # the unchunked computation does save (n, V) tensors: the check can fail
-    full, _ = _largest_saved(lambda: obj.sdpg_reverse_kl(head(hidden), head(teacher_hidden)))
-    assert full >= n * vocab
+        def pack(t):
+            if t.untyped_storage().data_ptr() != head.weight.untyped_storage().data_ptr():
+                sizes.append(t.numel())
+            return t
 
-    saved, value = _largest_saved(
-        lambda: obj.chunked_token_divergence(obj.sdpg_reverse_kl, hidden, head, teacher, chunk)
-    )
-    assert saved < chunk * vocab  # only the chunks' inputs (hidden rows) are kept
-    value.sum().backward()
-    assert hidden.grad is not None and head.weight.grad is not None
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = compute()
+        return max(sizes), out
 
-    saved, (logp, _) = _largest_saved(
-        lambda: obj.chunked_selected_logprobs(hidden, head, tokens, 1.0, chunk)
-    )
+    full, _ = largest_activation_saved(lambda: obj.chunked_rows(terms, inputs, 0))
+    assert full >= n * vocab  # unchunked keeps (n, V): the check can fail
+    saved, out = largest_activation_saved(lambda: obj.chunked_rows(terms, inputs, chunk))
     assert saved < chunk * vocab
-    logp.sum().backward()
+    (out["div"] + out["logp"]).sum().backward()
+    assert hidden.grad is not None and head.weight.grad is not None
 
 
 def test_no_grad_mode_skips_checkpointing(setup):
-    readout, hidden, teacher = setup
+    readout, hidden, teacher_hidden = setup
+    inputs = {"hidden": hidden, "teacher": teacher_hidden, "tokens": torch.zeros(N, dtype=torch.long)}
     with torch.no_grad():
-        value = obj.chunked_token_divergence(obj.opsd_jsd, hidden, readout, teacher, 2)
-        tokens = torch.zeros(N, dtype=torch.long)
-        logp, ent = obj.chunked_selected_logprobs(hidden, readout, tokens, 1.0, 2)
-    torch.testing.assert_close(value, obj.opsd_jsd(readout(hidden), teacher).detach())
-    assert logp.shape == ent.shape == (N,) and not logp.requires_grad
+        got = obj.chunked_rows(_terms(obj.opsd_jsd, readout), inputs, 2)
+    torch.testing.assert_close(got["div"], obj.opsd_jsd(readout(hidden), readout(teacher_hidden)).detach())
+    assert not got["logp"].requires_grad
 
 
-def test_bad_chunk_size(setup):
-    readout, hidden, teacher = setup
+def test_bad_inputs(setup):
+    readout, hidden, teacher_hidden = setup
+    terms = _terms(obj.opsd_jsd, readout)
+    inputs = {"hidden": hidden, "teacher": teacher_hidden, "tokens": torch.zeros(N, dtype=torch.long)}
     with pytest.raises(ConfigError, match="chunk_size"):
-        obj.chunked_token_divergence(obj.opsd_jsd, hidden, readout, teacher, 0)
+        obj.chunked_rows(terms, inputs, -1)
+    with pytest.raises(ValueError, match="first dimension"):
+        obj.chunked_rows(terms, {**inputs, "teacher": teacher_hidden[:3]}, 2)
+
+
+def test_auto_chunk_size():
+    assert obj.auto_chunk_size(151_936) == (1 << 25) // 151_936 == 220
+    assert obj.auto_chunk_size(101) == (1 << 25) // 101
+    assert obj.auto_chunk_size(10**9) == 1

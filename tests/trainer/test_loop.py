@@ -168,6 +168,63 @@ def test_zero_auxiliary_coefficients_reproduce_grpo_exactly(method, coin_model_d
     assert not torch.equal(loss_on, loss_g) or any(not torch.equal(grads_on[n], grads_g[n]) for n in grads_g)
 
 
+EVERY_TERM = {  # each method with every term it has switched on, so chunking covers them all
+    "grpo": {"grpo__kl_coef": 0.1},
+    "opsd": {},
+    **SOME_AUX,
+}
+
+
+def _vocab_rows(tr: Trainer, sb) -> tuple[list[int], list[int]]:
+    """For one micro-batch forward and backward: the rows of every activation that autograd
+    saves whose last dimension is the vocabulary (weights such as lm_head's, transposed for
+    its input gradient, are not counted; checkpointed chunks keep only their inputs), and
+    the rows of every call of the policy's lm_head, backward's recomputation included."""
+    weights = {p.untyped_storage().data_ptr() for p in tr.model.parameters()}
+    saved, calls = [], []
+
+    def pack(t):
+        if t.dim() == 2 and t.shape[-1] == tr.vocab_size and t.untyped_storage().data_ptr() not in weights:
+            saved.append(t.shape[0])
+        return t
+
+    head = tr.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda _m, args, _out: calls.append(args[0].shape[0]))
+    rows = torch.arange(sb.input_ids.shape[0])
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss, _ = tr.micro_loss(sb, rows, None, tr.normalisers(sb, rows))
+        loss.backward()
+    finally:
+        handle.remove()
+    return saved, calls
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_chunked_vocabulary_terms_equal_unchunked(method, coin_model_dir, coin_data, coin_batch, tmp_path,
+                                                  run_overrides):
+    """optim.vocab_chunk_size: the loss and every gradient equal the unchunked ones to float
+    tolerance, while no (n, V) tensor is kept for backward (the unchunked path keeps some)."""
+    keys = EVERY_TERM[method]
+    full = _trainer(coin_model_dir, tmp_path / "f", run_overrides, coin_data, method, optim__vocab_chunk_size=0,
+                    **keys)
+    chunked = _trainer(coin_model_dir, tmp_path / "c", run_overrides, coin_data, method,
+                       optim__vocab_chunk_size=5, **keys)
+    loss_f, grads_f = _loss_and_grads(full, coin_batch)
+    loss_c, grads_c = _loss_and_grads(chunked, coin_batch)
+    assert loss_f != 0
+    torch.testing.assert_close(loss_c, loss_f, atol=1e-6, rtol=1e-5)
+    for name in grads_f:
+        torch.testing.assert_close(grads_c[name], grads_f[name], atol=1e-6, rtol=1e-5, msg=name)
+
+    n = int(coin_batch.response_mask.sum())
+    assert n > 10  # several chunks of 5
+    saved, calls = _vocab_rows(full, coin_batch)
+    assert max(saved) == n and n in calls  # the check can fail: unchunked keeps (n, V)
+    saved, calls = _vocab_rows(chunked, coin_batch)
+    assert saved == [] and max(calls) <= 5 and sum(calls) >= 2 * n  # forward, then recompute
+
+
 def test_oisd_terms_send_no_gradient_to_the_teacher_side(tiny_llama_dir, coin_data, tmp_path, run_overrides):
     """Untied Llama, 4 blocks, S = {2}. The teacher (final layer's logits and attention)
     is detached, so an OISD term's gradient reaches only blocks 1..2 (and the embedding),
