@@ -452,13 +452,7 @@ class Trainer:
             offset += p.numel()
 
     def train_step(self) -> dict:
-        """One rollout batch and its ``optim.mini_batches`` updates; returns the step's logs.
-
-        Non-finite guard: if any process sees a non-finite loss or the (global)
-        gradient norm is non-finite, every process skips the update of that
-        mini-batch and of the rest of the step (updates of earlier mini-batches of
-        the step stay applied), and ``nonfinite_skipped`` is logged.
-        """
+        """One rollout batch and its ``optim.mini_batches`` updates; returns the step's logs."""
         cfg, acc = self.cfg, self.s.accelerator
         t0 = time.time()
         self.model.train()
@@ -466,6 +460,41 @@ class Trainer:
             # Re-sync from the policy (at step 0 this is the initial model, as built).
             self.rlsd_teacher.load_state_dict(acc.unwrap_model(self.model).state_dict())
         sb, logs = self.rollout()
+        finite = self.update(sb, logs)
+        if cfg.uses_sdpg:
+            logs["sched/beta"] = obj.sdpg_beta(self.step, beta_base=cfg.sdpg.beta_base, t_warm=cfg.sdpg.t_warm,
+                                               t_decay=cfg.sdpg.t_decay, total_steps=cfg.sdpg.total_steps or cfg.steps)
+        if cfg.method == "rlsd":
+            logs["sched/lambda"] = obj.rlsd_lambda(self.step, cfg.rlsd.lambda_init, cfg.rlsd.lambda_decay_steps)
+        logs["lr"] = self.scheduler.get_last_lr()[0]
+        dt = time.time() - t0
+        n_tok = float(_all_sum(sb.response_mask.sum().reshape(1).to(self.device))[0])
+        logs["perf/step_time"] = dt
+        logs["perf/tokens_per_s"] = n_tok / max(dt, 1e-9)
+        if torch.cuda.is_available():
+            logs["perf/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        logs["nonfinite_skipped"] = 0.0 if finite else 1.0
+        if not finite:
+            self.bad_steps += 1
+            log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", self.step, self.bad_steps)
+        else:
+            self.bad_steps = 0
+        return logs
+
+    def update(self, sb: StepBatch, logs: dict) -> bool:
+        """The optimizer updates of one rollout batch: ``optim.mini_batches`` of them, each
+        accumulated over micro-batches; adds the loss terms and ``grad_norm`` to ``logs``.
+
+        Non-finite guard: if any process sees a non-finite loss or the (global)
+        gradient norm is non-finite, every process skips the update of that
+        mini-batch and of the rest of the step (updates of earlier mini-batches of
+        the step stay applied).
+
+        Returns:
+            Whether every update was finite (and applied).
+        """
+        cfg = self.cfg
+        self.model.train()
         B = sb.input_ids.shape[0]
         n_mb = cfg.optim.mini_batches
         micro = cfg.optim.micro_batch_size or B
@@ -503,25 +532,7 @@ class Trainer:
             sums[k] = float(_all_sum(torch.tensor([sums[k]], device=self.device))[0])
         logs.update(sums)
         logs["grad_norm"] = float(gnorm)
-        if cfg.uses_sdpg:
-            logs["sched/beta"] = obj.sdpg_beta(self.step, beta_base=cfg.sdpg.beta_base, t_warm=cfg.sdpg.t_warm,
-                                               t_decay=cfg.sdpg.t_decay, total_steps=cfg.sdpg.total_steps or cfg.steps)
-        if cfg.method == "rlsd":
-            logs["sched/lambda"] = obj.rlsd_lambda(self.step, cfg.rlsd.lambda_init, cfg.rlsd.lambda_decay_steps)
-        logs["lr"] = self.scheduler.get_last_lr()[0]
-        dt = time.time() - t0
-        n_tok = float(_all_sum(sb.response_mask.sum().reshape(1).to(self.device))[0])
-        logs["perf/step_time"] = dt
-        logs["perf/tokens_per_s"] = n_tok / max(dt, 1e-9)
-        if torch.cuda.is_available():
-            logs["perf/max_memory_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        logs["nonfinite_skipped"] = 0.0 if finite else 1.0
-        if not finite:
-            self.bad_steps += 1
-            log.warning("step %d: non-finite loss or gradient; update skipped (%d in a row)", self.step, self.bad_steps)
-        else:
-            self.bad_steps = 0
-        return logs
+        return finite
 
 
 class NonFiniteError(WorkbenchError):
