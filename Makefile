@@ -35,6 +35,7 @@ test-all: $(STAMP) browser
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]" -c constraints.txt
 	$(PY) benchmarks/run_all.py
 
 clean:

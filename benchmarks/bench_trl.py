@@ -38,10 +38,12 @@ What each timed step contains:
 - ours: ``Trainer.train_step()``: tokenise the step's prompts, per-group
   sampling noise, KV-cache sampling (``trainer.rollout.sample``, which also
   keeps the sampled tokens' log-probs), decode, verifier rewards, group
-  advantages and rollout stats; then one forward over prompt + response (logits
-  at response positions only), log-softmax, entropy (no grad), the clipped
-  surrogate, backward, gradient-norm clipping, the non-finite guard, AdamW and
-  the LR scheduler step, and the step's logs.
+  advantages and rollout stats; then one policy forward over prompt + response
+  and the log-probs and entropy of the response tokens (``micro_loss``: at the
+  time of writing a chunked full-vocabulary pass from the final hidden states,
+  logits recomputed in backward), the clipped surrogate, backward,
+  gradient-norm clipping, the non-finite guard, AdamW, the LR scheduler step,
+  and the step's logs.
 - TRL: from ``on_step_begin`` to ``on_step_end`` of ``Trainer.train()`` with
   ``max_steps``: ``training_step`` (``_generate_and_score_completions``:
   tokenise, left-pad, ``model.generate``, EOS masking, decode, reward,
@@ -55,6 +57,14 @@ What each timed step contains:
   With these settings TRL does not recompute old log-probs (the step is
   on-policy: ``old = logp.detach()``, as ours).
 
+Differences that are part of what is measured: our sampler drops finished rows
+from the KV cache and from later decode forwards, while ``model.generate``
+keeps decoding finished rows (as padding) until every row has stopped; so the
+more completions end early, the more this favours ours. The two sides draw
+different random numbers, so their completions (and EOS positions) differ;
+"mean len" shows how much, and tok/s counts each side's own completion tokens
+(up to and including EOS).
+
 "rollout" is ``Trainer.rollout()`` for ours and
 ``GRPOTrainer._generate_and_score_completions`` for TRL (both wrapped on the
 instance, nothing else changed); "update" is the step minus its rollout.
@@ -62,6 +72,7 @@ instance, nothing else changed); "update" is the step minus its rollout.
 Interleaving: TRL drives the loop and a callback runs our step next to each TRL
 step, alternating the order (ours, TRL | TRL, ours | ours, TRL ...). Step 0 of
 each is a warm-up and is not counted; medians are over the next ``--repeats``.
+Absolute times are noisy on a shared CPU; the ratio is the number to read.
 
 Run from the repo root: ``python benchmarks/bench_trl.py [--repeats 5]
 [--model DIR] [--prompts 8] [--group 8] [--new-tokens 40] [--threads 1]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -113,31 +112,29 @@ def to_grid(values: Tensor, response_mask: Tensor) -> Tensor:
     return grid
 
 
-@dataclass
-class TeacherBatch:
-    """Teacher prompts (with the privileged hint) followed by the *student's* responses."""
+def teacher_prompts(tokenizer, prompts: Sequence[str]) -> tuple[Tensor, Tensor, Tensor]:
+    """The distinct teacher prompts (with the privileged hint) of a batch, left-padded.
 
-    input_ids: Tensor  # (B, P' + R)
-    attention_mask: Tensor  # (B, P' + R)
-    scored: Tensor  # (B, P' + R): scores the same response tokens as the student batch
+    A group's G responses share one teacher prompt, so each run of equal consecutive
+    prompts is tokenised (and later scored) once; the teacher then scores the
+    *student's* response tokens after it (METHODS.md, SDPG): only the prompt differs
+    from the student's, by the sentinel and the hint.
 
-
-def teacher_batch(
-    tokenizer, teacher_prompts: Sequence[str], responses: Tensor, response_mask: Tensor
-) -> TeacherBatch:
-    """Left-pad the teacher prompts and append the student's response tokens.
-
-    Both student and teacher then score the same response tokens (METHODS.md, SDPG):
-    only the prompt differs, by the sentinel and the hint.
+    Returns:
+        ``(ids (U, W), mask (U, W), prompt_of_row (B,))``: ``prompt_of_row[i]`` is the
+        row of ``ids`` that holds ``prompts[i]``.
     """
-    ids = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in teacher_prompts]
+    if not prompts:
+        raise ValueError("teacher_prompts needs at least one prompt")
+    firsts = [k for k in range(len(prompts)) if k == 0 or prompts[k] != prompts[k - 1]]
+    prompt_of_row = torch.zeros(len(prompts), dtype=torch.long)
+    for u, k in enumerate(firsts):
+        prompt_of_row[k:] = u
+    ids = [tokenizer(prompts[k], add_special_tokens=True)["input_ids"] for k in firsts]
     width = max(len(x) for x in ids)
-    b = len(ids)
-    prompt = torch.full((b, width), tokenizer.pad_token_id, dtype=torch.long)
-    pmask = torch.zeros((b, width), dtype=torch.long)
-    for i, x in enumerate(ids):
-        prompt[i, width - len(x) :] = torch.tensor(x)
-        pmask[i, width - len(x) :] = 1
-    input_ids = torch.cat([prompt, responses.cpu()], dim=1).to(responses.device)
-    attention_mask = torch.cat([pmask, response_mask.long().cpu()], dim=1).to(responses.device)
-    return TeacherBatch(input_ids, attention_mask, scored_positions(response_mask, width))
+    prompt = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for u, x in enumerate(ids):
+        prompt[u, width - len(x) :] = torch.tensor(x)
+        mask[u, width - len(x) :] = 1
+    return prompt, mask, prompt_of_row

@@ -492,3 +492,74 @@ def policy_forward(
         attn_rows=attn_rows,
         final_hidden=final,
     )
+
+
+# ---------------------------------------------------------------------------
+# Frozen scoring with shared prompts: teachers and references
+# ---------------------------------------------------------------------------
+
+
+def unique_prompts(prompt_ids: Tensor, prompt_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Distinct runs of equal consecutive prompt rows (a group's G responses share one).
+
+    Args:
+        prompt_ids: ``(B, W)`` left-padded prompt ids.
+        prompt_mask: ``(B, W)`` 1 on real prompt tokens.
+
+    Returns:
+        ``(ids (U, W), mask (U, W), prompt_of_row (B,))`` with ``ids[prompt_of_row] == prompt_ids``.
+    """
+    rows = torch.cat([prompt_ids, prompt_mask.to(prompt_ids.dtype)], dim=1)  # (B, 2W)
+    unique, prompt_of_row = torch.unique_consecutive(rows, dim=0, return_inverse=True)
+    width = prompt_ids.shape[1]
+    return unique[:, :width], unique[:, width:].to(prompt_mask.dtype), prompt_of_row
+
+
+@torch.no_grad()
+def shared_prompt_hidden(
+    model: nn.Module,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    prompt_of_row: Tensor,
+    responses: Tensor,
+    response_mask: Tensor,
+) -> Tensor:
+    """A frozen model's final hidden states at the response tokens, each prompt run once.
+
+    The teachers and references of SDPG, RLSD and OPSD score the G responses of a group
+    after one and the same prompt (the hinted teacher prompt, or the student's own), so
+    the prompt is prefilled once per group into a KV cache, the cache rows are repeated
+    to the group's responses, and only the responses run on top of it: ``U * W + B * R``
+    token positions instead of ``B * (W + R)``. The rows returned are those
+    :func:`policy_forward` returns for the same sequences (``(prompt, response)``
+    concatenated, scored where the next token is a response token), equal to float
+    tolerance (tested).
+
+    Args:
+        model: an HF causal LM (no gradient is taken).
+        prompt_ids: ``(U, W)`` distinct left-padded prompts.
+        prompt_mask: ``(U, W)`` 1 on real prompt tokens.
+        prompt_of_row: ``(B,)`` the prompt of each response.
+        responses: ``(B, R)`` response tokens (padding after EOS).
+        response_mask: ``(B, R)`` 1 on real response tokens.
+
+    Returns:
+        ``(n, d)`` final-normed hidden states, ``n = response_mask.sum()``, row-major:
+        row ``(i, j)`` is the state that predicts response token ``j`` of row ``i``.
+    """
+    from transformers import DynamicCache
+
+    decoder = _decoder(model)
+    prompt_positions = position_ids_from_mask(prompt_mask)  # (U, W)
+    cache = DynamicCache(config=model.config)
+    prefill = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
+                      past_key_values=cache, use_cache=True)
+    cache.batch_select_indices(prompt_of_row)  # (U, ...) -> (B, ...): each response its prompt's rows
+    r = responses.shape[1]
+    positions = prompt_positions[prompt_of_row, -1:] + 1 + torch.arange(r, device=responses.device)  # (B, R)
+    mask = torch.cat([prompt_mask[prompt_of_row], response_mask.to(prompt_mask.dtype)], dim=1)  # (B, W + R)
+    out = decoder(input_ids=responses, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                  use_cache=True)
+    last_prompt = prefill.last_hidden_state[prompt_of_row, -1:]  # (B, 1, d) predicts response token 0
+    grid = torch.cat([last_prompt, out.last_hidden_state[:, :-1]], dim=1)  # (B, R, d): [i, j] predicts token j
+    return grid[response_mask.bool()]

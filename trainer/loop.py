@@ -40,10 +40,10 @@ import torch
 from tqdm.auto import tqdm
 
 from trainer import objectives as obj
-from trainer.batching import (PromptStream, group_noise, replacement_stream, scored_positions, teacher_batch,
+from trainer.batching import (PromptStream, group_noise, replacement_stream, scored_positions, teacher_prompts,
                               to_grid)
 from trainer.evaluate import evaluate
-from trainer.forward import policy_forward, readout
+from trainer.forward import policy_forward, readout, shared_prompt_hidden, unique_prompts
 from trainer.rollout import sample
 from trainer.setup import TrainSetup, prepare
 from workbench.config import TrainConfig, config_to_dict
@@ -250,19 +250,29 @@ class Trainer:
         return merged, torch.cat(rs), torch.cat(cs), es, stats
 
     # ---------------------------------------------------------------- the loss
-    def _teacher_hidden(self, model, sb: StepBatch, rows: torch.Tensor) -> torch.Tensor:
-        """A teacher's final hidden states ``(n, d)`` on the student's response tokens, with
-        the hint in its prompt, no grad; its logits are read out chunk by chunk later."""
-        tb = teacher_batch(self.tok, [sb.teacher_prompts[i] for i in rows.tolist()],
-                           sb.input_ids[rows, sb.prompt_width:], sb.response_mask[rows])
+    def _frozen_hidden(self, model, sb: StepBatch, rows: torch.Tensor, hinted: bool) -> torch.Tensor:
+        """A frozen scorer's final hidden states ``(n, d)`` on the student's response tokens,
+        no grad; its logits are read out chunk by chunk later.
+
+        ``hinted``: after the teacher prompt (student prompt, sentinel, hint); otherwise
+        after the student's own prompt (the reference). Each group's prompt runs once
+        (:func:`~trainer.forward.shared_prompt_hidden`).
+        """
+        responses, response_mask = sb.input_ids[rows, sb.prompt_width:], sb.response_mask[rows]
+        if hinted:
+            ids, mask, prompt_of_row = teacher_prompts(self.tok, [sb.teacher_prompts[i] for i in rows.tolist()])
+        else:
+            ids, mask, prompt_of_row = unique_prompts(sb.input_ids[rows, : sb.prompt_width],
+                                                      sb.attention_mask[rows, : sb.prompt_width])
         with torch.no_grad(), self.s.accelerator.autocast():
-            return policy_forward(model, tb.input_ids.to(self.device), tb.attention_mask.to(self.device),
-                                  tb.scored.to(self.device), return_logits=False).final_hidden
+            return shared_prompt_hidden(model, ids.to(self.device), mask.to(self.device),
+                                        prompt_of_row.to(self.device), responses, response_mask)
 
     def vocab_chunk_size(self) -> int:
-        """Rows per chunk of the full-vocabulary terms (``optim.vocab_chunk_size``; auto: 128 MiB)."""
+        """Rows per chunk of the full-vocabulary terms (``optim.vocab_chunk_size``, or
+        :func:`~trainer.objectives.auto_chunk_size` for this device)."""
         size = self.cfg.optim.vocab_chunk_size
-        return obj.auto_chunk_size(self.vocab_size) if size is None else size
+        return obj.auto_chunk_size(self.vocab_size, self.device) if size is None else size
 
     def _vocab_terms(self, think_layers: list[int], teacher_heads: dict[str, torch.nn.Module]):
         """The per-token function of every full-vocabulary term, for :func:`~trainer.objectives.chunked_rows`.
@@ -288,7 +298,7 @@ class Trainer:
                 q = {name: h(r[name]) for name, h in teacher_heads.items()}  # (m, V) each
             for name in ("rlsd", "ref"):
                 if name in q:
-                    out[f"{name}_logp"] = obj.sampled_token_logprobs(q[name], r["tokens"], T)[0]
+                    out[f"{name}_logp"], _ = obj.sampled_token_logprobs(q[name], r["tokens"], T, with_entropy=False)
             if "sdpg" in q:
                 out["opd"] = obj.sdpg_reverse_kl(z, q["sdpg"], clamp=cfg.sdpg.kl_clamp, temperature=T)
             if "opsd" in q:
@@ -338,11 +348,7 @@ class Trainer:
         rows_in |= {f"layer{l}": out.hidden[l] for l in think_layers}
         heads = {}
         for name, (model, hinted) in teachers.items():
-            if hinted:
-                rows_in[name] = self._teacher_hidden(model, sb, rows)
-            else:
-                with torch.no_grad(), self.s.accelerator.autocast():
-                    rows_in[name] = policy_forward(model, ids, am, scored, return_logits=False).final_hidden
+            rows_in[name] = self._frozen_hidden(model, sb, rows, hinted)
             heads[name] = self.s.accelerator.unwrap_model(model).get_output_embeddings()
         with self.s.accelerator.autocast():
             vocab = obj.chunked_rows(self._vocab_terms(think_layers, heads), rows_in, self.vocab_chunk_size())

@@ -111,7 +111,8 @@ class OptimConfig(_Section):
     max_bad_steps: int = Field(5, ge=1, description="stop after this many consecutive non-finite steps")
     vocab_chunk_size: Optional[int] = Field(
         None, ge=0, description="tokens per chunk of every full-vocabulary term (log-probs, OISD JSD, SDPG KL, "
-        "OPSD JSD), recomputed in backward; null = 128 MiB of float32 logits per chunk; 0 = no chunking",
+        "OPSD JSD), recomputed in backward; null = 32 MiB of float32 logits per chunk on CPU, 128 MiB on GPU; "
+        "0 = no chunking",
     )
 
 

@@ -89,6 +89,88 @@ def js_divergence(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return generalized_jsd(logp, logq, 0.5)
 
 
+class _StudentDivergence(torch.autograd.Function):
+    """``D(softmax(z / T), q)`` for a constant ``q``, with the gradient in closed form.
+
+    For ``p = softmax(z / T)`` and any ``D(p, q)``, ``dD/dz = p * (g - <p, g>) / T`` with
+    ``g = dD/dp`` (the softmax Jacobian). Both of our divergences have a short ``g``:
+
+    - ``beta is None``: ``KL(p || q)``, ``g = log p - log q`` (the ``+1`` cancels);
+    - else ``JSD_beta(q, p) = beta KL(q || M) + (1 - beta) KL(p || M)``,
+      ``M = beta q + (1 - beta) p``: ``g = (1 - beta) (log p - log M)``.
+
+    Autograd through the elementwise formulas keeps a dozen ``(n, V)`` intermediates
+    and makes as many passes over them; this keeps two (``p`` and ``g``) and makes a
+    few passes each way, which matters at real vocabulary sizes (tested against
+    autograd of :func:`kl_divergence` / :func:`generalized_jsd`, and with gradcheck).
+    Logits must be finite (they are: they come from an unembedding).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, log_q, temperature, beta):
+        z = _f32(logits)
+        if temperature != 1.0:
+            z = z / temperature
+        log_p = torch.log_softmax(z, dim=-1)
+        p = log_p.exp()
+        log_q = log_q.to(log_p.dtype)
+        if beta is None:
+            g = log_p - log_q
+            value = _dot(p, g)
+        else:
+            log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log1p(-beta))
+            value = beta * _dot(log_q.exp(), log_q - log_m)
+            g = log_p.sub_(log_m)  # log p is not needed any more: reuse its memory
+            value = value + (1.0 - beta) * _dot(p, g)
+            g.mul_(1.0 - beta)
+        ctx.save_for_backward(p, g)
+        ctx.temperature = temperature
+        ctx.logits_dtype = logits.dtype
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_value):
+        p, g = ctx.saved_tensors
+        centred = g - _dot(p, g).unsqueeze(-1)  # (..., V)
+        grad = centred.mul_(p).mul_((grad_value / ctx.temperature).unsqueeze(-1))
+        return grad.to(ctx.logits_dtype), None, None, None
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_a a b`` over the last dimension via a product temporary: on CPU a multiply
+    and a sum beat :func:`row_dot`'s batched matrix product 2-4x on chunk-sized rows
+    (measured on ``(27..220, 151936)``); :func:`row_dot` is for when no temporary may exist."""
+    return (a * b).sum(-1)
+
+
+def student_divergence(
+    logits: torch.Tensor, log_q: torch.Tensor, temperature: float = 1.0, beta: float | None = None
+) -> torch.Tensor:
+    """A divergence of the student ``p = softmax(z / T)`` from a fixed teacher ``q``.
+
+    ``beta=None``: ``KL(p || q)`` (SDPG's reverse KL). ``beta`` in (0, 1): the
+    generalised JSD with weight ``beta`` on the teacher, ``beta KL(q || M) + (1 - beta)
+    KL(p || M)``, ``M = beta q + (1 - beta) p`` (OPSD; ``beta = 0.5`` is OISD's symmetric
+    JSD). Values equal :func:`kl_divergence` / :func:`generalized_jsd` on the
+    log-softmax; the gradient (to ``z`` only; ``q`` is a constant) is computed in closed
+    form, with far fewer ``(n, V)`` passes and tensors (see ``_StudentDivergence``).
+
+    Args:
+        logits: ``(..., V)`` student logits ``z`` (finite; half precision is computed in float32).
+        log_q: ``(..., V)`` teacher log-probabilities (no gradient flows into them).
+        temperature: ``T > 0`` applied to the student logits.
+        beta: ``None`` for the reverse KL, else the teacher's mixture weight.
+
+    Returns:
+        ``(...)`` divergence in nats.
+    """
+    if beta is not None and not 0.0 < beta < 1.0:
+        raise ValueError(f"beta must be in (0, 1), got {beta}")
+    if logits.shape != log_q.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and log_q {tuple(log_q.shape)} differ in shape")
+    return _StudentDivergence.apply(logits, log_q.detach(), float(temperature), beta)
+
+
 def entropy(logp: torch.Tensor) -> torch.Tensor:
     """Shannon entropy ``H(p) = -sum_a p(a) log p(a)`` in nats, ``(..., V) -> (...)``."""
     logp = _f32(logp)

@@ -318,7 +318,6 @@ def _attention_metrics(inputs: ProbeInputs, head_match: bool) -> dict[str, np.nd
     indices) and each metric is one batched call per layer, not one per sequence.
     """
     attentions = inputs.attentions
-    n_layers = len(attentions)
     n_seq, n_heads, seq_len, _ = attentions[0].shape
     device = attentions[0].device
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64

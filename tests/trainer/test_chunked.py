@@ -162,6 +162,7 @@ def test_bad_inputs(setup):
 
 
 def test_auto_chunk_size():
-    assert obj.auto_chunk_size(151_936) == (1 << 25) // 151_936 == 220
-    assert obj.auto_chunk_size(101) == (1 << 25) // 101
+    assert obj.auto_chunk_size(151_936) == (1 << 23) // 151_936 == 55  # CPU: 32 MiB chunks
+    assert obj.auto_chunk_size(151_936, "cuda") == (1 << 25) // 151_936 == 220
+    assert obj.auto_chunk_size(101, "cpu") == (1 << 23) // 101
     assert obj.auto_chunk_size(10**9) == 1

@@ -298,3 +298,53 @@ def test_bad_inputs_raise_one_line_errors():
     model.gradient_checkpointing_enable()
     with pytest.raises(ConfigError, match="gradient checkpointing"):
         policy_forward(model, input_ids, attention_mask, scored, attn_layers=(2,))
+
+
+# ------------------------------------------------------------------ shared-prompt scoring
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_shared_prompt_hidden_equals_the_full_forward(arch):
+    """Groups of responses after one prompt each (left-padded prompts of three lengths,
+    responses ending early): prefilling each prompt once gives the rows policy_forward
+    gives on the concatenated sequences."""
+    from trainer.batching import scored_positions
+    from trainer.forward import shared_prompt_hidden, unique_prompts
+
+    model = make_model(arch, attn="sdpa")
+    prompts = torch.tensor([[0, 0, 5, 6, 7], [9, 8, 7, 6, 5], [0, 3, 4, 5, 6]]).repeat_interleave(2, dim=0)
+    prompt_mask = (prompts != 0).long()
+    generator = torch.Generator().manual_seed(3)
+    responses = torch.randint(3, 50, (6, 7), generator=generator)
+    response_mask = torch.ones(6, 7)
+    response_mask[1, 4:] = 0  # ended early: padding after EOS
+    response_mask[5, 2:] = 0
+    responses[response_mask == 0] = 0
+
+    ids, mask, prompt_of_row = unique_prompts(prompts, prompt_mask)
+    assert ids.shape == (3, 5) and prompt_of_row.tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.equal(ids[prompt_of_row], prompts) and torch.equal(mask[prompt_of_row], prompt_mask)
+
+    shared = shared_prompt_hidden(model, ids, mask, prompt_of_row, responses, response_mask)
+    full = policy_forward(model, torch.cat([prompts, responses], 1),
+                          torch.cat([prompt_mask, response_mask.long()], 1),
+                          scored_positions(response_mask, 5), return_logits=False).final_hidden
+    assert shared.shape == full.shape == (int(response_mask.sum()), 64)
+    torch.testing.assert_close(shared, full, atol=ATOL, rtol=0)
+    assert not shared.requires_grad
+    # The rows are aligned, not merely equal as a set: one row off differs.
+    assert (shared[1:] - full[:-1]).abs().max() > 0.1
+
+
+def test_teacher_prompts_tokenises_each_group_once():
+    from trainer.batching import teacher_prompts
+    from trainer.tokenizer import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    prompts = ["Compute 1+2.|Hint: 3"] * 3 + ["Compute 4-1.|Hint: 1"] * 2 + ["Compute 1+2.|Hint: 3"]
+    ids, mask, prompt_of_row = teacher_prompts(tok, prompts)
+    assert prompt_of_row.tolist() == [0, 0, 0, 1, 1, 2]  # consecutive runs, not a global set
+    for i, text in enumerate(prompts):
+        row = ids[prompt_of_row[i]][mask[prompt_of_row[i]].bool()].tolist()
+        assert row == tok(text, add_special_tokens=True)["input_ids"]
+    assert mask[:, -1].all()  # left-padded: every prompt ends in the last column

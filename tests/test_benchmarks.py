@@ -1,0 +1,39 @@
+"""The performance harness runs end to end (slow: minutes; ``make test-all``).
+
+No timing is asserted here (targets live in the benchmarks' own output): these tests
+keep the harness from rotting, and check that each table is complete and consistent.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_step_tiny_has_every_method_against_grpo():
+    import bench_step
+
+    rows = bench_step.main(["--sizes", "tiny", "--repeats", "1"])
+    by_variant = {r["variant"]: r for r in rows}
+    assert set(by_variant) == {"grpo", "oisd", "sdpg", "rlsd", "opsd"}
+    assert by_variant["grpo"]["ratio"] == 1.0 and by_variant["grpo"]["mem_ratio"] == 1.0
+    for r in rows:
+        assert r["update_s"] > 0 and r["rollout_s"] > 0 and r["resident_mib"] > 0
+        assert r["tokens"] == 8 * 8 * 40  # full-length responses, every method the same batch
+    # Methods that keep a frozen model hold more than GRPO before their update.
+    assert by_variant["opsd"]["resident_mib"] > by_variant["grpo"]["resident_mib"]
+
+
+def test_bench_trl_compares_the_same_work():
+    pytest.importorskip("trl")
+    import bench_trl
+
+    ours, trl, ratio = bench_trl.main(["--repeats", "1"])
+    assert (ours["side"], trl["side"], ratio["side"]) == ("ours", "trl", "ours/trl")
+    for r in (ours, trl):
+        assert r["step_s"] > r["rollout_s"] > 0 and 1 <= r["mean_len"] <= 40
+    assert ratio["step_s"] == pytest.approx(ours["step_s"] / trl["step_s"])
