@@ -14,7 +14,12 @@ Sizes:
   8 prompts x 8 responses of 40 tokens, as the bundled configs train it.
 - ``real``: a random Qwen3 with the real vocabulary (151,936 tokens, tied embeddings),
   4 blocks of width 256, one group of 2 responses of 512 tokens: the loss path at
-  real vocabulary size, where the ``(tokens, V)`` logits dominate memory.
+  real vocabulary size, where the ``(tokens, V)`` logits dominate memory. The readout
+  is most of this model's compute, so every extra full-vocabulary read-out (OISD's
+  lens, a teacher's, a reference's) weighs far more in its time than in a real model's.
+- ``4b-shape``: the time split of a real model: Qwen3-4B's ratio of block FLOPs to
+  readout FLOPs per token (about 9:1), at width 256 (8 blocks, vocabulary 2,848),
+  2 groups of 4 responses of 256 tokens.
 
 Both run with the default chunking of the full-vocabulary terms
 (``optim.vocab_chunk_size`` auto: 128 MiB chunks) and, marked ``unchunked``, with
@@ -73,6 +78,12 @@ SIZES = {
     "real": (dict(vocab_size=151_936, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
                   max_position_embeddings=1024), 1, 2, 512),
+    # Qwen3-4B's split of per-token FLOPs between the blocks and the readout, shrunk: blocks
+    # 2 L d (4 d + 3 ffn) over readout 2 d V is 9.3 there (d 2560, ffn 9728, 36 blocks,
+    # V 151,936) and 9.4 here (d 256, ffn 768, 8 blocks, V 2,848).
+    "4b-shape": (dict(vocab_size=2_848, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
+                      max_position_embeddings=1024), 2, 4, 256),
 }
 VARIANTS = {  # name: (method, vocab_chunk_size override or None for the default)
     "grpo": ("grpo", None), "oisd": ("oisd", None), "sdpg": ("sdpg", None), "rlsd": ("rlsd", None),
@@ -224,7 +235,7 @@ def run(sizes: list[str], repeats: int, device: str, threads: int, root: Path) -
     rows = []
     for size in sizes:
         folder = model_folder(size, root)
-        variants = [v for v in VARIANTS if size == "real" or "unchunked" not in v]
+        variants = [v for v in VARIANTS if size == "real" or "unchunked" not in v]  # chunking matters at real V
         print(f"[{size}] timing {len(variants)} variants x {repeats} repeats ...", file=sys.stderr, flush=True)
         timed = time_variants(size, variants, folder, device, repeats)
         mem = {}
