@@ -432,3 +432,29 @@ def test_dynamic_sampling_replaces_zero_variance_groups(coin_model_dir, coin_dat
     rows = _metrics(tmp_path / "run")
     assert all("dynamic_sampling/dropped_groups" in r for r in rows)
     assert sum(r["dynamic_sampling/dropped_groups"] for r in rows) > 0
+
+
+def test_bf16_autocast_loss_is_close_to_float32(coin_model_dir, coin_data, coin_batch, tmp_path, run_overrides):
+    """precision.mixed bf16 (the GPU setting; CPU autocast runs the same code path): every
+    term of oisd+sdpg is finite and the loss is within bf16 rounding of the float32 one."""
+    from accelerate.state import AcceleratorState
+
+    keys = EVERY_TERM["oisd+sdpg"]
+    fp32 = _trainer(coin_model_dir, tmp_path / "f", run_overrides, coin_data, "oisd+sdpg", **keys)
+    loss_32, _ = _loss_and_grads(fp32, coin_batch)
+    AcceleratorState._reset_state(reset_partial_state=True)  # accelerate keeps one state per process
+    try:
+        bf16 = _trainer(coin_model_dir, tmp_path / "b", run_overrides, coin_data, "oisd+sdpg",
+                        precision__mixed="bf16", **keys)
+        assert bf16.s.accelerator.mixed_precision == "bf16"
+        rows = torch.arange(coin_batch.input_ids.shape[0])
+        loss_16, logs = bf16.micro_loss(coin_batch, rows, None, bf16.normalisers(coin_batch, rows))
+        loss_16.backward()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert {"loss/policy", "loss/think", "loss/attn", "loss/opd", "loss/ref_kl"} <= logs.keys()
+    assert all(torch.isfinite(v) for v in logs.values())
+    assert all(torch.isfinite(p.grad).all() for p in bf16.model.parameters() if p.grad is not None)
+    loss_16 = float(loss_16.detach())
+    assert loss_16 != float(loss_32)  # autocast did run in bf16: the check has teeth
+    assert abs(loss_16 - float(loss_32)) <= 0.05 * abs(float(loss_32)) + 1e-3
