@@ -117,8 +117,10 @@ def layer_checkpoint_heatmaps(matrices: dict[str, pd.DataFrame], metric: str) ->
     """
     n = max(len(matrices), 1)
     rows, cols = _grid(n)
+    height = max(300, 320 * rows)
+    # About 140 px between rows: room for a row's tick labels and axis title and the next row's title.
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(matrices), horizontal_spacing=0.08,
-                        vertical_spacing=0.12 if rows > 1 else 0.0)
+                        vertical_spacing=140 / height if rows > 1 else 0.0)
     values = [m.to_numpy(dtype=float) for m in matrices.values() if m.size]
     finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.array([])
     cmin, cmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
@@ -130,7 +132,7 @@ def layer_checkpoint_heatmaps(matrices: dict[str, pd.DataFrame], metric: str) ->
         title=dict(text=metric_label(metric), font=dict(size=14)),
         coloraxis=dict(colorscale=SEQUENTIAL, cmin=cmin, cmax=cmax, reversescale=metric in HIGHER_IS_CLOSER,
                        colorbar=dict(title=dict(text=metric, side="right"))),
-        height=max(300, 280 * rows), margin=dict(t=70, b=40, l=50, r=20), font=_FONT,
+        height=height, margin=dict(t=70, b=40, l=50, r=20), font=_FONT,
     )
     return fig
 
