@@ -11,9 +11,11 @@ checkpoint), starts ``oisd dashboard`` on a free port, and times in the browser:
 - view switch: clicking another view in the sidebar until its figures are drawn
   (training curves, then the drill-down, then back to layer alignment, warm).
 
-Targets: first render < 2 s, view switch < 0.5 s. Needs /usr/bin/chromium and the
-playwright package. Run: ``python benchmarks/bench_dashboard.py [--runs 5]
-[--checkpoints 50] [--layers 8] [--root DIR]``.
+Targets: first render < 2 s, view switch < 0.5 s. Side by side, the floor: a minimal
+Streamlit page with one Plotly figure (no data), opened in new sessions interleaved with
+ours, so the table shows how much of a first render is Streamlit's own page load.
+Needs /usr/bin/chromium and the playwright package. Run:
+``python benchmarks/bench_dashboard.py [--runs 5] [--checkpoints 50] [--layers 8] [--root DIR]``.
 """
 
 from __future__ import annotations
@@ -142,20 +144,48 @@ def _wait_view(page, header: str, figure_text: str, figures: int) -> None:
     )
 
 
+# The floor: Streamlit's own page load, a header and one Plotly heat map, no data read.
+FLOOR_APP = """
+import numpy as np
+import plotly.graph_objects as go
+import streamlit as st
+st.header("Floor")
+st.plotly_chart(go.Figure(go.Heatmap(z=np.random.default_rng(0).random((8, 50)))))
+"""
+FLOOR = "floor: bare Streamlit + 1 figure"
+
+
+def _serve(cmd: list[str], env: dict) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    server = subprocess.Popen([*cmd, "--port" if "workbench.cli" in cmd else "--server.port", str(port)],
+                              cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    return server, f"http://127.0.0.1:{port}"
+
+
+def _stop(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
 def measure(root: Path, repeats: int) -> dict[str, list[float]]:
     from playwright.sync_api import sync_playwright
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    server = subprocess.Popen([sys.executable, "-m", "workbench.cli", "dashboard", str(root), "--port", str(port),
-                               "--headless"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    server, url = _serve([sys.executable, "-m", "workbench.cli", "dashboard", str(root), "--headless"], env)
+    floor_app = Path(tempfile.mkdtemp(prefix="bench-floor-")) / "floor.py"
+    floor_app.write_text(FLOOR_APP)
+    floor, floor_url = _serve([sys.executable, "-m", "streamlit", "run", str(floor_app), "--server.headless",
+                               "true", "--browser.gatherUsageStats", "false"], env)
     times: dict[str, list[float]] = {"first render (alignment, cold)": [], "first render (new session)": [],
-                                     "switch to Training": [],
+                                     FLOOR: [], "switch to Training": [],
                                      "switch to Drill-down": [], "switch to Layer alignment": []}
     try:
-        if not wait_for_health(url, timeout_s=120):
+        if not (wait_for_health(url, timeout_s=120) and wait_for_health(floor_url, timeout_s=120)):
             raise RuntimeError("dashboard did not start")
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -171,6 +201,13 @@ def measure(root: Path, repeats: int) -> dict[str, list[float]]:
                 _wait_view(fresh, "Layer alignment", "tuned-lens direction", 2)
                 times["first render (new session)"].append(time.perf_counter() - start)
                 fresh.context.close()
+                fresh = browser.new_context(viewport={"width": 1500, "height": 1100}).new_page()
+                start = time.perf_counter()  # the floor, side by side with the session above
+                fresh.goto(floor_url)
+                fresh.wait_for_function("() => document.querySelector('.js-plotly-plot .main-svg')",
+                                        timeout=120_000, polling=20)
+                times[FLOOR].append(time.perf_counter() - start)
+                fresh.context.close()
             for _ in range(repeats):
                 for view, text, n in (("Training", "reward", 1), ("Drill-down", "Logit lens", 3),
                                       ("Layer alignment", "tuned-lens direction", 2)):
@@ -180,12 +217,8 @@ def measure(root: Path, repeats: int) -> dict[str, list[float]]:
                     times[f"switch to {view}"].append(time.perf_counter() - start)
             browser.close()
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        _stop(server)
+        _stop(floor)
     return times
 
 
@@ -211,12 +244,18 @@ def main() -> int:
     print(f"{'measure':34s} {'first':>7s} {'median':>7s} {'target':>7s}")
     ok = True
     for name, values in times.items():
-        target = TARGET_FIRST_S if name.startswith("first") else TARGET_SWITCH_S
         warm = float(np.median(values[1:])) if len(values) > 1 else float(values[0])
+        if name == FLOOR:
+            print(f"{name:34s} {values[0]:6.2f}s {warm:6.2f}s")
+            continue
+        target = TARGET_FIRST_S if name.startswith("first") else TARGET_SWITCH_S
         verdict = "ok" if warm < target else "SLOW"
         ok &= warm < target
         print(f"{name:34s} {values[0]:6.2f}s {warm:6.2f}s {target:6.1f}s  {verdict}")
-    print("(median over warm repeats; the first switch to a view reads its tables cold)")
+    session = float(np.median(times["first render (new session)"]))
+    print(f"(median over warm repeats; the first switch to a view reads its tables cold)\n"
+          f"new session / floor = {session / float(np.median(times[FLOOR])):.2f}: what the workbench adds "
+          f"to Streamlit's own page load")
     return 0 if ok else 1
 
 
