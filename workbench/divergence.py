@@ -7,11 +7,15 @@ wider, if given) and reduces over the last dimension.
 Zero-probability entries are handled exactly: ``0 * log 0 = 0``, so attention rows
 with masked keys (log-prob ``-inf``) are valid inputs.
 
-Two families:
+Three families:
 
 - :func:`kl_divergence`, :func:`generalized_jsd`, :func:`js_divergence`,
-  :func:`entropy` take log-probabilities, are differentiable (the training objectives
-  back-propagate through them) and make no assumption about the inputs.
+  :func:`entropy` take log-probabilities, are differentiable and make no assumption
+  about the inputs (the OISD attention term back-propagates through them).
+- :func:`student_divergence`: the same KL and generalised JSD for the training
+  objectives' full-vocabulary terms (OISD's logit JSD, SDPG's KL, OPSD's JSD), from
+  finite student logits against a constant teacher, with the gradient in closed form
+  (two saved ``(n, V)`` tensors instead of a dozen).
 - The fast path for the no-grad metrics over large vocabularies:
   :func:`log_softmax_and_probs`, :func:`sum_xlogx`, :func:`row_dot` and
   :func:`js_divergence_probs`. Each elementwise op over a ``(n, V)`` tensor is a full
