@@ -63,10 +63,10 @@ sys.path.insert(0, str(ROOT))  # runnable as a plain script from a checkout
 
 from trainer.batching import scored_positions  # noqa: E402
 from trainer.loop import StepBatch, Trainer  # noqa: E402
-from trainer.rollout import left_pad, sample  # noqa: E402
+from workbench.generation import left_pad, sample  # noqa: E402
 from trainer.setup import prepare  # noqa: E402
 from trainer.tokenizer import build_char_tokenizer  # noqa: E402
-from workbench.config import load_config  # noqa: E402
+from trainer.config import load_config  # noqa: E402
 
 CONFIGS = {"grpo": "grpo", "oisd": "oisd", "sdpg": "sdpg-ufkl", "rlsd": "rlsd", "opsd": "opsd"}
 # Every term on at step 0 (see the module docstring).

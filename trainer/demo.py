@@ -35,7 +35,7 @@ def run_demo(root: str = "runs/demo", steps: int | None = None, seed: int = 0,
     from trainer.warmstart import WarmstartConfig, run_warmstart
     from workbench.analyzer import probe_run
     from workbench.compare import print_comparison
-    from workbench.config import load_config
+    from trainer.config import load_config
     from workbench.runstore import Run
 
     methods = methods or ["grpo", "oisd", "sdpg"]

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from trainer.rollout import sample
+from workbench.generation import sample
 from trainer.tasks.base import Example, Task
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def evaluate_cli(args) -> None:
     """``oisd eval CHECKPOINT_DIR``: greedy accuracy and mean@k, printed and returned."""
     from trainer.data import MathVerifyTask, load_examples
     from trainer.tasks import ArithmeticTask
-    from workbench.config import parse_overrides
+    from trainer.config import parse_overrides
     from workbench.models import load_model_and_tokenizer
     from workbench.runstore import verify_checkpoint
 

@@ -41,8 +41,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from trainer.rollout import position_ids_from_mask
+from workbench.generation import position_ids_from_mask
 from workbench.errors import ConfigError, DataError
+from workbench.probes import FINAL_NORM_NAMES
 
 __all__ = [
     "SELECTIVE_ATTENTION",
@@ -56,7 +57,6 @@ __all__ = [
 #: Name under which the selective attention function is registered.
 SELECTIVE_ATTENTION = "oisd_selective"
 
-_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
 
 
 @dataclass
@@ -121,13 +121,13 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
 def _final_norm(model: nn.Module) -> nn.Module:
     """The norm applied after the last block (``model.norm``, ``ln_f``, ...)."""
     decoder = _decoder(model)
-    for name in _FINAL_NORM_NAMES:
+    for name in FINAL_NORM_NAMES:
         module = getattr(decoder, name, None)
         if isinstance(module, nn.Module):
             return module
     raise ConfigError(
         f"cannot find the final norm of {type(model).__name__} "
-        f"(looked for {', '.join(_FINAL_NORM_NAMES)} on its base model)"
+        f"(looked for {', '.join(FINAL_NORM_NAMES)} on its base model)"
     )
 
 

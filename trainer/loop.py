@@ -44,11 +44,13 @@ from trainer.batching import (PromptStream, group_noise, replacement_stream, sco
                               to_grid)
 from trainer.evaluate import evaluate
 from trainer.forward import policy_forward, readout, shared_prompt_hidden, unique_prompts
-from trainer.rollout import sample
+from trainer.methods import LossInputs, Terms, gradient_shares, spec_of
+from workbench.generation import sample
 from trainer.setup import TrainSetup, prepare
-from workbench.config import TrainConfig, config_to_dict
+from trainer.config import TrainConfig, config_to_dict
 from workbench.errors import WorkbenchError
-from workbench.runstore import RunWriter, latest_checkpoint, write_checkpoint
+from workbench.runstore import RunPaths, RunWriter, latest_checkpoint, write_checkpoint
+from workbench.schema import OUTCOME_SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +113,10 @@ class Trainer:
         self.bad_steps = 0
         # Frozen models only when a term needs them (METHODS.md): the reference is the
         # initial model; RLSD's teacher is a copy re-synced every `sync_every` steps.
+        self.spec = spec_of(cfg.method)
         self.reference = setup.reference
-        self.rlsd_teacher = self._frozen_copy() if cfg.method == "rlsd" else None
+        # RLSD's teacher: a frozen copy of the policy, re-synced every rlsd.sync_every steps.
+        self.frozen_teacher = self._frozen_copy() if self.spec.teacher == "frozen_copy_hinted" else None
 
     # ---------------------------------------------------------------- frozen copies
     def _frozen_copy(self):
@@ -200,7 +204,7 @@ class Trainer:
             ``dynamic_sampling/unfilled_groups`` (kept for lack of replacements),
             ``dynamic_sampling/resample_rounds``.
         """
-        from trainer.rollout import concat_batches
+        from workbench.generation import concat_batches
 
         cfg, G = self.cfg, self.cfg.rollout.group_size
         acc = self.s.accelerator
@@ -279,12 +283,12 @@ class Trainer:
 
         It reads the policy's logits ``z`` from the final hidden state once per chunk and
         computes from them: log pi_theta of the sampled token and the entropy; OISD's
-        ``J^l = JSD(p^l, SG[p^L])`` for each layer in ``think_layers``; and, from each
-        teacher's hidden state read out by its own ``lm_head`` under ``no_grad``: RLSD's
-        and the reference's log-prob of the sampled token, SDPG's clamped reverse KL, OPSD's
-        generalised JSD. Outputs are ``(m,)`` per chunk.
+        ``J^l = JSD(p^l, SG[p^L])`` for each layer in ``think_layers``; the method's
+        teacher term (``spec.teacher_term`` of the teacher's logits, read out by its own
+        ``lm_head`` under ``no_grad``); the reference's log-prob of the sampled token.
+        Outputs are ``(m,)`` per chunk.
         """
-        cfg, T = self.cfg, self.cfg.rollout.temperature
+        cfg, T, spec = self.cfg, self.cfg.rollout.temperature, self.spec
         policy = self.s.accelerator.unwrap_model(self.model)
         head = policy.get_output_embeddings()
         lens = readout(policy, detach=cfg.oisd.detach_readout) if think_layers else None
@@ -296,139 +300,95 @@ class Trainer:
                 out[f"think{l}"] = obj.oisd_logit_alignment(lens(r[f"layer{l}"]), z.detach(), temperature=T)
             with torch.no_grad():
                 q = {name: h(r[name]) for name, h in teacher_heads.items()}  # (m, V) each
-            for name in ("rlsd", "ref"):
-                if name in q:
-                    out[f"{name}_logp"], _ = obj.sampled_token_logprobs(q[name], r["tokens"], T, with_entropy=False)
-            if "sdpg" in q:
-                out["opd"] = obj.sdpg_reverse_kl(z, q["sdpg"], clamp=cfg.sdpg.kl_clamp, temperature=T)
-            if "opsd" in q:
-                out["opsd"] = obj.opsd_jsd(z, q["opsd"], beta=cfg.opsd.beta, temperature=T)
+            if "ref" in q:
+                out["ref_logp"], _ = obj.sampled_token_logprobs(q["ref"], r["tokens"], T, with_entropy=False)
+            if "teacher" in q:
+                out["teacher"] = spec.teacher_term(z, q["teacher"], r["tokens"], cfg, T)
             return out
 
         return terms
 
+    def _teacher_model(self) -> torch.nn.Module:
+        """The model that plays the method's teacher (given the hint)."""
+        return {"current_hinted": self.model, "frozen_copy_hinted": self.frozen_teacher,
+                "initial_hinted": self.reference}[self.spec.teacher]
+
     def micro_loss(self, sb: StepBatch, rows: torch.Tensor, old_logp: torch.Tensor | None,
-                   norm: dict[str, float]) -> tuple[torch.Tensor, dict]:
+                   norm: dict[str, float]) -> tuple[torch.Tensor, dict, Terms]:
         """The loss of one micro-batch (rows of the step batch), already divided by the
         global normaliser of its mini-batch, so micro-batch losses add up exactly.
 
-        One policy forward returns hidden states (never ``(n, V)`` logits); the teachers'
-        forwards return theirs; every full-vocabulary term is then computed in one chunked
-        pass (:meth:`_vocab_terms`), and the rest are ``(b, R)`` tensor ops.
+        Forward, terms, ``spec.loss``: one policy forward returns hidden states (never
+        ``(n, V)`` logits), the teachers' forwards return theirs, every full-vocabulary
+        term is computed in one chunked pass (:meth:`_vocab_terms`), and the method's
+        composer (:mod:`trainer.methods`) adds up the named terms.
+
+        Returns:
+            ``(loss, logs, terms)``.
         """
-        cfg = self.cfg
+        cfg, spec = self.cfg, self.spec
         ids, am, scored = sb.input_ids[rows], sb.attention_mask[rows], sb.scored[rows]
         mask = sb.response_mask[rows]
-        adv = sb.advantages[rows]
-        oisd_on = cfg.uses_oisd and (cfg.oisd.lambda_logit > 0 or cfg.oisd.lambda_attn > 0)
+        schedules = spec.schedule(cfg, self.step)
+        oisd_on = spec.oisd and (cfg.oisd.lambda_logit > 0 or cfg.oisd.lambda_attn > 0)
         S = self.s.oisd_layers if oisd_on else []
         think_layers = S if cfg.oisd.lambda_logit > 0 else []
         attn_layers = (S + [self.L]) if (oisd_on and cfg.oisd.lambda_attn > 0) else []
-        beta = 0.0
-        if cfg.uses_sdpg:
-            beta = obj.sdpg_beta(self.step, beta_base=cfg.sdpg.beta_base, t_warm=cfg.sdpg.t_warm,
-                                 t_decay=cfg.sdpg.t_decay, total_steps=cfg.sdpg.total_steps or cfg.steps)
         with self.s.accelerator.autocast():
             out = policy_forward(self.model, ids, am, scored, hidden_layers=think_layers, attn_layers=attn_layers,
                                  attn_query_stride=cfg.oisd.attn_query_stride, return_logits=False)
         tokens = ids[out.index[0], out.index[1] + 1]  # (n,) the response token each scored row predicts
 
         # Rows the full-vocabulary terms read: the policy's (with gradient), the OISD layers',
-        # and each teacher's final hidden state (no gradient), all (n, d).
-        teachers = {}  # name -> (model, hinted prompt?)
-        if cfg.method == "rlsd":
-            teachers["rlsd"] = (self.rlsd_teacher, True)
-        if beta > 0:  # SDPG's teacher: the current model given the hint
-            teachers["sdpg"] = (self.model, True)
-        if cfg.method == "opsd":  # OPSD's teacher: the fixed initial model given the solution
-            teachers["opsd"] = (self.reference, True)
+        # and each frozen scorer's final hidden state (no gradient), all (n, d).
+        scorers = {}  # name -> (model, hinted prompt?)
+        if spec.teacher_active(cfg, schedules):
+            scorers["teacher"] = (self._teacher_model(), True)
         if self.reference is not None:  # the reference on the student's own prompt
-            teachers["ref"] = (self.reference, False)
+            scorers["ref"] = (self.reference, False)
         rows_in = {"final": out.final_hidden, "tokens": tokens}
         rows_in |= {f"layer{l}": out.hidden[l] for l in think_layers}
         heads = {}
-        for name, (model, hinted) in teachers.items():
+        for name, (model, hinted) in scorers.items():
             rows_in[name] = self._frozen_hidden(model, sb, rows, hinted)
             heads[name] = self.s.accelerator.unwrap_model(model).get_output_embeddings()
         with self.s.accelerator.autocast():
             vocab = obj.chunked_rows(self._vocab_terms(think_layers, heads), rows_in, self.vocab_chunk_size())
-        logp = to_grid(vocab["logp"], mask)  # (b, R)
-        ent = to_grid(vocab["entropy"], mask)
-        old = logp.detach() if old_logp is None else old_logp
+        logp = to_grid(vocab.pop("logp"), mask)  # (b, R)
+        ent = to_grid(vocab.pop("entropy"), mask)
+        grids = {name: to_grid(v, mask) for name, v in vocab.items()}
+
+        attn, attn_rescale = [], 1.0
+        if attn_layers:
+            n = out.final_hidden.shape[0]
+            kept = torch.zeros(n, device=mask.device)
+            kept[out.attn_rows] = 1.0
+            teacher_a = out.attentions[self.L]
+            for l in S:
+                k_rows = obj.oisd_attention_alignment(out.attentions[l], teacher_a, cfg.oisd.attn_mode == "per_head")
+                full = torch.zeros(n, device=mask.device, dtype=k_rows.dtype)
+                full[out.attn_rows] = k_rows
+                attn.append(to_grid(full, mask))
+            if cfg.oisd.attn_query_stride > 1:
+                attn_rescale = obj.attention_query_rescale(mask, to_grid(kept, mask))
+
         # scale: an aggregate over this micro-batch times (its count / the global count)
         # equals its share of the aggregate over the whole (global) mini-batch.
         unit = "tokens" if cfg.grpo.loss_type == "token_mean" else "seqs"
         scale = (mask.sum() if unit == "tokens" else torch.tensor(float(len(rows)))) / norm[unit]
-        agg = lambda x: obj.aggregate(x, mask, cfg.grpo.loss_type, cfg.rollout.max_new_tokens) * scale  # noqa: E731
-        tok_share = mask.sum() / norm["tokens"]  # token-mean metrics: this micro-batch's share
-
-        logs: dict[str, torch.Tensor] = {}
-        total = torch.zeros((), device=self.device)
-        A = adv
-        if cfg.method == "rlsd":
-            lam = obj.rlsd_lambda(self.step, cfg.rlsd.lambda_init, cfg.rlsd.lambda_decay_steps)
-            t_logp = to_grid(vocab["rlsd_logp"], mask)
-            A, w = obj.rlsd_token_advantages(adv, t_logp, logp.detach(), lam, cfg.rlsd.eps_w)
-            logs["rlsd/w_mean"] = (w * mask).sum() / norm["tokens"]
-        if cfg.method != "opsd":  # OPSD has no reward term (METHODS.md)
-            per_tok, cstats = obj.grpo_surrogate(logp, old, A, mask, eps_low=cfg.grpo.eps_low,
-                                                 eps_high=cfg.grpo.eps_high, dual_clip=cfg.grpo.dual_clip,
-                                                 clip=cfg.grpo.clip)
-            l_pol = agg(per_tok)
-            total = total + l_pol
-            logs["loss/policy"] = l_pol.detach()
-            logs["clip_ratio/region_mean"] = cstats["clip_ratio/region_mean"] * tok_share
+        x = LossInputs(
+            cfg=cfg, logp=logp, old_logp=logp.detach() if old_logp is None else old_logp, mask=mask,
+            advantages=sb.advantages[rows], scale=scale,
+            aggregate=lambda t: obj.aggregate(t, mask, cfg.grpo.loss_type, cfg.rollout.max_new_tokens) * scale,
+            vocab=grids, attn=attn, attn_rescale=attn_rescale, schedules=schedules,
+            tokens_share=mask.sum() / norm["tokens"], seq_share=len(rows) / norm["seqs"],
+        )
+        terms = spec.loss(x)
+        total = sum((t.coef * t.value for t in terms.values()), torch.zeros((), device=self.device))
+        logs = dict(x.logs)
+        logs |= {f"loss/{name}": t.value.detach() for name, t in terms.items() if name != "kl"}
         logs["entropy"] = (ent * mask).sum() / norm["tokens"]
-
-        if self.reference is not None:
-            ref_logp = to_grid(vocab["ref_logp"], mask)
-            k3 = obj.reference_kl(logp, ref_logp, cfg.grpo.kl_estimator)
-            logs["kl"] = agg(k3.detach())
-            if cfg.grpo.kl_coef > 0:
-                total = total + cfg.grpo.kl_coef * agg(k3)
-
-        if oisd_on:
-            w_i = obj.oisd_weights(adv, cfg.oisd.weight)
-            if think_layers:
-                J = [to_grid(vocab[f"think{l}"], mask) for l in think_layers]
-                l_think = obj.oisd_loss(J, w_i, mask, cfg.grpo.loss_type, cfg.rollout.max_new_tokens) * scale
-                total = total + cfg.oisd.lambda_logit * l_think
-                logs["loss/think"] = l_think.detach()
-            if attn_layers:
-                rows_a = out.attn_rows
-                n = out.final_hidden.shape[0]
-                sel = torch.zeros(n, device=mask.device)
-                sel[rows_a] = 1.0
-                amask = to_grid(sel, mask)  # strided query rows only
-                teacher_a = out.attentions[self.L]
-                K = []
-                for l in S:
-                    k_rows = obj.oisd_attention_alignment(out.attentions[l], teacher_a, cfg.oisd.attn_mode == "per_head")
-                    full = torch.zeros(n, device=mask.device, dtype=k_rows.dtype)
-                    full[rows_a] = k_rows
-                    K.append(to_grid(full, mask))
-                scale_a = scale if cfg.oisd.attn_query_stride == 1 else scale * mask.sum() / amask.sum().clamp(min=1)
-                l_attn = obj.oisd_loss(K, w_i, mask, cfg.grpo.loss_type, cfg.rollout.max_new_tokens) * scale_a
-                total = total + cfg.oisd.lambda_attn * l_attn
-                logs["loss/attn"] = l_attn.detach()
-
-        if cfg.uses_sdpg:
-            gate = obj.sdpg_gate(adv) if cfg.sdpg.gate else torch.ones_like(adv)
-            logs["sdpg/gate_fraction"] = gate.mean() * len(rows) / norm["seqs"]
-            if beta > 0:
-                l_opd = agg(gate[:, None] * to_grid(vocab["opd"], mask))
-                total = total + beta * l_opd
-                logs["loss/opd"] = l_opd.detach()
-            if cfg.sdpg.alpha > 0:
-                l_k = agg(obj.unnormalized_kl(logp, ref_logp, cfg.sdpg.ref_kl))
-                total = total + cfg.sdpg.alpha * l_k
-                logs["loss/ref_kl"] = l_k.detach()
-
-        if cfg.method == "opsd":
-            l_opsd = agg(to_grid(vocab["opsd"], mask))
-            total = total + l_opsd
-            logs["loss/policy"] = l_opsd.detach()
-        return total, logs
+        return total, logs, terms
 
     # ---------------------------------------------------------------- one step
     def normalisers(self, sb: StepBatch, rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -462,16 +422,12 @@ class Trainer:
         cfg, acc = self.cfg, self.s.accelerator
         t0 = time.time()
         self.model.train()
-        if self.rlsd_teacher is not None and self.step % cfg.rlsd.sync_every == 0:
+        if self.frozen_teacher is not None and self.step % cfg.rlsd.sync_every == 0:
             # Re-sync from the policy (at step 0 this is the initial model, as built).
-            self.rlsd_teacher.load_state_dict(acc.unwrap_model(self.model).state_dict())
+            self.frozen_teacher.load_state_dict(acc.unwrap_model(self.model).state_dict())
         sb, logs = self.rollout()
         finite = self.update(sb, logs)
-        if cfg.uses_sdpg:
-            logs["sched/beta"] = obj.sdpg_beta(self.step, beta_base=cfg.sdpg.beta_base, t_warm=cfg.sdpg.t_warm,
-                                               t_decay=cfg.sdpg.t_decay, total_steps=cfg.sdpg.total_steps or cfg.steps)
-        if cfg.method == "rlsd":
-            logs["sched/lambda"] = obj.rlsd_lambda(self.step, cfg.rlsd.lambda_init, cfg.rlsd.lambda_decay_steps)
+        logs.update(self.spec.schedule(cfg, self.step))
         logs["lr"] = self.scheduler.get_last_lr()[0]
         dt = time.time() - t0
         n_tok = float(_all_sum(sb.response_mask.sum().reshape(1).to(self.device))[0])
@@ -509,15 +465,19 @@ class Trainer:
         if n_mb > 1:  # several updates per rollout batch: ratios against the sampling policy
             old_logp = sb.sample_logprobs.to(self.device)
         sums: dict[str, float] = {}
+        shares: dict[str, float] = {}
         finite = True
         gnorm = torch.zeros(())
         for rows_mb in mb_rows:
             norm = self.normalisers(sb, rows_mb)
             self.optimizer.zero_grad(set_to_none=True)
             mb_loss = 0.0
-            for rows in rows_mb.split(micro):
+            for i, rows in enumerate(rows_mb.split(micro)):
                 rows = rows.to(self.device)
-                loss, parts = self.micro_loss(sb, rows, None if old_logp is None else old_logp[rows], norm)
+                loss, parts, terms = self.micro_loss(sb, rows, None if old_logp is None else old_logp[rows], norm)
+                if i == 0 and rows_mb is mb_rows[0] and self._measure_grad_share():
+                    params = [p for p in self.model.parameters() if p.requires_grad]
+                    shares = {f"grad_share/{k}": v for k, v in gradient_shares(terms, params).items()}
                 loss.backward()
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / n_mb
@@ -537,8 +497,14 @@ class Trainer:
         for k in sums:
             sums[k] = float(_all_sum(torch.tensor([sums[k]], device=self.device))[0])
         logs.update(sums)
+        logs.update(shares)  # measured on this process's first micro-batch, not summed
         logs["grad_norm"] = float(gnorm)
         return finite
+
+    def _measure_grad_share(self) -> bool:
+        """Every ``logging.grad_share_every`` steps (and at step 0) when the method has more than one term."""
+        every = self.cfg.logging.grad_share_every
+        return every > 0 and self.step % every == 0
 
 
 class NonFiniteError(WorkbenchError):
@@ -558,7 +524,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         NonFiniteError: ``optim.max_bad_steps`` consecutive non-finite steps; run.json
             then says ``failed``.
     """
-    from trainer.probes import run_builtin_probes
+    from workbench.probes import run_builtin_probes, sample_probe_completions
     from trainer.state import load_trainer_state, save_checkpoint_fn
 
     setup = prepare(cfg, resume=resume)  # validates everything before any work
@@ -575,13 +541,19 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             log.warning("no complete checkpoint in %s; starting from step 0", run_dir)
     tr.step = start_step
     if acc.is_main_process:
-        log.info("training %s: steps %d..%d on %d process(es), device %s", cfg.method, start_step + 1, cfg.steps,
-                 acc.num_processes, acc.device)
+        if start_step >= cfg.steps:
+            log.info("%s already finished its %d steps; nothing to train", run_dir, cfg.steps)
+        else:
+            log.info("training %s: steps %d..%d on %d process(es), device %s", cfg.method, start_step + 1,
+                     cfg.steps, acc.num_processes, acc.device)
     writer = None
     records = setup.probe_records
     if acc.is_main_process:
         writer = RunWriter(run_dir, config_to_dict(cfg), resume=resume, resume_step=resume_step)
         writer.write_probe_set(records)
+        # Resolved facts every reader needs, so none of them re-derives them from the config.
+        writer.record(num_layers=setup.num_layers, oisd_layers=setup.oisd_layers,
+                      probe_max_new_tokens=cfg.rollout.max_new_tokens)
     run_name = run_dir.name
     test_examples = setup.task.test_examples()[: cfg.eval.n]
     tb = _tensorboard(cfg, run_dir) if acc.is_main_process else None
@@ -593,20 +565,25 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
                        batch_size=cfg.eval.batch_size, seed=cfg.seed)
         return res.as_metrics()
 
+    probe_examples = {i: e for i, e in enumerate(setup.task.test_examples()[: len(records)])}
+
+    def verify(record: dict, response_ids: list[int]) -> bool:
+        text = tr.tok.decode(response_ids, skip_special_tokens=True)
+        return setup.task.reward(text, probe_examples[int(record["index"])]) > 0
+
     def probe_now(step: int) -> dict:
-        df = run_builtin_probes(acc.unwrap_model(tr.model), tr.tok, records, run=run_name, step=step,
+        model = acc.unwrap_model(tr.model)
+        samples = None
+        if cfg.probe.samples_per_prompt:
+            samples = sample_probe_completions(
+                model, tr.tok, records, step=step, k=cfg.probe.samples_per_prompt, verify=verify, seed=cfg.seed,
+                temperature=cfg.probe.sample_temperature, max_new_tokens=cfg.rollout.max_new_tokens)
+            writer.log_samples(samples)
+        df = run_builtin_probes(model, tr.tok, records, run=run_name, step=step,
                                 greedy=cfg.probe.greedy, chunk_size=cfg.probe.chunk_size,
-                                max_new_tokens=cfg.rollout.max_new_tokens)
+                                max_new_tokens=cfg.rollout.max_new_tokens, samples=samples)
         writer.log_probes(df)
-        # df["head"], not df.head: that is DataFrame.head(), and `== -1` would select nothing.
-        ref = df[(df["split"] == "reference") & (df["head"] == -1) & (df["ref_layer"] == -1)]
-        out = {}
-        for l in setup.oisd_layers or [max(1, setup.num_layers // 2)]:
-            for m in ("top1_agree", "lens_js", "attn_js_final"):
-                v = ref[(ref["layer"] == l) & (ref["metric"] == m)]["value"]
-                if len(v):
-                    out[f"probe/{m}/layer{l}"] = float(v.iloc[0])
-        return out
+        return probe_summary(df, setup.oisd_layers or [max(1, setup.num_layers // 2)])
 
     try:
         if start_step == 0 and acc.is_main_process:
@@ -658,6 +635,23 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     return run_dir
 
 
+def probe_summary(df, layers: list[int]) -> dict:
+    """``probe/<metric>/layer<l>`` for metrics.jsonl: top1_agree, lens_js and attn_js_final at
+    the given layers on the reference split, and their correct-minus-wrong gap
+    (``probe/gap/<metric>/layer<l>``) when both outcome splits hold sequences."""
+    base = df[(df["head"] == -1) & (df["ref_layer"] == -1)]  # df["head"]: df.head is a method
+    out = {}
+    for l in layers:
+        for m in ("top1_agree", "lens_js", "attn_js_final"):
+            value = {split: base[(base["split"] == split) & (base["layer"] == l) & (base["metric"] == m)]["value"]
+                     for split in ("reference",) + OUTCOME_SPLITS}
+            if len(value["reference"]):
+                out[f"probe/{m}/layer{l}"] = float(value["reference"].iloc[0])
+            if len(value["sampled_correct"]) and len(value["sampled_wrong"]):
+                out[f"probe/gap/{m}/layer{l}"] = float(value["sampled_correct"].iloc[0] - value["sampled_wrong"].iloc[0])
+    return out
+
+
 def _tensorboard(cfg: TrainConfig, run_dir: Path):
     if not cfg.logging.tensorboard:
         return None
@@ -666,4 +660,4 @@ def _tensorboard(cfg: TrainConfig, run_dir: Path):
     except ImportError:
         log.warning("logging.tensorboard is on but tensorboard is not installed (pip install 'oisd-workbench[tensorboard]')")
         return None
-    return SummaryWriter(str(run_dir / "events"))
+    return SummaryWriter(str(RunPaths(run_dir).events))

@@ -427,6 +427,24 @@ def oisd_loss(
     return aggregate(per_token, mask, loss_type, max_len)
 
 
+def attention_query_rescale(mask: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Rescale of ``L_attn`` when only every k-th response query is kept (``oisd.attn_query_stride``).
+
+    K is zero on the queries that were not kept, so ``aggregate`` averages it over all
+    ``sum m`` response tokens; multiplying by ``sum m / sum m_kept`` turns that into the
+    mean over the kept queries, the same estimate of ``L_attn`` at a fraction of the cost:
+    ``L_attn = (sum m / sum m_kept) * agg(w_i mean_l K^l)``.
+
+    Args:
+        mask: ``(B, T)`` response tokens.
+        kept: ``(B, T)`` 1 on the kept query rows (a subset of ``mask``).
+
+    Returns:
+        Scalar ``sum m / max(sum m_kept, 1)``.
+    """
+    return mask.sum() / kept.sum().clamp(min=1)
+
+
 # --------------------------------------------------------------------------- SDPG
 
 

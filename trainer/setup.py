@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from trainer.tasks.base import Task
-from workbench.config import TrainConfig
+from trainer.config import TrainConfig
 from workbench.errors import ConfigError, DataError
+from workbench.runstore import is_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class TrainSetup:
     num_layers: int  # L, decoder blocks
     oisd_layers: list[int]  # S, resolved block indices (empty unless OISD is on)
     run_dir: Path
-    probe_records: list[dict]  # the fixed probe set (trainer.probes.make_probe_set)
+    probe_records: list[dict]  # the fixed probe set (workbench.probes.make_probe_set)
 
 
 def resolve_layers(spec: list, num_layers: int, key: str = "oisd.layers") -> list[int]:
@@ -54,6 +55,24 @@ def resolve_layers(spec: list, num_layers: int, key: str = "oisd.layers") -> lis
                 f"(the model has {num_layers} blocks; choose 1..{num_layers - 1})"
             )
     return sorted(set(out))
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to 0 (TRL's ``disable_dropout``).
+
+    RL scores the sampled tokens with the policy in train mode; with dropout on, the
+    log-probs of the loss differ from those of the sampler, so the ratio and every KL
+    are noisy even at the first step (on a GPT-2 folder: a ref KL of 1.00175 instead of 1).
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for key, value in list(vars(module).items()):  # e.g. Qwen3/Llama attention's float `attention_dropout`
+            if "dropout" in key and isinstance(value, float):
+                setattr(module, key, 0.0)
+    for key, value in list(model.config.to_dict().items()):
+        if ("dropout" in key or key.endswith("_pdrop")) and isinstance(value, float):
+            setattr(model.config, key, 0.0)
 
 
 def build_task(cfg: TrainConfig) -> Task:
@@ -115,24 +134,25 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> TrainSetup:
     from accelerate.utils import set_seed
 
     from trainer.forward import enable_selective_attention
-    from trainer.probes import make_probe_set
+    from workbench.probes import make_probe_set
     from workbench.models import load_model_and_tokenizer, load_model_config
 
     hf_cfg = load_model_config(cfg.model.path)  # cheap: the folder is checked first
     L = int(hf_cfg.num_hidden_layers)
-    oisd_layers = resolve_layers(cfg.oisd.layers, L) if cfg.uses_oisd else []
+    spec = cfg.spec
+    oisd_layers = resolve_layers(cfg.oisd.layers, L) if spec.oisd else []
     accelerator = Accelerator(mixed_precision=cfg.precision.mixed, cpu=not torch.cuda.is_available())
     check_batch(cfg, accelerator.num_processes)
     task = build_task(cfg)
     train_examples = task.train_examples()
     if not train_examples:
         raise DataError("no training examples")
-    if cfg.method == "opsd" and not any(e.solution for e in train_examples):
+    if spec.needs_solution and not any(e.solution for e in train_examples):
         raise ConfigError(
-            "method 'opsd' needs reference solutions as the teacher's privileged context, but the data has "
+            f"method '{cfg.method}' needs reference solutions as the teacher's privileged context, but the data has "
             "none (set data.solution_column)"
         )
-    if cfg.needs_hint and not all(e.answer for e in train_examples):
+    if spec.needs_hint and not all(e.answer for e in train_examples):
         raise ConfigError(f"method '{cfg.method}' needs a hint (the reference answer), but some examples have none")
     n_test = len(task.test_examples())
     if cfg.probe.n_prompts > n_test:
@@ -140,9 +160,9 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> TrainSetup:
                           f"{n_test} held-out examples")
 
     run_dir = cfg.resolved_run_dir()
-    if not resume and (run_dir / "run.json").exists():
+    if not resume and is_run_folder(run_dir):
         raise ConfigError(f"run folder '{run_dir}' already holds a run (use --resume, or another --run-dir)")
-    if resume and not (run_dir / "run.json").exists():
+    if resume and not is_run_folder(run_dir):
         log.warning("--resume: '%s' holds no run yet; starting a new one", run_dir)
     # Every process has looked at the run folder before the main one creates run.json.
     accelerator.wait_for_everyone()
@@ -151,13 +171,15 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> TrainSetup:
     model, tokenizer = load_model_and_tokenizer(
         cfg.model.path, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation
     )
+    if cfg.model.disable_dropout:
+        disable_dropout(model)
     model.to(accelerator.device)
     model.config.use_cache = False
-    if cfg.uses_oisd and cfg.oisd.lambda_attn > 0:
+    if spec.oisd and cfg.oisd.lambda_attn > 0:
         enable_selective_attention(model)
     probe_records = make_probe_set(task.test_examples(), tokenizer, cfg.probe.n_prompts)
     reference = None
-    if cfg.needs_reference:
+    if spec.needs_reference(cfg):
         reference, _ = load_model_and_tokenizer(cfg.model.path, dtype=cfg.model.dtype,
                                                 attn_implementation=cfg.model.attn_implementation)
         reference.to(accelerator.device).eval().requires_grad_(False)

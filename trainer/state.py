@@ -46,8 +46,8 @@ def save_checkpoint_fn(tr, step: int):
             },
         }
         torch.save(state, folder / STATE_FILE)
-        if tr.rlsd_teacher is not None:
-            sd = {k: v.detach().contiguous().cpu() for k, v in tr.rlsd_teacher.state_dict().items()}
+        if tr.frozen_teacher is not None:
+            sd = {k: v.detach().contiguous().cpu() for k, v in tr.frozen_teacher.state_dict().items()}
             save_file(_untie(sd), str(folder / TEACHER_FILE))
 
     return save
@@ -79,6 +79,13 @@ def _load_weights(model: torch.nn.Module, weights: dict, source: Path) -> None:
                               f"unexpected {unexpected[:3]})")
 
 
+def _load_tensors(path: Path, device: torch.device) -> dict:
+    """``safetensors.load_file`` onto ``device``. safetensors takes "cpu" but not "cpu:0",
+    which is what accelerate's device is in a multi-process CPU run."""
+    device = torch.device(device)
+    return load_file(str(path), device="cpu" if device.type == "cpu" else str(device))
+
+
 def load_trainer_state(tr, folder: Path) -> int:
     """Restore model weights, optimizer, scheduler, RNG and teacher from ``folder``.
 
@@ -93,7 +100,7 @@ def load_trainer_state(tr, folder: Path) -> int:
         CheckpointError: the checkpoint's weights do not fit the model.
     """
     model = tr.s.accelerator.unwrap_model(tr.model)
-    _load_weights(model, load_file(str(folder / "model.safetensors"), device=str(tr.device)), folder)
+    _load_weights(model, _load_tensors(folder / "model.safetensors", tr.device), folder)
     state = torch.load(folder / STATE_FILE, map_location=tr.device, weights_only=False)
     tr.optimizer.load_state_dict(state["optimizer"])
     tr.scheduler.load_state_dict(state["scheduler"])
@@ -104,9 +111,9 @@ def load_trainer_state(tr, folder: Path) -> int:
     torch.set_rng_state(rng["torch"].cpu())
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    if tr.rlsd_teacher is not None:
+    if tr.frozen_teacher is not None:
         teacher = folder / TEACHER_FILE
         if not teacher.is_file():
-            raise CheckpointError(f"checkpoint '{folder}' has no {TEACHER_FILE} (needed by method rlsd)")
-        _load_weights(tr.rlsd_teacher, load_file(str(teacher), device=str(tr.device)), folder)
+            raise CheckpointError(f"checkpoint '{folder}' has no {TEACHER_FILE} (needed by the frozen teacher)")
+        _load_weights(tr.frozen_teacher, _load_tensors(teacher, tr.device), folder)
     return int(state["step"])

@@ -80,7 +80,7 @@ class WarmstartConfig:
 
     @classmethod
     def from_args(cls, args) -> "WarmstartConfig":
-        from workbench.config import parse_overrides
+        from trainer.config import parse_overrides
 
         budget = BUDGETS.get(args.preset, {})
         pick = lambda name: getattr(args, name) if getattr(args, name) is not None else budget.get(name)  # noqa: E731

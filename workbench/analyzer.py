@@ -18,11 +18,11 @@ residual is ``blocks.{l-1}.hook_resid_post``, the read-out is the bridge's own
 logits. The read-out of the last block's residual is checked against those logits
 at every scored position before anything is written, so a model whose head does
 more than norm + unembedding (a logit soft-cap, a scale) is refused instead of
-producing a wrong lens. The batch is built by ``trainer.probes.probe_batch`` and the
+producing a wrong lens. The batch is built by ``workbench.probes.probe_batch`` and the
 metrics by ``workbench.probing``: the same code as the trainer's built-in probes,
 which agree with this analyzer to 1e-4 (tested).
 
-Greedy split: the completions are decoded with ``trainer.rollout.sample`` on the
+Greedy split: the completions are decoded with ``workbench.generation.sample`` on the
 HF model the bridge wraps (eager attention, as the built-in probes decode them),
 then teacher-forced through the bridge like the references.
 
@@ -47,7 +47,7 @@ import pandas as pd
 import torch
 
 from workbench.errors import CheckpointError, ConfigError, DataError, WorkbenchError
-from workbench.models import DTYPES
+from workbench.models import DTYPES, first_line
 from workbench.runstore import (
     MANIFEST_NAME,
     Checkpoint,
@@ -58,13 +58,14 @@ from workbench.runstore import (
     require_model_folder,
     verify_checkpoint,
 )
-from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, TOPK_COLUMNS
+from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, OUTCOME_SPLITS, TOPK_COLUMNS
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["KINDS", "PROCESSING_MODE", "ProbeReport", "probe_checkpoint", "probe_run"]
 
 KINDS = ("metrics", "topk", "cells", "attn")
+DEFAULT_MAX_NEW_TOKENS = 64  # greedy length when the run does not say
 PROCESSING_MODE = "none (boot_transformers raw HF weights; no compatibility mode, no fold_ln)"
 # The read-out of the last block must reproduce the model's logits within this
 # tolerance (absolute, scaled by the logits' magnitude); half precisions round more.
@@ -118,22 +119,17 @@ def _boot(folder: Path, device: str, dtype: torch.dtype):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:  # noqa: BLE001 - a loading failure becomes one line
-        raise CheckpointError(f"cannot load the tokenizer of {folder}: {_first_line(exc)}") from None
+        raise CheckpointError(f"cannot load the tokenizer of {folder}: {first_line(exc)}") from None
     try:
         bridge = TransformerBridge.boot_transformers(
             str(folder), device=device, dtype=dtype, tokenizer=tokenizer
         )
     except Exception as exc:  # noqa: BLE001 - unsupported architecture, bad weights, ...
         raise CheckpointError(
-            f"TransformerLens cannot load {folder}: {_first_line(exc)}"
+            f"TransformerLens cannot load {folder}: {first_line(exc)}"
         ) from None
     bridge.eval()
     return bridge, tokenizer
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def _hook_names(n_layers: int) -> list[str]:
@@ -149,7 +145,7 @@ def bridge_probe_inputs(bridge, batch: dict[str, torch.Tensor]):
 
     Args:
         bridge: a booted ``TransformerBridge`` in eval mode.
-        batch: from ``trainer.probes.probe_batch``.
+        batch: from ``workbench.probes.probe_batch``.
 
     Returns:
         ``workbench.probing.ProbeInputs`` with ``hidden`` = ``blocks.{0..L-2}.hook_resid_post``
@@ -198,14 +194,6 @@ def bridge_probe_inputs(bridge, batch: dict[str, torch.Tensor]):
     )
 
 
-def _special_ids(tokenizer) -> tuple[int, int]:
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise CheckpointError("the checkpoint's tokenizer has no EOS token")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return int(pad), int(eos)
-
-
 def _decoder(tokenizer):
     cache: dict[int, str] = {}
 
@@ -229,6 +217,7 @@ def probe_checkpoint(
     greedy: bool = True,
     chunk_size: int | None = None,
     max_new_tokens: int = 64,
+    samples: pd.DataFrame | None = None,
 ) -> dict[str, pd.DataFrame]:
     """All analyzer tables of one booted checkpoint.
 
@@ -242,28 +231,32 @@ def probe_checkpoint(
         greedy: also score the model's own greedy completions.
         chunk_size: positions per logit-lens read-out chunk (None: about 4M floats per chunk).
         max_new_tokens: longest greedy completion.
+        samples: the step's sampled completions (``probe_samples.parquet`` rows), scored
+            as splits ``sampled_correct`` / ``sampled_wrong``; None: no sampled splits.
 
     Returns:
         ``{"metrics", "topk", "cells", "attn"}`` -> DataFrame (schema columns).
     """
-    from trainer.probes import greedy_responses, probe_batch
+    from workbench.probes import greedy_responses, n_samples_frame, probe_batch, probe_splits, special_ids
     from workbench.probing import attention_detail, compute_probe_metrics, per_position_detail
 
-    pad_id, eos_id = _special_ids(tokenizer)
+    pad_id, eos_id = special_ids(tokenizer)
     decode = _decoder(tokenizer)
-    splits: list[tuple[str, list[list[int]] | None]] = [("reference", None)]
+    greedy_ids = None
     if greedy:
         # Decoded on the HF model the bridge wraps (eager attention, as booted), with
         # the trainer's rollout code: the same tokens the built-in probes score.
-        model = bridge.original_model
-        responses = greedy_responses(
-            model, records, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens
+        greedy_ids = greedy_responses(
+            bridge.original_model, records, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens
         )
-        splits.append(("greedy", responses))
 
     metric_frames, topk_frames, cell_frames, attn_frames = [], [], [], []
-    for split, split_responses in splits:
-        inputs = bridge_probe_inputs(bridge, probe_batch(records, pad_id, split_responses))
+    for split, split_records, split_responses in probe_splits(records, greedy=greedy_ids, samples=samples):
+        if split in OUTCOME_SPLITS:
+            metric_frames.append(n_samples_frame(run, step, split, len(split_records), "analyzer"))
+            if not split_records:
+                continue
+        inputs = bridge_probe_inputs(bridge, probe_batch(split_records, pad_id, split_responses))
         result = compute_probe_metrics(inputs, chunk_size=chunk_size)
         metric_frames.append(result.to_frame(run, step, split, "analyzer"))
         if split == "reference":
@@ -322,6 +315,12 @@ def _provenance(bridge, folder: Path, digest: str, device: str, dtype: str, step
     }
 
 
+def _samples_at(samples: pd.DataFrame, step: int) -> pd.DataFrame | None:
+    """The sampled probe completions the trainer stored at ``step`` (None when there are none)."""
+    rows = samples[samples["step"] == step]
+    return rows if len(rows) else None
+
+
 def _is_up_to_date(run: Run, step: int, digest: str) -> bool:
     return all(step in run.analyzed_steps(kind, digest) for kind in KINDS)
 
@@ -335,7 +334,7 @@ def probe_run(
     detail_prompts: int = 4,
     progress: bool = True,
     greedy: bool = True,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = None,
     chunk_size: int | None = None,
 ) -> ProbeReport:
     """Analyse every checkpoint of a run with TransformerLens (incrementally).
@@ -348,7 +347,8 @@ def probe_run(
         detail_prompts: probe prompts kept in the per-prompt drill-down tables.
         progress: show a tqdm progress bar over checkpoints.
         greedy: also score the model's own greedy completions (split ``"greedy"``).
-        max_new_tokens: longest greedy completion.
+        max_new_tokens: longest greedy completion; None: the length the run's built-in
+            probes used (``probe_max_new_tokens`` in run.json), else 64.
         chunk_size: positions per logit-lens read-out chunk (None: about 4M floats per chunk).
 
     Returns:
@@ -367,6 +367,9 @@ def probe_run(
     if not records:
         raise DataError(f"{run.path} has no probe set (probe_set.jsonl is missing or empty)")
     digest = probe_set_hash(records)
+    if max_new_tokens is None:
+        max_new_tokens = int(run.info.get("probe_max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+    all_samples = run.samples()
     report = ProbeReport(run_dir=run.path)
     # Every step-* folder, so that a broken one is reported rather than silently absent.
     checkpoints: list[Checkpoint] = list_checkpoints(run.path, verify=False)
@@ -389,6 +392,7 @@ def probe_run(
                 bridge, tokenizer, records, run=run.name, step=ckpt.step,
                 detail_prompts=detail_prompts, greedy=greedy, chunk_size=chunk_size,
                 max_new_tokens=max_new_tokens,
+                samples=_samples_at(all_samples, ckpt.step),
             )
             provenance = _provenance(bridge, ckpt.path, digest, device, dtype, ckpt.step)
             provenance["seconds"] = round(time.perf_counter() - start, 3)

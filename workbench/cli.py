@@ -29,7 +29,7 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from workbench.config import describe_config, load_config
+    from trainer.config import describe_config, load_config
 
     if args.help_config:
         print("\n".join(describe_config()))

@@ -121,7 +121,7 @@ def _oisd_layer(run: Run, num_layers: int | None) -> int | None:
     section = run.config.get("oisd")
     spec = section.get("layers") if isinstance(section, dict) else None
     if not spec:
-        spec = [0.5]  # the config default (workbench.config.OISDConfig)
+        spec = [0.5]  # the config default (trainer.config.OISDConfig)
     if num_layers is None:
         ints = [x for x in spec if isinstance(x, int)]  # a block index needs no L
         return min(ints) if ints else None

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from workbench.errors import CheckpointError
+from workbench.runstore import require_model_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -26,13 +27,7 @@ def check_model_source(name: str | os.PathLike) -> None:
     """Fail early, in one line, when a local path is not a model folder."""
     if not is_local_path(name):
         return
-    p = Path(name).expanduser()
-    if not p.exists():
-        raise CheckpointError(f"model folder '{p}' does not exist")
-    if not p.is_dir() or not (p / "config.json").is_file():
-        raise CheckpointError(f"'{p}' is not a model folder (no config.json)")
-    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
-        raise CheckpointError(f"'{p}' is not a model folder (no weights)")
+    require_model_folder(name)
 
 
 def load_model_config(name: str | os.PathLike):
@@ -43,7 +38,7 @@ def load_model_config(name: str | os.PathLike):
     try:
         return AutoConfig.from_pretrained(str(name))
     except Exception as exc:  # noqa: BLE001 - any loading failure becomes one line
-        raise CheckpointError(f"cannot read model config from '{name}': {_first_line(exc)}") from None
+        raise CheckpointError(f"cannot read model config from '{name}': {first_line(exc)}") from None
 
 
 def load_model_and_tokenizer(
@@ -64,7 +59,7 @@ def load_model_and_tokenizer(
             str(name), dtype=DTYPES[dtype], attn_implementation=attn_implementation
         )
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"cannot load model from '{name}': {_first_line(exc)}") from None
+        raise CheckpointError(f"cannot load model from '{name}': {first_line(exc)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -73,6 +68,7 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception as one line (its type and the first line of its message), for one-line errors."""
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

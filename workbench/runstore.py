@@ -48,7 +48,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from workbench.errors import CheckpointError, ConfigError, DataError, WorkbenchError
-from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, TOPK_COLUMNS
+from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, SAMPLE_COLUMNS, TOPK_COLUMNS
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,59 @@ ANALYSIS_COLUMNS = {
     "cells": CELL_COLUMNS,
     "attn": ATTN_COLUMNS,
 }
+
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every path of a run folder: the one place their names are written.
+
+    ``run.json``, ``metrics.jsonl``, ``probe_set.jsonl``, ``probes.parquet``,
+    ``probe_samples.parquet`` (the sampled completions of the outcome-conditioned
+    probes), ``checkpoints/step-XXXXXX/``, ``analysis/``, ``events/``.
+    """
+
+    root: Path
+
+    @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def probe_set(self) -> Path:
+        return self.root / "probe_set.jsonl"
+
+    @property
+    def probes(self) -> Path:
+        return self.root / "probes.parquet"
+
+    @property
+    def samples(self) -> Path:
+        return self.root / "probe_samples.parquet"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step-{step:06d}"
+
+    @property
+    def analysis(self) -> Path:
+        return self.root / "analysis"
+
+    @property
+    def events(self) -> Path:
+        return self.root / "events"
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a ``run.json``."""
+    return RunPaths(Path(path)).run_json.is_file()
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _KIND = re.compile(r"^[a-z0-9_]+$")
@@ -299,7 +352,7 @@ class Checkpoint:
 
 
 def _checkpoint_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return RunPaths(Path(run_dir)).checkpoints
 
 
 def _step_folders(run_dir: str | os.PathLike) -> list[Checkpoint]:
@@ -450,18 +503,22 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
 
 
 def is_model_folder(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a ``config.json`` and model weights (safetensors or .bin)."""
+    """Whether ``path`` holds a ``config.json`` and model weights (safetensors or .bin,
+    single-file, sharded with an index, or any ``*.safetensors`` / ``*.bin``)."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
         return False
-    return any((folder / w).is_file() for w in _WEIGHT_FILES) or any(folder.glob("*.safetensors"))
+    return (any((folder / w).is_file() for w in _WEIGHT_FILES) or any(folder.glob("*.safetensors"))
+            or any(folder.glob("*.bin")))
 
 
 def require_model_folder(path: str | os.PathLike) -> Path:
     """Return ``path`` if it is a model folder, else raise a one-line CheckpointError."""
-    folder = Path(path)
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise CheckpointError(f"model folder '{folder}' does not exist")
     if not folder.is_dir():
-        raise CheckpointError(f"{folder} is not a model folder (no such folder)")
+        raise CheckpointError(f"{folder} is not a model folder (not a folder)")
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} is not a model folder (no config.json)")
     if not is_model_folder(folder):
@@ -556,10 +613,12 @@ class RunWriter:
         resume_step: int | None = None,
     ):
         self.run_dir = Path(run_dir)
-        self.run_json = self.run_dir / "run.json"
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.probes_path = self.run_dir / "probes.parquet"
-        self.probe_set_path = self.run_dir / "probe_set.jsonl"
+        self.paths = RunPaths(self.run_dir)
+        self.run_json = self.paths.run_json
+        self.metrics_path = self.paths.metrics
+        self.probes_path = self.paths.probes
+        self.probe_set_path = self.paths.probe_set
+        self.samples_path = self.paths.samples
         self.run_dir.mkdir(parents=True, exist_ok=True)
         here = {"host": socket.gethostname(), "pid": os.getpid()}
 
@@ -608,10 +667,11 @@ class RunWriter:
                     self.metrics_path,
                     "".join(json.dumps(r, default=_json_default) + "\n" for r in kept),
                 )
-        if self.probes_path.exists():
-            probes = pd.read_parquet(self.probes_path)
-            if (probes["step"] > step).any():
-                atomic_write_parquet(self.probes_path, probes[probes["step"] <= step])
+        for path in (self.probes_path, self.samples_path):
+            if path.exists():
+                table = pd.read_parquet(path)
+                if (table["step"] > step).any():
+                    atomic_write_parquet(path, table[table["step"] <= step])
 
     def log_metrics(self, step: int, values: dict) -> None:
         """Append one line ``{"step", "time", **values}`` to metrics.jsonl, fsynced.
@@ -666,6 +726,27 @@ class RunWriter:
             new = pd.concat([pd.read_parquet(self.probes_path), new], ignore_index=True)
         atomic_write_parquet(self.probes_path, new)
 
+    def log_samples(self, df: pd.DataFrame) -> None:
+        """Append sampled probe completions (SAMPLE_COLUMNS) to probe_samples.parquet.
+
+        One row per sampled sequence: ``step, prompt, sample, response_ids, correct``.
+        The analyzer re-scores exactly these token ids (splits ``sampled_correct`` and
+        ``sampled_wrong``), so it needs no sampler and no verifier of its own.
+        """
+        missing = [c for c in SAMPLE_COLUMNS if c not in df.columns]
+        if missing:
+            raise ValueError(f"sample rows lack columns {missing}")
+        new = df[SAMPLE_COLUMNS]
+        if self.samples_path.exists():
+            new = pd.concat([pd.read_parquet(self.samples_path), new], ignore_index=True)
+        atomic_write_parquet(self.samples_path, new)
+
+    def record(self, **facts: Any) -> None:
+        """Write resolved facts of the run into run.json (e.g. ``num_layers``, ``oisd_layers``),
+        so that readers never re-derive them from the config."""
+        self.info.update(facts)
+        atomic_write_json(self.run_json, self.info)
+
     def set_status(self, status: str, **extra: Any) -> None:
         """Set ``status`` ("training" | "finished" | "failed") plus extra fields in run.json."""
         if status not in STATUSES:
@@ -682,7 +763,7 @@ class RunWriter:
 
 
 def _load_run_json(folder: Path) -> dict:
-    path = folder / "run.json"
+    path = RunPaths(folder).run_json
     if not path.is_file():
         raise WorkbenchError(f"{folder} is not a run folder (no run.json)")
     try:
@@ -703,6 +784,7 @@ class Run:
 
     def __init__(self, path: Path, info: dict):
         self.path = path
+        self.paths = RunPaths(path)
         self.info = info
 
     @classmethod
@@ -741,13 +823,13 @@ class Run:
         """Training, and metrics.jsonl (or run.json) changed in the last 120 s."""
         if self.status != "training":
             return False
-        mtimes = [p.stat().st_mtime for p in (self.path / "metrics.jsonl", self.path / "run.json")
+        mtimes = [p.stat().st_mtime for p in (self.paths.metrics, self.paths.run_json)
                   if p.exists()]
         return bool(mtimes) and time.time() - max(mtimes) < LIVE_SECONDS
 
     def metrics(self) -> pd.DataFrame:
         """Training metrics, one row per step (sorted; a re-logged step keeps its last line)."""
-        records, _ = _read_metrics_lines(self.path / "metrics.jsonl")
+        records, _ = _read_metrics_lines(self.paths.metrics)
         if not records:
             return pd.DataFrame(columns=["step", "time"])
         df = pd.DataFrame.from_records(records)
@@ -755,7 +837,7 @@ class Run:
 
     def probes(self) -> pd.DataFrame:
         """The trainer's built-in probes (METRIC_COLUMNS); empty when there are none yet."""
-        path = self.path / "probes.parquet"
+        path = self.paths.probes
         if path.is_file():
             try:
                 return pd.read_parquet(path)
@@ -763,9 +845,30 @@ class Run:
                 _warn(f"{path} is unreadable: {exc}")
         return pd.DataFrame(columns=METRIC_COLUMNS)
 
+    @property
+    def num_layers(self) -> int | None:
+        """L, the model's decoder blocks, as the trainer recorded it (None for older runs)."""
+        value = self.info.get("num_layers")
+        return int(value) if value is not None else None
+
+    @property
+    def oisd_layers(self) -> list[int]:
+        """The resolved OISD layers S the trainer recorded ([] when OISD is off)."""
+        return [int(x) for x in self.info.get("oisd_layers") or []]
+
+    def samples(self) -> pd.DataFrame:
+        """Sampled probe completions (SAMPLE_COLUMNS); empty when there are none."""
+        path = self.paths.samples
+        if path.is_file():
+            try:
+                return pd.read_parquet(path)
+            except Exception as exc:
+                _warn(f"{path} is unreadable: {exc}")
+        return pd.DataFrame(columns=SAMPLE_COLUMNS)
+
     def probe_set(self) -> list[dict]:
         """The probe prompts and reference completions (``[]`` when not written yet)."""
-        path = self.path / "probe_set.jsonl"
+        path = self.paths.probe_set
         if not path.is_file():
             return []
         try:
@@ -783,12 +886,12 @@ class Run:
         """``analysis/step-XXXXXX-{kind}.parquet`` (kind: metrics, topk, cells, attn, ...)."""
         if not _KIND.match(kind):
             raise WorkbenchError(f"analysis kind {kind!r} must be lowercase letters, digits or _")
-        return self.path / "analysis" / f"step-{step:06d}-{kind}.parquet"
+        return self.paths.analysis / f"step-{step:06d}-{kind}.parquet"
 
     def _analysis_files(self, kind: str) -> list[tuple[int, Path]]:
         if not _KIND.match(kind):
             raise WorkbenchError(f"analysis kind {kind!r} must be lowercase letters, digits or _")
-        folder = self.path / "analysis"
+        folder = self.paths.analysis
         if not folder.is_dir():
             return []
         pattern = re.compile(rf"^step-(\d+)-{kind}\.parquet$")
@@ -858,7 +961,7 @@ def list_runs(root: str | os.PathLike) -> list[Run | BrokenRun]:
     )
     runs: list[Run | BrokenRun] = []
     for folder in candidates:
-        if not (folder / "run.json").exists():
+        if not is_run_folder(folder):
             continue
         try:
             runs.append(Run.open(folder))

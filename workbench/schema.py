@@ -3,12 +3,13 @@
 Every metric table is *tidy*: one row per value, keyed by
 ``(run, step, layer, head, ref_layer, metric, split)``.
 
-- ``layer``: 1..L as in METHODS.md (output of block l; L = final layer).
+- ``layer``: 1..L as in docs/metrics.md (output of block l; L = final layer).
 - ``head``: attention head index, or ``-1`` for a value over all heads / not per head.
 - ``ref_layer``: the other layer of a pairwise value (``attn_js`` matrix,
   ``attn_head_match``), or ``-1``.
-- ``split``: ``"reference"`` (teacher-forced reference completions of the probe set)
-  or ``"greedy"`` (the model's own greedy completions).
+- ``split``: ``"reference"`` (teacher-forced reference completions of the probe set),
+  ``"greedy"`` (the model's own greedy completions), ``"sampled_correct"`` and
+  ``"sampled_wrong"`` (k sampled completions per probe prompt, split by the verifier).
 - ``source``: ``"probe"`` (trainer's built-in, HF) or ``"analyzer"`` (TransformerLens).
 """
 
@@ -18,6 +19,16 @@ METRIC_COLUMNS = ["run", "step", "layer", "head", "ref_layer", "metric", "value"
 TOPK_COLUMNS = ["run", "step", "prompt", "layer", "position", "k", "token_id", "token", "prob"]
 CELL_COLUMNS = ["run", "step", "prompt", "layer", "position", "token", "target", "metric", "value"]
 ATTN_COLUMNS = ["run", "step", "prompt", "layer", "head", "query", "key", "weight"]
+
+# Sampled probe completions (probe_samples.parquet): one row per sequence.
+SAMPLE_COLUMNS = ["step", "prompt", "sample", "response_ids", "correct"]
+
+SPLITS = ("reference", "greedy", "sampled_correct", "sampled_wrong")
+# The outcome-conditioned pair: a metric's correct-minus-wrong gap is
+# value(sampled_correct) - value(sampled_wrong) at the same step and layer.
+OUTCOME_SPLITS = ("sampled_correct", "sampled_wrong")
+# Rows (layer 0, head -1) giving how many sequences a split holds.
+N_SAMPLES = "n_samples"
 
 # Lens metrics per layer (averaged over probe positions).
 LENS_METRICS = {

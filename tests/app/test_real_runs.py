@@ -24,7 +24,7 @@ def real_root(tmp_path_factory) -> Path:
     from trainer.presets import preset_config
     from trainer.tokenizer import build_char_tokenizer
     from workbench.analyzer import probe_run
-    from workbench.config import load_config
+    from trainer.config import load_config
 
     root = tmp_path_factory.mktemp("real-runs")
     tok = build_char_tokenizer()

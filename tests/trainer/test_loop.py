@@ -24,7 +24,7 @@ import trainer.objectives as objectives
 from trainer.loop import NonFiniteError, Trainer, train
 from trainer.setup import check_batch, prepare, resolve_layers
 from workbench.cli import main as cli_main
-from workbench.config import load_config
+from trainer.config import load_config
 from workbench.errors import ConfigError
 from workbench.runstore import write_checkpoint
 
@@ -117,7 +117,7 @@ def _trainer(model_dir, tmp_path, run_overrides, data, method, **keys) -> Traine
 def _loss_and_grads(tr: Trainer, sb) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     tr.model.zero_grad(set_to_none=True)
     rows = torch.arange(sb.input_ids.shape[0])
-    loss, _ = tr.micro_loss(sb, rows, None, tr.normalisers(sb, rows))
+    loss, _, _ = tr.micro_loss(sb, rows, None, tr.normalisers(sb, rows))
     loss.backward()
     grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
              for n, p in tr.model.named_parameters()}
@@ -193,7 +193,7 @@ def _vocab_rows(tr: Trainer, sb) -> tuple[list[int], list[int]]:
     rows = torch.arange(sb.input_ids.shape[0])
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss, _ = tr.micro_loss(sb, rows, None, tr.normalisers(sb, rows))
+            loss, _, _ = tr.micro_loss(sb, rows, None, tr.normalisers(sb, rows))
         loss.backward()
     finally:
         handle.remove()
@@ -448,7 +448,7 @@ def test_bf16_autocast_loss_is_close_to_float32(coin_model_dir, coin_data, coin_
                         precision__mixed="bf16", **keys)
         assert bf16.s.accelerator.mixed_precision == "bf16"
         rows = torch.arange(coin_batch.input_ids.shape[0])
-        loss_16, logs = bf16.micro_loss(coin_batch, rows, None, bf16.normalisers(coin_batch, rows))
+        loss_16, logs, _ = bf16.micro_loss(coin_batch, rows, None, bf16.normalisers(coin_batch, rows))
         loss_16.backward()
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)

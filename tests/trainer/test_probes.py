@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from trainer.presets import preset_config
-from trainer.probes import (
+from workbench.probes import (
     eager_attention,
     find_readout,
     hf_probe_inputs,

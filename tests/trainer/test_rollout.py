@@ -1,4 +1,4 @@
-"""Tests for trainer.rollout: batched KV-cache sampling against generate and a full forward."""
+"""Tests for workbench.generation: batched KV-cache sampling against generate and a full forward."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-from trainer.rollout import RolloutBatch, _truncate_logits, left_pad, sample
+from workbench.generation import RolloutBatch, _truncate_logits, left_pad, sample
 from workbench.errors import ConfigError, DataError
 
 PAD = 0

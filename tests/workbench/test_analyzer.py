@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from trainer.presets import preset_config
-from trainer.probes import make_probe_set, probe_batch, run_builtin_probes
+from workbench.probes import make_probe_set, probe_batch, run_builtin_probes
 from trainer.tasks import ArithmeticTask
 from trainer.tokenizer import build_char_tokenizer
 from workbench.analyzer import PROCESSING_MODE, bridge_probe_inputs, probe_run

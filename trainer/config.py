@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from trainer import objectives as obj
+from trainer.methods import METHOD_NAMES, MethodSpec, spec_of
 from workbench.errors import ConfigError
 
 class _Loader(yaml.SafeLoader):
@@ -40,7 +42,6 @@ def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
-METHODS = ("grpo", "oisd", "sdpg", "rlsd", "opsd", "oisd+sdpg")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -55,6 +56,9 @@ class ModelConfig(_Section):
     )
     attn_implementation: Literal["sdpa", "eager"] = Field(
         "sdpa", description="attention kernel for layers whose probabilities are not needed"
+    )
+    disable_dropout: bool = Field(
+        True, description="set every dropout probability to 0 (RL scores the policy deterministically, as TRL does)"
     )
 
 
@@ -117,16 +121,16 @@ class OptimConfig(_Section):
 
 
 class GRPOConfig(_Section):
-    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="advantage normalisation")
-    loss_type: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+    scale_rewards: Literal[obj.SCALE_REWARDS] = Field("group", description="advantage normalisation")
+    loss_type: Literal[obj.LOSS_TYPES] = Field(
         "token_mean", description="aggregation of per-token losses"
     )
-    clip: Literal["ppo", "none"] = Field("ppo", description="'none' = on-policy REINFORCE surrogate")
+    clip: Literal[obj.CLIP_MODES] = Field("ppo", description="'none' = on-policy REINFORCE surrogate")
     eps_low: float = Field(0.2, ge=0, description="lower clip range")
     eps_high: float = Field(0.28, ge=0, description="upper clip range (DAPO clip-higher)")
     dual_clip: Optional[float] = Field(None, gt=1, description="dual-clip constant c for A < 0 (null = off)")
     kl_coef: float = Field(0.0, ge=0, description="coefficient of the KL to the frozen reference")
-    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator")
+    kl_estimator: Literal[obj.KL_ESTIMATORS] = Field("k3", description="KL estimator")
     format_bonus: float = Field(0.0, ge=0, description="reward added when an answer can be extracted")
 
 
@@ -138,7 +142,7 @@ class OISDConfig(_Section):
     )
     lambda_logit: float = Field(1.0, ge=0, description="weight of L_think (logit alignment)")
     lambda_attn: float = Field(0.1, ge=0, description="weight of L_attn (attention alignment)")
-    weight: Literal["signed", "sign", "positive", "abs"] = Field("signed", description="advantage weight w_i")
+    weight: Literal[obj.OISD_WEIGHTS] = Field("signed", description="advantage weight w_i")
     attn_mode: Literal["mean_heads", "per_head"] = Field("mean_heads", description="attention alignment form")
     detach_readout: bool = Field(False, description="auxiliary path uses detached final norm and lm_head")
     attn_query_stride: int = Field(1, ge=1, description="keep every k-th response query for attention")
@@ -152,7 +156,7 @@ class SDPGConfig(_Section):
     gate: bool = Field(True, description="distil only responses with A > 0")
     kl_clamp: float = Field(20.0, gt=0, description="per-token clamp of the reverse KL")
     alpha: float = Field(1e-3, ge=0, description="weight of L_K, the unnormalised KL to the frozen reference")
-    ref_kl: Literal["ufkl", "urkl", "fkl", "rkl"] = Field("ufkl", description="form of L_K")
+    ref_kl: Literal[obj.UNNORMALIZED_KLS] = Field("ufkl", description="form of L_K")
 
 
 class RLSDConfig(_Section):
@@ -169,6 +173,10 @@ class OPSDConfig(_Section):
 class ProbeConfig(_Section):
     n_prompts: int = Field(16, ge=1, description="size of the fixed probe set (held-out prompts)")
     greedy: bool = Field(True, description="also probe the model's own greedy completions")
+    samples_per_prompt: int = Field(
+        4, ge=0, description="k sampled completions per probe prompt, verified and probed by outcome "
+        "(splits sampled_correct / sampled_wrong); 0 = off")
+    sample_temperature: float = Field(1.0, gt=0, description="temperature of the sampled probe completions")
     chunk_size: Optional[int] = Field(None, ge=1, description="positions per chunk of the logit lens (null: ~4M floats)")
 
 
@@ -181,7 +189,9 @@ class EvalConfig(_Section):
 
 class LoggingConfig(_Section):
     tensorboard: bool = Field(False, description="also write TensorBoard events under events/")
-    wandb: bool = Field(False, description="also log to Weights & Biases")
+    grad_share_every: int = Field(
+        10, ge=0, description="log grad_share/<term> (each loss term's share of the gradient norm, measured on one "
+        "micro-batch) every N steps; 0 = off")
     progress: bool = Field(True, description="show a progress bar")
 
 
@@ -192,7 +202,7 @@ class PrecisionConfig(_Section):
 class TrainConfig(_Section):
     """The whole training config; fixed key names per DESIGN.md."""
 
-    method: Literal["grpo", "oisd", "sdpg", "rlsd", "opsd", "oisd+sdpg"] = Field("grpo", description="objective")
+    method: str = Field("grpo", description=f"objective: {' | '.join(METHOD_NAMES)} (trainer.methods)")
     seed: int = Field(0, description="run seed (sampling, init of anything random)")
     steps: int = Field(100, ge=1, description="training steps (rollout batches)")
     run_dir: Optional[str] = Field(None, description="run folder; null = runs/<method>-seed<seed>")
@@ -225,28 +235,17 @@ class TrainConfig(_Section):
                 raise ValueError(f"oisd.layers: block index {x} must be >= 1")
         return self
 
-    # Derived facts the loop uses, in one place.
-    @property
-    def uses_oisd(self) -> bool:
-        return self.method in ("oisd", "oisd+sdpg")
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHOD_NAMES:
+            raise ValueError(f"Input should be {', '.join(repr(m) for m in METHOD_NAMES)}")
+        return value
 
     @property
-    def uses_sdpg(self) -> bool:
-        return self.method in ("sdpg", "oisd+sdpg")
-
-    @property
-    def needs_hint(self) -> bool:
-        """Methods whose teacher sees privileged context (answer, solution)."""
-        return self.method in ("sdpg", "oisd+sdpg", "rlsd", "opsd")
-
-    @property
-    def needs_reference(self) -> bool:
-        """A frozen copy of the initial model is kept only when a term uses it."""
-        return (
-            self.grpo.kl_coef > 0
-            or (self.uses_sdpg and self.sdpg.alpha > 0)
-            or self.method == "opsd"
-        )
+    def spec(self) -> MethodSpec:
+        """The method's row of the method table (:mod:`trainer.methods`)."""
+        return spec_of(self.method)
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path("runs") / f"{self.method}-seed{self.seed}"
@@ -288,7 +287,10 @@ def _format_error(err: ValidationError) -> str:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"unknown config key '{loc}'{hint}"
     if e["type"] == "value_error":
-        return str(e["msg"]).removeprefix("Value error, ")
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        if loc == "config":  # a model validator: its message names the key
+            return msg
+        return f"config key '{loc}': {msg[0].lower() + msg[1:]} (got {e.get('input')!r})"
     value = e.get("input")
     shown = repr(value) if not isinstance(value, dict) else "a mapping"
     return f"config key '{loc}': {e['msg'][0].lower() + e['msg'][1:]} (got {shown})"

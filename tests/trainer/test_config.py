@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from workbench.config import CONFIG_DIR, describe_config, load_config, parse_overrides
+from trainer.config import CONFIG_DIR, describe_config, load_config, parse_overrides
 from workbench.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,7 +43,7 @@ def test_overrides_keep_types_and_nest():
                     "method": "oisd+sdpg"}
     cfg = load_config(None, ["oisd.layers=[2, 0.25]", "oisd.lambda_attn=0", "method=oisd"])
     assert cfg.oisd.layers == [2, 0.25] and cfg.oisd.lambda_attn == 0.0
-    assert cfg.uses_oisd and not cfg.uses_sdpg
+    assert cfg.spec.oisd and not cfg.spec.sdpg
 
 
 def test_set_without_equals_is_an_error():
@@ -59,13 +59,18 @@ def test_every_bundled_config_validates():
     assert methods["oisd+sdpg"] == "oisd+sdpg"
 
 
+def _needs_reference(overrides):
+    cfg = load_config(None, overrides)
+    return cfg.spec.needs_reference(cfg)
+
+
 def test_reference_model_only_when_a_term_needs_it():
-    assert not load_config(None, ["method=grpo"]).needs_reference
-    assert load_config(None, ["method=grpo", "grpo.kl_coef=0.1"]).needs_reference
-    assert load_config(None, ["method=sdpg"]).needs_reference  # alpha > 0 by default: L_K
-    assert not load_config(None, ["method=sdpg", "sdpg.alpha=0"]).needs_reference
-    assert load_config(None, ["method=opsd"]).needs_reference  # fixed initial teacher
-    assert not load_config(None, ["method=oisd"]).needs_reference
+    assert not _needs_reference(["method=grpo"])
+    assert _needs_reference(["method=grpo", "grpo.kl_coef=0.1"])
+    assert _needs_reference(["method=sdpg"])  # alpha > 0 by default: L_K
+    assert not _needs_reference(["method=sdpg", "sdpg.alpha=0"])
+    assert _needs_reference(["method=opsd"])  # fixed initial teacher
+    assert not _needs_reference(["method=oisd"])
 
 
 def test_yaml_errors(tmp_path):

@@ -1,13 +1,15 @@
-"""The trainer's built-in probes: the metric set of DESIGN.md from HF internals.
+"""Probe plumbing shared by the trainer's built-in probes and the analyzer.
 
-The trainer calls :func:`run_builtin_probes` every ``probe_every`` steps on a fixed
-probe set (:func:`make_probe_set`, written once to ``probe_set.jsonl``). One
+The metric set of docs/metrics.md from HF internals: the trainer calls
+:func:`run_builtin_probes` every ``probe_every`` steps on a fixed probe set
+(:func:`make_probe_set`, written once to ``probe_set.jsonl``), after sampling the
+outcome-conditioned completions (:func:`sample_probe_completions`). One
 forward pass with ``output_hidden_states`` and ``output_attentions`` fills a
 :class:`workbench.probing.ProbeInputs`; the metrics themselves come from
 :func:`workbench.probing.compute_probe_metrics`, the same code the
 TransformerLens analyzer (``workbench.analyzer``) uses, so the two agree to float
-precision on the same checkpoint. The analyzer imports :func:`probe_batch` from
-here: one batch construction for both.
+precision on the same checkpoint. The analyzer builds its batches with
+:func:`probe_splits` and :func:`probe_batch` from here: one construction for both.
 
 Layout of one probe sequence (P prompt tokens incl. BOS, R response tokens incl.
 EOS), left-padded to the batch width T::
@@ -22,17 +24,18 @@ position sees exactly what it saw while sampling.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 import pandas as pd
 import torch
 from torch import nn
 
-from trainer.rollout import position_ids_from_mask, sample
+from workbench.generation import position_ids_from_mask, sample
 from workbench.errors import CheckpointError, ConfigError, DataError
 from workbench.probing import ProbeInputs, compute_probe_metrics
-from workbench.schema import METRIC_COLUMNS
+from workbench.schema import METRIC_COLUMNS, N_SAMPLES, OUTCOME_SPLITS, SAMPLE_COLUMNS
 
 __all__ = [
     "make_probe_set",
@@ -42,11 +45,14 @@ __all__ = [
     "hf_probe_inputs",
     "greedy_responses",
     "run_builtin_probes",
+    "sample_probe_completions",
+    "probe_splits",
+    "special_ids",
 ]
 
 # Attribute names of the final norm on a decoder stack, across HF architectures
 # (Llama/Qwen/Mistral: ``norm``; GPT-2/GPT-J/Bloom: ``ln_f``; GPT-NeoX/OPT: ``final_layer_norm``).
-_FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm")
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm", "norm_f")
 
 
 def make_probe_set(examples: Sequence, tokenizer, n: int) -> list[dict]:
@@ -170,7 +176,7 @@ def find_readout(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     if base is None and hasattr(model, "get_decoder"):
         base = model.get_decoder()
     norm = None
-    for name in _FINAL_NORM_NAMES:
+    for name in FINAL_NORM_NAMES:
         candidate = getattr(base, name, None) if base is not None else None
         if isinstance(candidate, nn.Module):
             norm = candidate
@@ -250,7 +256,7 @@ def greedy_responses(
 ) -> list[list[int]]:
     """The model's own greedy completions of the probe prompts (EOS kept when emitted).
 
-    Uses :func:`trainer.rollout.sample`, the rollout code of training, so the greedy
+    Uses :func:`workbench.generation.sample`, the rollout code of training, so the greedy
     split is what the policy would answer at temperature 0.
     """
     rollout = sample(
@@ -266,12 +272,107 @@ def greedy_responses(
     return [responses[i, :n].tolist() for i, n in enumerate(lengths)]
 
 
-def _special_ids(tokenizer) -> tuple[int, int]:
+def special_ids(tokenizer) -> tuple[int, int]:
+    """``(pad_id, eos_id)`` of a tokenizer; pad falls back to EOS.
+
+    Raises:
+        DataError: the tokenizer has no EOS token (probe completions end with one).
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DataError("the tokenizer has no EOS token; probes need one")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     return int(pad), int(eos)
+
+
+def derive_probe_seed(seed: int, step: int) -> int:
+    """The seed of step ``step``'s sampled probe completions: fixed per (run seed, step),
+    so a resumed run samples the same sequences at the same step."""
+    digest = hashlib.sha256(f"probe-samples:{seed}:{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@torch.no_grad()
+def sample_probe_completions(
+    model: nn.Module,
+    tokenizer,
+    records: Sequence[dict],
+    *,
+    step: int,
+    k: int,
+    verify: Callable[[dict, list[int]], bool],
+    seed: int = 0,
+    temperature: float = 1.0,
+    max_new_tokens: int = 64,
+) -> pd.DataFrame:
+    """``k`` sampled completions per probe prompt, verified: the outcome-conditioned probe set.
+
+    Sampled with the rollout sampler at ``temperature`` from noise seeded by
+    :func:`derive_probe_seed` (so the draws do not depend on batch, device or process),
+    in eval mode. Every completion is checked by ``verify(record, response_ids)``.
+
+    Returns:
+        ``workbench.schema.SAMPLE_COLUMNS`` rows, prompt-major: ``step``, ``prompt``
+        (the record's index), ``sample`` (0..k-1), ``response_ids`` (EOS kept when
+        emitted), ``correct``.
+    """
+    if k < 1:
+        raise ConfigError(f"samples per probe prompt must be >= 1, got {k}")
+    pad_id, eos_id = special_ids(tokenizer)
+    prompts = [list(r["prompt_ids"]) for r in records for _ in range(k)]
+    generator = torch.Generator().manual_seed(derive_probe_seed(seed, step))
+    noise = torch.rand(len(prompts), max_new_tokens, generator=generator, dtype=torch.float64).float()
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        out = sample(model, prompts, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens,
+                     temperature=temperature, noise=noise.to(device))
+    finally:
+        model.train(was_training)
+    responses, lengths = out.responses.cpu(), out.lengths.cpu().tolist()
+    rows = []
+    for i, n in enumerate(lengths):
+        record = records[i // k]
+        ids = responses[i, :n].tolist()
+        rows.append({"step": int(step), "prompt": int(record["index"]), "sample": i % k,
+                     "response_ids": ids, "correct": bool(verify(record, ids))})
+    return pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
+
+
+def probe_splits(
+    records: Sequence[dict],
+    *,
+    greedy: Sequence[Sequence[int]] | None = None,
+    samples: pd.DataFrame | None = None,
+) -> list[tuple[str, list[dict], list[list[int]] | None]]:
+    """The splits one probe point scores, as ``(split, records, responses)``.
+
+    ``reference`` (responses None: the records' references), ``greedy`` when given,
+    and, from ``samples`` (one step's :func:`sample_probe_completions` rows),
+    ``sampled_correct`` and ``sampled_wrong``: each sampled sequence with its prompt's
+    record. A split with no sequence is returned with empty lists (it gets only its
+    ``n_samples`` row). The trainer's probes and the analyzer both build their batches
+    from this, so they score the same sequences.
+    """
+    splits: list[tuple[str, list[dict], list[list[int]] | None]] = [("reference", list(records), None)]
+    if greedy is not None:
+        splits.append(("greedy", list(records), [list(r) for r in greedy]))
+    if samples is not None:
+        by_index = {int(r["index"]): r for r in records}
+        for split, want in zip(OUTCOME_SPLITS, (True, False)):
+            rows = samples[samples["correct"] == want].sort_values(["prompt", "sample"])
+            unknown = set(rows["prompt"].astype(int)) - set(by_index)
+            if unknown:
+                raise DataError(f"sampled probe completions name prompt {min(unknown)}, which is not in the probe set")
+            splits.append((split, [by_index[int(p)] for p in rows["prompt"]],
+                           [list(map(int, ids)) for ids in rows["response_ids"]]))
+    return splits
+
+
+def n_samples_frame(run: str, step: int, split: str, n: int, source: str) -> pd.DataFrame:
+    """The ``n_samples`` row of a split (layer 0, head -1): how many sequences it holds."""
+    return pd.DataFrame([[run, step, 0, -1, -1, N_SAMPLES, float(n), split, source]], columns=METRIC_COLUMNS)
 
 
 @torch.no_grad()
@@ -285,14 +386,18 @@ def run_builtin_probes(
     greedy: bool = True,
     chunk_size: int | None = None,
     max_new_tokens: int = 64,
+    samples: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """The built-in probe table of one training step.
 
     Split ``"reference"``: teacher-forced reference completions. Split ``"greedy"``
-    (when ``greedy``): the model's own greedy completions of the same prompts. Both
-    are scored by :func:`workbench.probing.compute_probe_metrics`. The whole call runs
-    in eval mode with eager attention (greedy decoding included, so that the analyzer,
-    which runs eager, decodes the same tokens); both are restored afterwards.
+    (when ``greedy``): the model's own greedy completions of the same prompts. Splits
+    ``"sampled_correct"`` and ``"sampled_wrong"`` (when ``samples`` are given, from
+    :func:`sample_probe_completions`): the sampled completions by outcome, with an
+    ``n_samples`` row each. All are scored by :func:`workbench.probing.compute_probe_metrics`
+    (:func:`probe_splits` builds them). The whole call runs in eval mode with eager
+    attention (greedy decoding included, so that the analyzer, which runs eager,
+    decodes the same tokens); both are restored afterwards.
 
     Args:
         model: the HF causal LM (unwrapped from DDP/FSDP wrappers by the caller).
@@ -303,24 +408,28 @@ def run_builtin_probes(
         greedy: also probe the greedy completions.
         chunk_size: positions per logit-lens read-out chunk (bounds memory).
         max_new_tokens: longest greedy completion.
+        samples: this step's sampled completions (``SAMPLE_COLUMNS``), or None.
 
     Returns:
         Rows with columns ``workbench.schema.METRIC_COLUMNS``, ``source = "probe"``.
     """
-    pad_id, eos_id = _special_ids(tokenizer)
+    pad_id, eos_id = special_ids(tokenizer)
     was_training = model.training
     model.eval()
     frames = []
     try:
         with eager_attention(model):
-            splits = [("reference", None)]
+            greedy_ids = None
             if greedy:
-                responses = greedy_responses(
+                greedy_ids = greedy_responses(
                     model, records, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens
                 )
-                splits.append(("greedy", responses))
-            for split, split_responses in splits:
-                batch = probe_batch(records, pad_id, split_responses)
+            for split, split_records, split_responses in probe_splits(records, greedy=greedy_ids, samples=samples):
+                if split in OUTCOME_SPLITS:
+                    frames.append(n_samples_frame(run, step, split, len(split_records), "probe"))
+                    if not split_records:
+                        continue
+                batch = probe_batch(split_records, pad_id, split_responses)
                 inputs = hf_probe_inputs(model, batch)
                 result = compute_probe_metrics(inputs, chunk_size=chunk_size)
                 frames.append(result.to_frame(run, step, split, "probe"))
