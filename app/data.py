@@ -19,7 +19,7 @@ import pandas as pd
 import streamlit as st
 
 from workbench.errors import WorkbenchError
-from workbench.runstore import BrokenRun, Run, list_runs, safe_join
+from workbench.runstore import BrokenRun, Run, RunPaths, list_runs, safe_join
 from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, TOPK_COLUMNS
 
 DETAIL_COLUMNS = {"topk": TOPK_COLUMNS, "cells": CELL_COLUMNS, "attn": ATTN_COLUMNS}
@@ -71,12 +71,12 @@ class RunListing:
 
 def _root_signature(root: Path) -> tuple:
     """Modification times of the root and of every candidate run.json."""
-    parts = [signature(root), signature(root / "run.json")]
+    parts = [signature(root), signature(RunPaths(root).run_json)]
     try:
         children = sorted(root.iterdir())
     except OSError:
         children = []
-    parts += [(p.name, signature(p / "run.json")) for p in children if not p.name.startswith(".")]
+    parts += [(p.name, signature(RunPaths(p).run_json)) for p in children if not p.name.startswith(".")]
     return tuple(parts)
 
 
@@ -138,7 +138,7 @@ def _metrics(path: str, file_key: tuple) -> tuple[pd.DataFrame, list[str]]:
 
 def metrics(run: Run) -> tuple[pd.DataFrame, list[str]]:
     """Training metrics (one row per step) and any warnings (e.g. an unreadable line)."""
-    return _metrics(str(run.path), signature(run.path / "metrics.jsonl"))
+    return _metrics(str(run.path), signature(run.paths.metrics))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -163,18 +163,18 @@ def metric_table(run: Run, source: str) -> tuple[pd.DataFrame, list[str]]:
         ``(table, warnings)``; an empty table has the contract columns.
     """
     if source == "probe":
-        return _probes(str(run.path), signature(run.path / "probes.parquet"))
+        return _probes(str(run.path), signature(run.paths.probes))
     if source == "analyzer":
-        return _analysis(str(run.path), "metrics", signature(run.path / "analysis"))
+        return _analysis(str(run.path), "metrics", signature(run.paths.analysis))
     raise WorkbenchError(f"unknown metric source {source!r}; expected one of {sorted(SOURCES)}")
 
 
 def available_sources(run: Run) -> list[str]:
     """The metric sources a run has files for (without reading the tables)."""
     found = []
-    if (run.path / "probes.parquet").is_file():
+    if run.paths.probes.is_file():
         found.append("probe")
-    if any((run.path / "analysis").glob("step-*-metrics.parquet")):
+    if bool(run.analyzed_steps("metrics")):
         found.append("analyzer")
     return found
 
@@ -187,7 +187,7 @@ def _analysed_steps(path: str, kind: str, file_key: tuple) -> tuple[list[int], l
 
 def analysed_steps(run: Run, kind: str) -> list[int]:
     """Checkpoint steps with an analysis table of ``kind`` (reads parquet footers only)."""
-    return _analysed_steps(str(run.path), kind, signature(run.path / "analysis"))[0]
+    return _analysed_steps(str(run.path), kind, signature(run.paths.analysis))[0]
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
@@ -239,7 +239,7 @@ def _probe_set(path: str, file_key: tuple) -> tuple[list[dict], list[str]]:
 
 def probe_set(run: Run) -> list[dict]:
     """The run's probe prompts and reference completions (``[]`` when absent)."""
-    return _probe_set(str(run.path), signature(run.path / "probe_set.jsonl"))[0]
+    return _probe_set(str(run.path), signature(run.paths.probe_set))[0]
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -250,7 +250,7 @@ def _checkpoint_steps(path: str, file_key: tuple) -> tuple[list[int], list[str]]
 
 def checkpoint_steps(run: Run) -> tuple[list[int], list[str]]:
     """Steps of complete checkpoints (presence and sizes checked, not hashes)."""
-    return _checkpoint_steps(str(run.path), signature(run.path / "checkpoints"))
+    return _checkpoint_steps(str(run.path), signature(run.paths.checkpoints))
 
 
 # ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -98,6 +99,13 @@ def launch(
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     process = subprocess.Popen(streamlit_command(root, host, port), env=env)
+
+    # SIGTERM (kill, systemd, a container stop) must stop the Streamlit child too, or it
+    # keeps the port after the parent is gone: turn it into the Ctrl-C path below.
+    def _on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     if not headless:
         threading.Thread(target=_open_browser_when_ready, args=(url,), daemon=True).start()
     try:
@@ -110,3 +118,5 @@ def launch(
             process.kill()
             process.wait()
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)

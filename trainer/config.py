@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer import objectives as obj
+from trainer.tasks.arithmetic import EMBEDDED_TASK
 from trainer.methods import METHOD_NAMES, MethodSpec, spec_of
 from workbench.errors import ConfigError
 
@@ -63,15 +64,13 @@ class ModelConfig(_Section):
 
 
 class ArithmeticConfig(_Section):
-    # Default: "Compute 7+2-5+8." with three chain-of-thought steps. One-digit operands
-    # keep the arithmetic learnable by the tiny preset within the warm-start budget while
-    # three dependent steps leave it only partly right (room for RL).
-    n_operands: int = Field(4, ge=2, le=8, description="numbers per question")
-    digits: int = Field(1, ge=1, le=4, description="digits per number")
-    operators: str = Field("+-", min_length=1, description="operators drawn from '+-*'")
-    n_train: int = Field(20000, ge=1, description="training questions")
-    n_test: int = Field(500, ge=1, description="held-out questions")
-    seed: int = Field(0, description="seed of the train/test split (independent of the run seed)")
+    # Defaults: the embedded task (trainer.tasks.arithmetic.EMBEDDED_TASK, chosen by measurement).
+    n_operands: int = Field(EMBEDDED_TASK["n_operands"], ge=2, le=8, description="numbers per question")
+    digits: int = Field(EMBEDDED_TASK["digits"], ge=1, le=4, description="digits per number")
+    operators: str = Field(EMBEDDED_TASK["operators"], min_length=1, description="operators drawn from '+-*'")
+    n_train: int = Field(EMBEDDED_TASK["n_train"], ge=1, description="training questions")
+    n_test: int = Field(EMBEDDED_TASK["n_test"], ge=1, description="held-out questions")
+    seed: int = Field(EMBEDDED_TASK["seed"], description="seed of the train/test split (independent of the run seed)")
 
 
 class DataConfig(_Section):
@@ -126,7 +125,7 @@ class GRPOConfig(_Section):
         "token_mean", description="aggregation of per-token losses"
     )
     clip: Literal[obj.CLIP_MODES] = Field("ppo", description="'none' = on-policy REINFORCE surrogate")
-    eps_low: float = Field(0.2, ge=0, description="lower clip range")
+    eps_low: float = Field(0.2, ge=0, lt=1, description="lower clip range")
     eps_high: float = Field(0.28, ge=0, description="upper clip range (DAPO clip-higher)")
     dual_clip: Optional[float] = Field(None, gt=1, description="dual-clip constant c for A < 0 (null = off)")
     kl_coef: float = Field(0.0, ge=0, description="coefficient of the KL to the frozen reference")

@@ -77,8 +77,12 @@ def load_examples(
         table = table.iloc[:limit]
 
     examples = []
-    for row_number, row in enumerate(table.itertuples(index=False)):
+    # Rows are counted from 1, as an editor counts the lines of a JSONL file.
+    for row_number, row in enumerate(table.itertuples(index=False), start=1):
         record = dict(zip(table.columns, row))
+        for column in (question_column, answer_column):
+            if _is_missing(record[column]):
+                raise DataError(f"{source} row {row_number}: no {column!r} field")
         question = _cell_text(record[question_column])
         answer = _cell_text(record[answer_column])
         if not question:
@@ -95,6 +99,11 @@ def load_examples(
             )
         )
     return examples
+
+
+def _is_missing(value) -> bool:
+    """A cell that holds no value at all (a key absent from a JSON line, null, NaN)."""
+    return value is None or (pd.api.types.is_scalar(value) and pd.isna(value))
 
 
 def _cell_text(value) -> str:
@@ -131,7 +140,7 @@ def _read_file(path: Path) -> pd.DataFrame:
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
-            return pd.read_json(path, lines=True, dtype=False)
+            return _read_json_lines(path)
         if suffix == ".json":
             return _read_json(path)
         if suffix == ".parquet":
@@ -147,6 +156,23 @@ def _read_file(path: Path) -> pd.DataFrame:
     )
 
 
+def _read_json_lines(path: Path) -> pd.DataFrame:
+    """JSON lines, one object per non-blank line; a bad line is named by line and column."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path} line {number}, column {error.colno}: invalid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
 def _read_json(path: Path) -> pd.DataFrame:
     """A ``.json`` file: a list of records, ``{"data": [...]}``, or JSON lines."""
     text = path.read_text(encoding="utf-8")
@@ -156,7 +182,7 @@ def _read_json(path: Path) -> pd.DataFrame:
         content = json.loads(text)
     except json.JSONDecodeError:
         # Not one JSON document: JSON lines under a .json name.
-        return pd.read_json(path, lines=True, dtype=False)
+        return _read_json_lines(path)
     if isinstance(content, dict) and len(content) == 1:
         content = next(iter(content.values()))
     if not isinstance(content, list):

@@ -9,25 +9,31 @@ A thin layer over :mod:`workbench.runstore` for Jupyter::
     probes("runs/oisd-tiny", metric="lens_js")      # built-in probes (HF)
     probe("runs/oisd-tiny")                         # run the TransformerLens analyzer
     analysis("runs/oisd-tiny", kind="metrics")      # its tables
+    experiment("runs/demo", ["grpo", "oisd"], seeds=[0, 1])   # warm start + runs + probing
 
 Every function takes a :class:`~workbench.runstore.Run` or a path. Importing this
 module is cheap (no torch, no TransformerLens): :func:`probe` imports the analyzer
-when it is called.
+and :func:`experiment` the trainer when they are called (this module is an entry
+point, like the command line: the only place the analysis side reaches the trainer).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from workbench.runstore import BrokenRun, Run, list_checkpoints, list_runs
+from workbench.errors import WorkbenchError
+from workbench.runstore import BrokenRun, Run, is_run_folder, list_checkpoints, list_runs
 
 if TYPE_CHECKING:
     from workbench.analyzer import ProbeReport
 
-__all__ = ["load_run", "runs", "metrics", "probes", "analysis", "probe"]
+__all__ = ["load_run", "runs", "metrics", "probes", "analysis", "probe", "experiment", "Experiment"]
 
 RunLike = Run | str | os.PathLike
 
@@ -87,7 +93,7 @@ def runs(root: str | os.PathLike) -> pd.DataFrame:
 
 
 def metrics(run: RunLike) -> pd.DataFrame:
-    """Training metrics, one row per step (``metrics.jsonl``; METHODS.md names)."""
+    """Training metrics, one row per step (``metrics.jsonl``; names in docs/objectives.md)."""
     return _run(run).metrics()
 
 
@@ -114,3 +120,170 @@ def probe(run: RunLike, **kwargs) -> ProbeReport:
 
     path = run.path if isinstance(run, Run) else run
     return probe_run(path, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Experiments: a warm start and a grid of (method, seed) runs, made or reused
+# ---------------------------------------------------------------------------
+
+# Bundled config of each method the demo and notebooks name by method.
+CONFIG_OF = {"sdpg": "sdpg-ufkl"}
+
+
+@dataclass
+class Experiment:
+    """What :func:`experiment` made or reused.
+
+    Attributes:
+        root: the folder holding the runs.
+        warmstart: the warm-start model folder every run starts from.
+        runs: ``(method, seed)`` -> run folder, in the order asked for.
+        seconds: wall time per stage (``warmstart``, ``train``, ``probe``).
+    """
+
+    root: Path
+    warmstart: Path
+    runs: dict[tuple[str, int], Path]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def run_dirs(self) -> list[Path]:
+        return list(self.runs.values())
+
+
+def _quiet_transformers() -> None:
+    """No per-file "Loading weights" / "Writing model shards" bars: one bar per stage."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _train_job(config: dict, resume: bool, threads: int) -> str:
+    """One training run in a worker process (spawned: a fresh torch with its own thread count)."""
+    import logging
+
+    import torch
+
+    torch.set_num_threads(threads)
+    _quiet_transformers()
+    logging.getLogger().setLevel(logging.WARNING)
+    import contextlib
+
+    from trainer.config import validate_config
+    from trainer.loop import train
+
+    with contextlib.redirect_stdout(open(os.devnull, "w")):  # one bar per stage, from the parent
+        return str(train(validate_config(config), resume=resume))
+
+
+def experiment(
+    root: str | os.PathLike = "runs/demo",
+    methods: Sequence[str] = ("grpo", "oisd", "sdpg"),
+    seeds: Sequence[int] = (0, 1),
+    *,
+    warmstart: str | os.PathLike = "runs/warmstart-tiny",
+    overrides: Sequence[str] = (),
+    probe: bool = True,
+    workers: int | None = None,
+    progress: bool = True,
+) -> Experiment:
+    """Make (or reuse) a warm start and one run per (method, seed), then probe them.
+
+    The one orchestration the demo and every notebook call. Each stage is reused or
+    resumed: an existing warm start is kept, a finished run is kept, an interrupted run
+    resumes from its newest checkpoint, an analysed checkpoint is skipped. Every config
+    is validated before the first minute of work. Runs are named ``<method>-seed<seed>``
+    under ``root``; ``methods`` are method names (their bundled config, :data:`CONFIG_OF`)
+    or bundled config names.
+
+    Args:
+        root: folder for the runs.
+        methods: what to train, e.g. ``("grpo", "oisd", "sdpg")``.
+        seeds: run seeds; every method gets each.
+        warmstart: the warm-start folder (made with the tiny preset when missing).
+        overrides: ``key=value`` config overrides applied to every run (after the
+            experiment's own ``model.path``, ``seed`` and ``run_dir``).
+        probe: run the TransformerLens analyzer on every checkpoint afterwards.
+        workers: training processes at once, each with ``cpus // workers`` threads
+            (default: 2 when there are at least 2 cores and 2 runs, else 1, in-process).
+        progress: one progress bar per stage.
+
+    Returns:
+        An :class:`Experiment`.
+
+    Raises:
+        WorkbenchError: a bad config or override, before any work.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    from trainer.config import config_to_dict, load_config
+    from trainer.warmstart import WarmstartConfig, run_warmstart
+
+    _quiet_transformers()
+    root_p, ws = Path(root), Path(warmstart)
+    configs = {}
+    for method in methods:
+        for seed in seeds:
+            name = CONFIG_OF.get(method, method)
+            run_dir = root_p / f"{method}-seed{seed}"
+            cfg = load_config(name, [*overrides, f"model.path={ws}", f"seed={seed}", f"run_dir={run_dir}",
+                                     "logging.progress=false"])
+            configs[(method, seed)] = cfg
+    exp = Experiment(root_p, ws, {key: cfg.resolved_run_dir() for key, cfg in configs.items()})
+
+    t0 = time.time()
+    if not (ws / "warmstart.json").is_file():
+        run_warmstart(WarmstartConfig(out=str(ws), progress=progress))
+    exp.seconds["warmstart"] = time.time() - t0
+
+    t0 = time.time()
+    todo = []
+    for key, cfg in configs.items():
+        run_dir = exp.runs[key]
+        exists = is_run_folder(run_dir)
+        if exists and _status(run_dir) == "finished":
+            continue
+        todo.append((config_to_dict(cfg), exists))
+    cpus = os.cpu_count() or 1
+    if workers is None:
+        workers = 2 if cpus >= 2 and len(todo) >= 2 else 1
+    bar = tqdm(total=len(configs), initial=len(configs) - len(todo), desc="train", unit="run",
+               disable=not progress, dynamic_ncols=True)
+    if workers <= 1:
+        for config, resume in todo:
+            _train_job(config, resume, threads=max(1, cpus))
+            bar.update()
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        threads = max(1, cpus // workers)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_train_job, config, resume, threads) for config, resume in todo]
+            for future in as_completed(futures):
+                future.result()  # a failed run raises here, with its one-line error
+                bar.update()
+    bar.close()
+    exp.seconds["train"] = time.time() - t0
+
+    t0 = time.time()
+    if probe:
+        from workbench.analyzer import probe_run
+
+        for run_dir in tqdm(exp.run_dirs, desc="probe", unit="run", disable=not progress, dynamic_ncols=True):
+            report = probe_run(run_dir, progress=False)
+            for step, reason in report.skipped:
+                print(f"warning: {run_dir} step {step} not analysed: {reason}")
+    exp.seconds["probe"] = time.time() - t0
+    return exp
+
+
+def _status(run_dir: Path) -> str | None:
+    try:
+        return Run.open(run_dir).status
+    except WorkbenchError:
+        return None

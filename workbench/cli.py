@@ -1,6 +1,6 @@
 """The ``oisd`` command line.
 
-Subcommands (fixed spellings, DESIGN.md "CLI"):
+Subcommands (fixed spellings, docs/design.md "Command line"):
 ``warmstart | train | probe | dashboard | demo | compare | eval``.
 
 Heavy imports (torch, transformers) happen inside each command so ``--help`` is instant.
@@ -46,8 +46,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_probe(args: argparse.Namespace) -> int:
     from workbench.analyzer import probe_run
 
-    probe_run(args.run_dir, device=args.device, dtype=args.dtype, force=args.force,
-              detail_prompts=args.detail_prompts)
+    report = probe_run(args.run_dir, device=args.device, dtype=args.dtype, force=args.force,
+                       detail_prompts=args.detail_prompts, max_new_tokens=args.max_new_tokens)
+    print(report)
+    if report.skipped:  # a checkpoint that could not be analysed is a failure, said in the last line
+        print(f"error: {len(report.skipped)} checkpoint(s) of {args.run_dir} could not be analysed "
+              "(see the reasons above)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -60,7 +65,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from trainer.demo import run_demo
 
-    run_demo(root=args.root, steps=args.steps, seed=args.seed, methods=args.methods)
+    run_demo(root=args.root, steps=args.steps, seeds=args.seeds, methods=args.methods)
     return 0
 
 
@@ -122,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--force", action="store_true", help="re-analyse checkpoints already analysed")
     p.add_argument("--detail-prompts", type=int, default=4, help="probe prompts kept in per-prompt detail")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="greedy completion length (default: the length the run's built-in probes used)")
     p.set_defaults(func=_cmd_probe)
 
     p = sub.add_parser("dashboard", help="browse runs in a Streamlit web app",
@@ -137,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "probing, a comparison table, and the dashboard command.")
     p.add_argument("--root", default="runs/demo", help="folder for the demo's runs")
     p.add_argument("--steps", type=int, default=None, help="training steps per run")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--methods", nargs="+", default=["grpo", "oisd", "sdpg"])
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds per method (default 0 1)")
+    p.add_argument("--methods", nargs="+", default=None, help="bundled configs to compare (default grpo oisd sdpg)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("compare", help="comparison table of runs",

@@ -25,32 +25,35 @@ Every value is the ``reference`` split (teacher-forced probe set), all heads
 
 from __future__ import annotations
 
-import json
 import math
+import re
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from workbench.errors import WorkbenchError
-from workbench.runstore import Run, list_checkpoints
+from workbench.runstore import Run
+from workbench.schema import OUTCOME_SPLITS
 
-__all__ = ["ALIGNMENT_METRICS", "COLUMNS", "ENTROPY_WINDOW", "comparison_table", "print_comparison"]
+__all__ = ["ALIGNMENT_METRICS", "COLUMNS", "ENTROPY_WINDOW", "GAP_METRICS", "comparability_warnings",
+           "comparison_table", "outcome_gap", "print_comparison"]
 
 ALIGNMENT_METRICS = ("top1_agree", "attn_js_final")
+GAP_METRICS = ("top1_agree", "lens_js", "attn_js_final")  # correct-minus-wrong gaps reported
 ENTROPY_WINDOW = 5  # "final entropy" = mean over the last this-many logged training steps
-OISD_METHODS = ("oisd", "oisd+sdpg")
 
 # Per-run table. Numeric columns after "layer" are the ones aggregated over seeds.
 COLUMNS = [
     "run", "method", "seed", "steps", "layer",
     "accuracy_before", "accuracy_after", "mean_at_k_after", "entropy_final",
     "top1_agree_before", "top1_agree_after", "attn_js_final_before", "attn_js_final_after",
+    "top1_agree_gap_before", "top1_agree_gap_after", "lens_js_gap_before", "lens_js_gap_after",
+    "attn_js_final_gap_before", "attn_js_final_gap_after",
     "probe_step", "source",
 ]
-VALUE_COLUMNS = COLUMNS[5:13]
+VALUE_COLUMNS = COLUMNS[5:19]
 
 # Column headers of the printed per-method table.
 _LABELS = {
@@ -58,6 +61,7 @@ _LABELS = {
     "mean_at_k_after": "mean@k after", "entropy_final": "entropy (end)",
     "top1_agree_before": "top1_agree before", "top1_agree_after": "top1_agree after",
     "attn_js_final_before": "attn_js_final before", "attn_js_final_after": "attn_js_final after",
+    **{f"{m}_gap_{w}": f"{m} gap {w}" for m in GAP_METRICS for w in ("before", "after")},
 }
 
 
@@ -67,69 +71,48 @@ _LABELS = {
 
 
 def _alignment_rows(run: Run) -> pd.DataFrame:
-    """Per-layer alignment rows of both sources, one per (step, layer, metric).
+    """Per-layer alignment rows of both sources, one per (step, layer, metric, split).
+
+    Splits ``reference``, ``sampled_correct`` and ``sampled_wrong``.
 
     Returns:
-        Columns ``step, layer, metric, value, source``; where both the analyzer and
-        the built-in probes have a (step, layer, metric), the analyzer's row is kept.
+        Columns ``step, layer, metric, split, value, source``; where both the analyzer
+        and the built-in probes have a row, the analyzer's is kept.
     """
+    columns = ["step", "layer", "metric", "split", "value", "source"]
     frames = []
     for source, table in (("analyzer", run.analysis("metrics")), ("probe", run.probes())):
         if not len(table):
             continue
         keep = (
-            (table["split"] == "reference") & (table["head"] == -1) & (table["ref_layer"] == -1)
-            & table["metric"].isin(ALIGNMENT_METRICS) & (table["layer"] >= 1)
+            table["split"].isin(("reference",) + OUTCOME_SPLITS) & (table["head"] == -1)
+            & (table["ref_layer"] == -1) & table["metric"].isin(set(ALIGNMENT_METRICS) | set(GAP_METRICS))
+            & (table["layer"] >= 1)
         )
-        part = table.loc[keep, ["step", "layer", "metric", "value"]].copy()
+        part = table.loc[keep, columns[:-1]].copy()
         part["source"] = source
         frames.append(part)
     if not frames:
-        return pd.DataFrame(columns=["step", "layer", "metric", "value", "source"])
+        return pd.DataFrame(columns=columns)
     rows = pd.concat(frames, ignore_index=True)
     rows = rows.astype({"step": "int64", "layer": "int64", "value": "float64"})
     # concat order puts the analyzer first: keep its value where both exist.
-    return rows.drop_duplicates(["step", "layer", "metric"], keep="first").reset_index(drop=True)
+    return rows.drop_duplicates(["step", "layer", "metric", "split"], keep="first").reset_index(drop=True)
 
 
 def _num_layers(run: Run, rows: pd.DataFrame) -> int | None:
-    """L, the number of blocks: from the probe tables, else a checkpoint's or the start
-    model's ``config.json``; None when nothing says."""
+    """L, as the trainer recorded it in run.json; for a run without it, the deepest layer
+    its probe tables hold; None when nothing says."""
+    if run.num_layers is not None:
+        return run.num_layers
     tables = [rows, run.probes(), run.analysis("metrics")]
     found = [int(t["layer"].max()) for t in tables if len(t)]
-    if found:
-        return max(found)
-    folders = [c.path for c in list_checkpoints(run.path, verify=False, warn=False)]
-    model = run.config.get("model")
-    model_path = model.get("path") if isinstance(model, dict) else None
-    if model_path:
-        folders.append(model_path)
-    for folder in folders:
-        try:
-            config = json.loads(Path(folder, "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(config, dict) and isinstance(config.get("num_hidden_layers"), int):
-            return config["num_hidden_layers"]
-    return None
+    return max(found) if found else None
 
 
-def _oisd_layer(run: Run, num_layers: int | None) -> int | None:
-    """The first of an OISD run's selected layers, resolved as the trainer does."""
-    from trainer.setup import resolve_layers
-
-    section = run.config.get("oisd")
-    spec = section.get("layers") if isinstance(section, dict) else None
-    if not spec:
-        spec = [0.5]  # the config default (trainer.config.OISDConfig)
-    if num_layers is None:
-        ints = [x for x in spec if isinstance(x, int)]  # a block index needs no L
-        return min(ints) if ints else None
-    return resolve_layers(spec, num_layers, key=f"oisd.layers of {run.name}")[0]
-
-
-def _is_oisd(run: Run) -> bool:
-    return run.method in OISD_METHODS
+def _oisd_layer(run: Run) -> int | None:
+    """The first of the OISD layers the trainer recorded (None when OISD was off)."""
+    return run.oisd_layers[0] if run.oisd_layers else None
 
 
 def _last_value(frame: pd.DataFrame, column: str) -> float:
@@ -169,16 +152,36 @@ def _run_row(run: Run, rows: pd.DataFrame, layer: int | None) -> dict:
         "source": None,
     }
     at_layer = rows[rows["layer"] == layer] if layer is not None else rows.iloc[0:0]
-    last = int(at_layer["step"].max()) if len(at_layer) else None
+    reference = at_layer[at_layer["split"] == "reference"]
+    last = int(reference["step"].max()) if len(reference) else None
     row["probe_step"] = last
     for metric in ALIGNMENT_METRICS:
-        series = at_layer[at_layer["metric"] == metric].set_index("step")
+        series = reference[reference["metric"] == metric].set_index("step")
         row[f"{metric}_before"] = float(series.at[0, "value"]) if 0 in series.index else math.nan
         has_last = last is not None and last in series.index
         row[f"{metric}_after"] = float(series.at[last, "value"]) if has_last else math.nan
+    for metric in GAP_METRICS:
+        gap = outcome_gap(at_layer[at_layer["metric"] == metric])
+        row[f"{metric}_gap_before"] = float(gap.get(0, math.nan))
+        row[f"{metric}_gap_after"] = float(gap.get(last, math.nan)) if last is not None else math.nan
     if last is not None:
-        row["source"] = "+".join(sorted(set(at_layer.loc[at_layer["step"] == last, "source"])))
+        row["source"] = "+".join(sorted(set(reference.loc[reference["step"] == last, "source"])))
     return row
+
+
+def outcome_gap(rows: pd.DataFrame) -> pd.Series:
+    """The correct-minus-wrong gap per step: ``value(sampled_correct) - value(sampled_wrong)``.
+
+    Args:
+        rows: one metric at one layer, columns ``step, split, value``.
+
+    Returns:
+        Series indexed by step, only steps where both outcome splits have a value.
+    """
+    wide = rows[rows["split"].isin(OUTCOME_SPLITS)].pivot_table(index="step", columns="split", values="value")
+    if not set(OUTCOME_SPLITS) <= set(wide.columns):
+        return pd.Series(dtype=float)
+    return (wide["sampled_correct"] - wide["sampled_wrong"]).dropna()
 
 
 # ---------------------------------------------------------------------------
@@ -234,7 +237,7 @@ def comparison_table(
                 )
         layers = [layer] * len(runs)
     else:
-        own = [_oisd_layer(run, L) if _is_oisd(run) else None for run, L in zip(runs, depth)]
+        own = [_oisd_layer(run) for run in runs]
         shared = next((x for x in own if x is not None), None)
         layers = [
             mine if mine is not None
@@ -249,6 +252,51 @@ def comparison_table(
     table["layer"] = table["layer"].astype("Int64")
     table["probe_step"] = table["probe_step"].astype("Int64")
     return _aggregate(table) if aggregate else table
+
+
+def comparability_warnings(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
+    """What makes a mean ± std over these runs misleading, one line each (empty when nothing).
+
+    Runs of one method are averaged as seeds: they should start from the same model,
+    train for the same number of steps and differ in their seed. Across methods, a
+    comparison needs one start model.
+    """
+    runs = [Run.open(path) for path in run_dirs]
+
+    def start(run: Run) -> str:
+        model = run.config.get("model")
+        return str(model.get("path")) if isinstance(model, dict) else "?"
+
+    def steps(run: Run) -> int:
+        history = run.metrics()
+        return int(history["step"].max()) if len(history) else 0
+
+    out = []
+    by_method: dict[str, list[Run]] = {}
+    for run in runs:
+        by_method.setdefault(str(run.method), []).append(run)
+    for method, group in by_method.items():
+        if len(group) < 2:
+            continue
+        starts = sorted({start(r) for r in group})
+        if len(starts) > 1:
+            out.append(f"{method}: runs start from different models ({', '.join(starts)}); "
+                       "their spread is not a seed spread")
+        counts = sorted({steps(r) for r in group})
+        if len(counts) > 1:
+            out.append(f"{method}: runs reached different steps ({', '.join(map(str, counts))})")
+        seen: dict[object, str] = {}
+        for r in group:
+            seed = r.info.get("seed", r.config.get("seed"))
+            if seed in seen:
+                out.append(f"{method}: seed {seed} appears twice ({seen[seed]}, {r.name}); "
+                           "the std counts one seed twice")
+            seen.setdefault(seed, r.name)
+    starts = sorted({start(r) for r in runs})
+    if len(by_method) > 1 and len(starts) > 1:
+        out.append(f"methods start from different models ({', '.join(starts)}); differences between "
+                   "methods mix the method with the start")
+    return out
 
 
 def _aggregate(table: pd.DataFrame) -> pd.DataFrame:
@@ -294,7 +342,7 @@ def _per_run_table(table: pd.DataFrame, title: str):
 
     out = Table(title=title, title_justify="left")
     for name in ("run", "method", "seed", "steps", "layer", "accuracy", "mean@k",
-                 "entropy (end)", "top1_agree", "attn_js_final", "probe step"):
+                 "entropy (end)", "top1_agree", "attn_js_final", "top1_agree gap", "probe step"):
         out.add_column(name, justify="left" if name in ("run", "method") else "right")
     for r in table.itertuples(index=False):
         out.add_row(
@@ -303,19 +351,23 @@ def _per_run_table(table: pd.DataFrame, title: str):
             _fmt(r.entropy_final),
             _arrow(r.top1_agree_before, r.top1_agree_after),
             _arrow(r.attn_js_final_before, r.attn_js_final_after),
+            _arrow(r.top1_agree_gap_before, r.top1_agree_gap_after),
             "-" if r.probe_step is pd.NA else f"{r.probe_step} ({r.source})",
         )
     return out
 
 
-def _aggregate_table(table: pd.DataFrame):
+def _aggregate_table(table: pd.DataFrame, comparable: bool = True):
     from rich.table import Table
 
     def pm(row: pd.Series, column: str) -> str:
         std = row[f"{column}_std"]
         return _fmt(row[column]) if np.isnan(std) else f"{_fmt(row[column])} ± {_fmt(std)}"
 
-    out = Table(title="Per method: mean ± std over seeds", title_justify="left")
+    title = "Per method: mean ± std over seeds"
+    if not comparable:
+        title += " (runs not comparable: see the warnings above)"
+    out = Table(title=title, title_justify="left")
     out.add_column("method", justify="left")
     for name in ("runs", "layer", *(_LABELS[column] for column in VALUE_COLUMNS)):
         out.add_column(name, justify="right")
@@ -361,6 +413,124 @@ def print_comparison(
     )
     if aggregate is None:
         aggregate = bool(table["method"].duplicated().any())
+    warnings = comparability_warnings(run_dirs)
+    for line in warnings:
+        console.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
     if aggregate:
-        console.print(_aggregate_table(_aggregate(table)))
+        console.print(_aggregate_table(_aggregate(table), comparable=not warnings))
+    if table[[f"{m}_gap_after" for m in GAP_METRICS]].notna().any().any():
+        console.print(
+            "gap = value on sampled completions the verifier accepts minus value on those it rejects "
+            "(splits sampled_correct - sampled_wrong), at the same layer and step."
+        )
     return table
+
+
+# ---------------------------------------------------------------------------
+# Per-method summary with the seed spread (the demo's summary.json)
+# ---------------------------------------------------------------------------
+
+_SEED_SUFFIX = re.compile(r"-seed\d+$")
+# Per-run values listed per method (one entry per seed), and what the verdict compares.
+SUMMARY_AFTER = ("accuracy_after", "top1_agree_after", "top1_agree_gap_after", "entropy_final")
+
+
+def _label(run_name: str) -> str:
+    return _SEED_SUFFIX.sub("", run_name)
+
+
+def method_summary(run_dirs: Sequence[str | os.PathLike], baseline: str = "grpo") -> dict:
+    """Per method (runs named ``<method>-seed<k>``): values before, after per seed, and the verdict.
+
+    Returns:
+        ``{"layer": l, "methods": {name: {"seeds": n, "accuracy_before": x,
+        "accuracy_after": [...], "top1_agree_before": x, "top1_agree_after": [...],
+        "top1_agree_gap_before": x, "top1_agree_gap_after": [...], "entropy_final": [...],
+        "vs_baseline": {value: {"difference": d, "spread": s, "larger_than_spread": bool}}}}}``.
+        "before" values are the mean over the method's runs (they share the start).
+        The spread is the larger of the two methods' sample standard deviations over seeds;
+        a difference counts as larger than the spread only when both have at least 2 seeds.
+    """
+    table = comparison_table(run_dirs)
+    table["label"] = table["run"].map(_label)
+    out: dict = {"layer": None if table["layer"].isna().all() else int(table["layer"].dropna().iloc[0]),
+                 "methods": {}}
+
+    def clean(values) -> list[float | None]:
+        return [None if (v is None or (isinstance(v, float) and math.isnan(v))) else float(v) for v in values]
+
+    def mean(values) -> float | None:
+        values = [v for v in clean(values) if v is not None]
+        return float(np.mean(values)) if values else None
+
+    for label, group in table.groupby("label", sort=False):
+        entry = {"seeds": int(len(group)), "runs": group["run"].tolist()}
+        for before in ("accuracy_before", "top1_agree_before", "top1_agree_gap_before"):
+            entry[before] = mean(group[before])
+        for after in SUMMARY_AFTER:
+            entry[after] = clean(group[after])
+        out["methods"][label] = entry
+    base = out["methods"].get(baseline)
+    for label, entry in out["methods"].items():
+        if base is None or label == baseline:
+            continue
+        verdict = {}
+        for value in SUMMARY_AFTER:
+            a = [v for v in entry[value] if v is not None]
+            b = [v for v in base[value] if v is not None]
+            if not a or not b:
+                continue
+            spread = max(float(np.std(a, ddof=1)) if len(a) > 1 else math.nan,
+                         float(np.std(b, ddof=1)) if len(b) > 1 else math.nan)
+            difference = float(np.mean(a) - np.mean(b))
+            verdict[value] = {"difference": difference, "spread": None if math.isnan(spread) else spread,
+                              "larger_than_spread": bool(len(a) > 1 and len(b) > 1 and abs(difference) > spread)}
+        entry["vs_baseline"] = verdict
+    return out
+
+
+_WORDS = {"accuracy_after": "accuracy", "top1_agree_after": "top1_agree",
+          "top1_agree_gap_after": "correct-minus-wrong top1_agree gap", "entropy_final": "entropy"}
+
+
+def summary_lines(summary: dict, baseline: str = "grpo") -> list[str]:
+    """The verdicts in words, one line per (method, value)."""
+    lines = []
+    for label, entry in summary["methods"].items():
+        for value, v in entry.get("vs_baseline", {}).items():
+            spread = "n/a" if v["spread"] is None else f"{v['spread']:.3f}"
+            word = "larger" if v["larger_than_spread"] else "not larger"
+            lines.append(f"{label} vs {baseline}, {_WORDS[value]}: difference {v['difference']:+.3f} is {word} "
+                         f"than the seed spread ({spread}, {entry['seeds']} vs {summary['methods'][baseline]['seeds']} "
+                         "seeds)")
+    return lines
+
+
+def print_summary(summary: dict, console=None) -> None:
+    """The per-method table of :func:`method_summary`, then the verdicts in words."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=200)
+
+    def pm(values: list) -> str:
+        values = [v for v in values if v is not None]
+        if not values:
+            return "-"
+        if len(values) == 1:
+            return f"{values[0]:.3f}"
+        return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+    layer = summary["layer"]
+    out = Table(title=f"Per method, mean ± std over seeds (layer {layer} = the OISD layer)", title_justify="left")
+    for name in ("method", "seeds", "accuracy before -> after", f"top1_agree L{layer} before -> after",
+                 "top1_agree gap (correct - wrong) before -> after", "entropy (end)"):
+        out.add_column(name, justify="left" if name == "method" else "right")
+    for label, e in summary["methods"].items():
+        out.add_row(label, str(e["seeds"]), f"{_fmt(e['accuracy_before'])} -> {pm(e['accuracy_after'])}",
+                    f"{_fmt(e['top1_agree_before'])} -> {pm(e['top1_agree_after'])}",
+                    f"{_fmt(e['top1_agree_gap_before'])} -> {pm(e['top1_agree_gap_after'])}",
+                    pm(e["entropy_final"]))
+    console.print(out)
+    for line in summary_lines(summary):
+        console.print(line, highlight=False)

@@ -98,12 +98,23 @@ def test_empty_files(tmp_path):
 
 
 def test_empty_answer_names_the_row(tmp_path):
+    # Rows count from 1 (line 2 of the file is row 2); an absent field is not an empty one.
     rows = [{"question": "a", "answer": "1"}, {"question": "b", "answer": "  "}]
-    with pytest.raises(DataError, match="row 1: empty 'answer'"):
+    with pytest.raises(DataError, match="row 2: empty 'answer' value"):
         load_examples(_write_jsonl(tmp_path / "d.jsonl", rows))
     rows = [{"question": "a", "answer": None}]
-    with pytest.raises(DataError, match="row 0: empty 'answer'"):
+    with pytest.raises(DataError, match="row 1: no 'answer' field"):
         load_examples(_write_jsonl(tmp_path / "e.jsonl", rows))
+    rows = [{"question": "a", "answer": "1"}, {"question": "b"}]
+    with pytest.raises(DataError, match="row 2: no 'answer' field"):
+        load_examples(_write_jsonl(tmp_path / "f.jsonl", rows))
+
+
+def test_bad_json_line_is_located_by_line_and_column(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "a", "answer": "1"}\n\n{"question": "b", "answer": 2,}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl line 3, column 31: invalid JSON"):
+        load_examples(path)
 
 
 def test_missing_file_and_bad_files(tmp_path):

@@ -96,6 +96,65 @@ def test_every_method_trains_two_steps(method, arch, request, tmp_path, run_over
     assert (final["value"].abs() < 1e-6).all()  # the final layer against itself
 
 
+@pytest.mark.parametrize("method, terms", [("oisd", {"policy", "think", "attn"}),
+                                           ("sdpg", {"policy", "opd", "ref_kl"})])
+def test_gradient_share_of_every_term_is_logged(method, terms, coin_model_dir, coin_data, tmp_path,
+                                                run_overrides):
+    # The coin task earns rewards (advantages != 0), so every term has a gradient.
+    cfg = load_config(CONFIG[method], run_overrides(coin_model_dir, tmp_path / "r", data=coin_data, steps=2,
+                                                    rollout__prompts_per_step=4, probe_every=0, eval_every=0,
+                                                    sdpg__t_warm=0, sdpg__gate=False, logging__grad_share_every=2))
+    train(cfg)
+    first, second = _metrics(tmp_path / "r")
+    shares = {k.removeprefix("grad_share/"): v for k, v in first.items() if k.startswith("grad_share/")}
+    assert set(shares) == terms
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-9)
+    # At the first step the policy is the reference, so L_K's gradient (1 - w^-1) is exactly 0;
+    # every other term moves the parameters.
+    assert {k for k, v in shares.items() if v == 0.0} == ({"ref_kl"} if method == "sdpg" else set())
+    assert all(0.0 <= v < 1.0 for v in shares.values())
+    assert not any(k.startswith("grad_share/") for k in second)  # every 2 steps: steps 0, 2, ...
+
+
+def test_outcome_probes_and_resolved_facts_are_written(tiny_qwen3_dir, tmp_path, run_overrides):
+    run_dir = tmp_path / "r"
+    cfg = load_config("oisd", run_overrides(tiny_qwen3_dir, run_dir, **SMALL_TASK, steps=1, probe_every=1,
+                                            eval_every=0, probe__samples_per_prompt=3, probe__n_prompts=2))
+    train(cfg)
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["num_layers"] == 4 and info["oisd_layers"] == [2] and info["probe_max_new_tokens"] == 16
+    samples = pd.read_parquet(run_dir / "probe_samples.parquet")
+    assert sorted(samples["step"].unique()) == [0, 1]
+    assert len(samples) == 2 * 2 * 3  # 2 probe points x 2 prompts x 3 samples
+    assert not samples["correct"].any()  # a random model never answers right
+    probes = pd.read_parquet(run_dir / "probes.parquet")
+    n = probes[probes["metric"] == "n_samples"].set_index(["step", "split"])["value"]
+    assert n[(1, "sampled_wrong")] == 6 and n[(1, "sampled_correct")] == 0
+    wrong = probes[(probes["split"] == "sampled_wrong") & (probes["metric"] == "top1_agree")]
+    assert set(wrong["layer"]) == {1, 2, 3, 4}
+    assert probes[(probes["split"] == "sampled_correct") & (probes["metric"] != "n_samples")].empty
+
+
+def test_dropout_is_off_while_scoring(tmp_path, char_tokenizer, run_overrides):
+    """GPT-2 with dropout 0.1, SDPG: at step 1 the policy equals the reference, so L_K (ufkl,
+    w = 1) is exactly 1; with dropout on while scoring it was 1.00175."""
+    from transformers import GPT2Config
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(char_tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                        resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, bos_token_id=char_tokenizer.bos_token_id,
+                        eos_token_id=char_tokenizer.eos_token_id, pad_token_id=char_tokenizer.pad_token_id)
+    folder = tmp_path / "gpt2"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    char_tokenizer.save_pretrained(folder)
+    cfg = load_config("sdpg-ufkl", run_overrides(folder, tmp_path / "r", **SMALL_TASK, steps=1, probe_every=0,
+                                                 eval_every=0, sdpg__t_warm=0))
+    train(cfg)
+    (row,) = _metrics(tmp_path / "r")
+    assert row["loss/ref_kl"] == pytest.approx(1.0, abs=1e-6)
+    assert row["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_sdpg_opd_term_off_during_warmup_is_not_logged(tiny_qwen3_dir, tmp_path, run_overrides):
     """With the paper's warm-up, beta(0) = 0: no teacher forward, no loss/opd, beta logged as 0."""
     cfg = load_config("sdpg-ufkl", run_overrides(tiny_qwen3_dir, tmp_path / "r", **SMALL_TASK, steps=1,

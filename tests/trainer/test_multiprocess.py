@@ -72,3 +72,30 @@ def test_two_processes_match_one(coin_model_dir, coin_data, tmp_path, run_overri
         assert r2 == pytest.approx(r1, rel=1e-4, abs=1e-6), r1["step"]
     assert any(r["reward_std"] > 0 for r in rows_one)  # GRPO and OISD terms had advantages to use
     assert any(abs(r["loss/think"]) > 0 for r in rows_one)
+
+
+def test_two_processes_resume(coin_model_dir, coin_data, tmp_path, run_overrides, cli_env):
+    """A killed 2-process run resumes with 2 processes (safetensors refused accelerate's 'cpu:0')."""
+    run_dir = tmp_path / "two"
+    sets = []
+    for item in run_overrides(coin_model_dir, tmp_path / "unused", data=coin_data, steps=2,
+                              rollout__prompts_per_step=4, checkpoint_every=1, probe_every=0, eval_every=0):
+        if not item.startswith(("run_dir=", "steps=")):
+            sets += ["--set", item]
+    accelerate = Path(sys.executable).with_name("accelerate")
+    root = Path(__file__).resolve().parents[2]
+
+    def launch(steps: int, *extra: str):
+        command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+                   "-m", "workbench.cli", "train", "--config", "grpo", *sets, "--set", f"steps={steps}",
+                   "--run-dir", str(run_dir), *extra]
+        return subprocess.run(command, cwd=root, env=cli_env, capture_output=True, text=True, timeout=300)
+
+    first = launch(2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = launch(3, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "from step-000002 (step 2)" in resumed.stderr
+    assert [r["step"] for r in _metrics(run_dir)] == [1, 2, 3]
+    assert (run_dir / "checkpoints" / "step-000003" / "manifest.json").is_file()

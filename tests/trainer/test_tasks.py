@@ -107,10 +107,10 @@ def test_known_first_example_and_arithmetic():
     for example in examples:
         assert re.fullmatch(r"Compute \d\d[+-]\d\d[+-]\d\d\.", example.question)
         _evaluate_steps(example, allow_negative=False)
-    # The embedded default: four one-digit operands, three chain-of-thought steps.
+    # The embedded default: three one-digit operands, two chain-of-thought steps.
     for example in ArithmeticTask(n_train=300, n_test=50).train_examples():
-        assert re.fullmatch(r"Compute \d[+-]\d[+-]\d[+-]\d\.", example.question)
-        assert example.solution.count("=") == 3
+        assert re.fullmatch(r"Compute \d[+-]\d[+-]\d\.", example.question)
+        assert example.solution.count("=") == 2
         _evaluate_steps(example, allow_negative=False)
 
 
@@ -166,7 +166,7 @@ def test_split_is_deterministic_disjoint_and_seeded():
 def test_default_generation_is_fast():
     start = time.perf_counter()
     task = ArithmeticTask()
-    assert len(task.train_examples()) == 20000
+    assert len(task.train_examples()) == 2000
     assert len(task.test_examples()) == 500
     assert time.perf_counter() - start < 1.0
 

@@ -9,6 +9,8 @@ import pandas as pd
 import pytest
 from rich.console import Console
 
+from trainer.methods import METHODS, spec_of
+from trainer.setup import resolve_layers
 from workbench.compare import COLUMNS, ENTROPY_WINDOW, comparison_table, print_comparison
 from workbench.errors import WorkbenchError
 from workbench.runstore import Run, RunWriter, atomic_write_parquet
@@ -43,6 +45,9 @@ def make_run(root, name, method, *, seed=0, n_layers=4, layers=(0.5,), steps=(0,
     config = {"method": method, "seed": seed, "oisd": {"layers": list(layers)},
               "model": {"path": "nowhere"}}
     writer = RunWriter(path, config, resume=False)
+    # What the trainer records: L and the resolved OISD layers (none when OISD is off).
+    oisd = spec_of(method).oisd if method in METHODS else False
+    writer.record(num_layers=n_layers, oisd_layers=resolve_layers(list(layers), n_layers) if oisd else [])
     last = steps[-1]
     entropy = entropy or {k: 2.0 - 0.1 * k for k in range(1, last + 1)}
     evals = dict(zip(steps, accuracy))
