@@ -65,7 +65,7 @@ def training_curves(tables: dict[str, pd.DataFrame], keys: list[str], smooth: in
     """One panel per metrics.jsonl key, every run overlaid in its own colour.
 
     Args:
-        tables: Run name -> metrics table (``step`` plus METHODS.md names).
+        tables: Run name -> metrics table (``step`` plus the names of docs/objectives.md).
         keys: The columns to plot, one panel each.
         smooth: Trailing rolling-mean window in steps (1 = raw values).
     """

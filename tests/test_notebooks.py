@@ -39,7 +39,7 @@ SMALL = {
         "eval.k=2", "data.arithmetic.n_train=64", "data.arithmetic.n_test=16", "probe.greedy=false",
     ],
     "PROGRESS": False,
-    "METHODS": ["grpo", "oisd", "sdpg-ufkl", "rlsd"],
+    "METHODS": ["grpo", "oisd", "sdpg", "rlsd"],
     "SEEDS": [0, 1],
     "PROMPT": 0,
 }

@@ -1,1 +1,1 @@
-"""The training module: GRPO with the OISD, SDPG, RLSD and OPSD objectives (see METHODS.md)."""
+"""The training module: GRPO with the OISD, SDPG, RLSD and OPSD objectives (docs/objectives.md)."""

@@ -117,7 +117,7 @@ def teacher_prompts(tokenizer, prompts: Sequence[str]) -> tuple[Tensor, Tensor, 
 
     A group's G responses share one teacher prompt, so each run of equal consecutive
     prompts is tokenised (and later scored) once; the teacher then scores the
-    *student's* response tokens after it (METHODS.md, SDPG): only the prompt differs
+    *student's* response tokens after it (docs/objectives.md, SDPG): only the prompt differs
     from the student's, by the sentinel and the hint.
 
     Returns:

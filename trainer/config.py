@@ -199,7 +199,7 @@ class PrecisionConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """The whole training config; fixed key names per DESIGN.md."""
+    """The whole training config; fixed key names per docs/design.md."""
 
     method: str = Field("grpo", description=f"objective: {' | '.join(METHOD_NAMES)} (trainer.methods)")
     seed: int = Field(0, description="run seed (sampling, init of anything random)")

@@ -1,6 +1,6 @@
 """The policy forward pass: one pass, only the pieces the objectives need.
 
-The OISD loss (METHODS.md) needs, from the *same* forward pass that scores the
+The OISD loss (docs/objectives.md) needs, from the *same* forward pass that scores the
 policy: the final layer's logits, the residual stream of a few intermediate
 blocks, and the attention probabilities of those blocks and of the final block,
 all at the *scored positions* (positions ``t`` whose next token is a response
@@ -23,7 +23,7 @@ nothing more:
   function of the same ``Q`` and ``K`` that SDPA used, gradients of a loss on
   them reach the layer's query/key projections exactly as in eager attention.
 
-Layer numbering follows METHODS.md: layer ``l`` (1-based) is the output of block
+Layer numbering follows docs/metrics.md: layer ``l`` (1-based) is the output of block
 ``l``, i.e. HF ``hidden_states[l]``, *before* the final norm. HF's
 ``hidden_states[L]`` is already normed; here ``hidden[L]`` is not, so that
 ``readout(model)(hidden[L]) == logits`` like every other layer's logit lens.
@@ -140,7 +140,7 @@ def readout(model: nn.Module, detach: bool = False) -> Callable[[Tensor], Tensor
     """The model's own readout ``h -> lm_head(final_norm(h))`` (the logit lens).
 
     Applied to the pre-norm output of the last block it reproduces the model's
-    logits exactly; applied to an earlier block it is the logit lens of METHODS.md.
+    logits exactly; applied to an earlier block it is the logit lens of docs/metrics.md.
 
     Args:
         model: an HF causal LM (Llama/Qwen3 ``model.norm`` + ``lm_head``, GPT-2

@@ -1,6 +1,6 @@
 """The training loop: GRPO plus OISD / SDPG / RLSD / OPSD, one config-driven story.
 
-Each step (METHODS.md):
+Each step (docs/objectives.md):
 
 1. take the step's prompts (a pure function of seed and step) and sample G responses
    per prompt from the final layer (the acting policy);
@@ -111,7 +111,7 @@ class Trainer:
         )
         self.step = 0
         self.bad_steps = 0
-        # Frozen models only when a term needs them (METHODS.md): the reference is the
+        # Frozen models only when a term needs them (trainer.methods): the reference is the
         # initial model; RLSD's teacher is a copy re-synced every `sync_every` steps.
         self.spec = spec_of(cfg.method)
         self.reference = setup.reference

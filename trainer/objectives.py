@@ -1,4 +1,4 @@
-"""The training objectives of METHODS.md as small, pure functions of tensors.
+"""The training objectives of docs/objectives.md as small, pure functions of tensors.
 
 Each function is one term of one method, named after it, with its equation in the
 docstring. The training loop composes them; nothing here touches a model, an
@@ -162,7 +162,7 @@ def aggregate(
       ``(1/B) sum_i [sum_t m_{i,t} l_{i,t} / max_len]``.
 
     Every auxiliary term goes through this function too, so that it shares the
-    GRPO term's normaliser (METHODS.md). Masked-out entries are *selected away*
+    GRPO term's normaliser (docs/objectives.md). Masked-out entries are *selected away*
     (not multiplied by 0), so a ``nan``/``inf`` on padding cannot leak into the value.
 
     Args:
@@ -402,7 +402,7 @@ def oisd_loss(
     """``L_think`` (or ``L_attn``) = ``aggregate(w_i * mean_{l in S} J^l_{i,t})``.
 
     Uses the GRPO term's normaliser (:func:`aggregate` with the same ``loss_type``),
-    as METHODS.md requires for every auxiliary term.
+    as docs/objectives.md requires for every auxiliary term.
 
     Args:
         per_layer_divergence: ``(B, T, |S|)`` J (or K) per selected layer, or a list

@@ -79,11 +79,16 @@ def _load_weights(model: torch.nn.Module, weights: dict, source: Path) -> None:
                               f"unexpected {unexpected[:3]})")
 
 
-def _load_tensors(path: Path, device: torch.device) -> dict:
-    """``safetensors.load_file`` onto ``device``. safetensors takes "cpu" but not "cpu:0",
-    which is what accelerate's device is in a multi-process CPU run."""
+def _plain_device(device: torch.device | str) -> str:
+    """The device as safetensors and ``torch.load`` accept it: accelerate's device in a
+    multi-process CPU run is "cpu:0", which both refuse; "cpu" is what they mean."""
     device = torch.device(device)
-    return load_file(str(path), device="cpu" if device.type == "cpu" else str(device))
+    return "cpu" if device.type == "cpu" else str(device)
+
+
+def _load_tensors(path: Path, device: torch.device) -> dict:
+    """``safetensors.load_file`` onto ``device``."""
+    return load_file(str(path), device=_plain_device(device))
 
 
 def load_trainer_state(tr, folder: Path) -> int:
@@ -101,7 +106,7 @@ def load_trainer_state(tr, folder: Path) -> int:
     """
     model = tr.s.accelerator.unwrap_model(tr.model)
     _load_weights(model, _load_tensors(folder / "model.safetensors", tr.device), folder)
-    state = torch.load(folder / STATE_FILE, map_location=tr.device, weights_only=False)
+    state = torch.load(folder / STATE_FILE, map_location=_plain_device(tr.device), weights_only=False)
     tr.optimizer.load_state_dict(state["optimizer"])
     tr.scheduler.load_state_dict(state["scheduler"])
     tr.bad_steps = state.get("bad_steps", 0)

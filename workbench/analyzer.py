@@ -5,7 +5,7 @@ For each checkpoint of a run, :func:`probe_run` boots the folder with
 probe set with ``run_with_cache`` restricted to the hooks the metrics need, and
 writes tidy parquet tables to ``analysis/step-XXXXXX-{kind}.parquet``:
 
-- ``metrics``: the metric set of DESIGN.md (``workbench.schema.METRIC_COLUMNS``,
+- ``metrics``: the metric set of docs/metrics.md (``workbench.schema.METRIC_COLUMNS``,
   ``source = "analyzer"``), splits ``"reference"`` and ``"greedy"``;
 - ``topk``, ``cells``, ``attn``: per-prompt drill-down for the first
   ``detail_prompts`` probe prompts (reference split).

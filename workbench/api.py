@@ -19,6 +19,7 @@ point, like the command line: the only place the analysis side reaches the train
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -169,8 +170,6 @@ def _train_job(config: dict, resume: bool, threads: int) -> str:
     torch.set_num_threads(threads)
     _quiet_transformers()
     logging.getLogger().setLevel(logging.WARNING)
-    import contextlib
-
     from trainer.config import validate_config
     from trainer.loop import train
 
@@ -180,7 +179,7 @@ def _train_job(config: dict, resume: bool, threads: int) -> str:
 
 def experiment(
     root: str | os.PathLike = "runs/demo",
-    methods: Sequence[str] = ("grpo", "oisd", "sdpg"),
+    methods: Sequence[str | tuple[str, str, Sequence[str]]] = ("grpo", "oisd", "sdpg"),
     seeds: Sequence[int] = (0, 1),
     *,
     warmstart: str | os.PathLike = "runs/warmstart-tiny",
@@ -188,15 +187,18 @@ def experiment(
     probe: bool = True,
     workers: int | None = None,
     progress: bool = True,
+    warmstart_options: dict | None = None,
+    probe_options: dict | None = None,
 ) -> Experiment:
     """Make (or reuse) a warm start and one run per (method, seed), then probe them.
 
     The one orchestration the demo and every notebook call. Each stage is reused or
     resumed: an existing warm start is kept, a finished run is kept, an interrupted run
     resumes from its newest checkpoint, an analysed checkpoint is skipped. Every config
-    is validated before the first minute of work. Runs are named ``<method>-seed<seed>``
-    under ``root``; ``methods`` are method names (their bundled config, :data:`CONFIG_OF`)
-    or bundled config names.
+    is validated before the first minute of work. Runs are named ``<label>-seed<seed>``
+    under ``root``. Each entry of ``methods`` is a method name (its bundled config,
+    :data:`CONFIG_OF`), a bundled config name, or ``(label, config, overrides)`` for a
+    variant, e.g. ``("oisd-positive", "oisd", ["oisd.weight=positive"])``.
 
     Args:
         root: folder for the runs.
@@ -209,6 +211,10 @@ def experiment(
         workers: training processes at once, each with ``cpus // workers`` threads
             (default: 2 when there are at least 2 cores and 2 runs, else 1, in-process).
         progress: one progress bar per stage.
+        warmstart_options: :class:`~trainer.warmstart.WarmstartConfig` fields for a new
+            warm start (``steps``, ``eval_n``, ...).
+        probe_options: :func:`~workbench.analyzer.probe_run` keywords (``detail_prompts``,
+            ``greedy``, ``device``, ...).
 
     Returns:
         An :class:`Experiment`.
@@ -226,18 +232,18 @@ def experiment(
     _quiet_transformers()
     root_p, ws = Path(root), Path(warmstart)
     configs = {}
-    for method in methods:
+    for entry in methods:
+        label, name, own = (entry, CONFIG_OF.get(entry, entry), []) if isinstance(entry, str) else entry
         for seed in seeds:
-            name = CONFIG_OF.get(method, method)
-            run_dir = root_p / f"{method}-seed{seed}"
-            cfg = load_config(name, [*overrides, f"model.path={ws}", f"seed={seed}", f"run_dir={run_dir}",
+            run_dir = root_p / f"{label}-seed{seed}"
+            cfg = load_config(name, [*overrides, *own, f"model.path={ws}", f"seed={seed}", f"run_dir={run_dir}",
                                      "logging.progress=false"])
-            configs[(method, seed)] = cfg
+            configs[(label, seed)] = cfg
     exp = Experiment(root_p, ws, {key: cfg.resolved_run_dir() for key, cfg in configs.items()})
 
     t0 = time.time()
     if not (ws / "warmstart.json").is_file():
-        run_warmstart(WarmstartConfig(out=str(ws), progress=progress))
+        run_warmstart(WarmstartConfig(**{"out": str(ws), "progress": progress, **(warmstart_options or {})}))
     exp.seconds["warmstart"] = time.time() - t0
 
     t0 = time.time()
@@ -262,11 +268,21 @@ def experiment(
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         threads = max(1, cpus // workers)
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_train_job, config, resume, threads) for config, resume in todo]
-            for future in as_completed(futures):
-                future.result()  # a failed run raises here, with its one-line error
-                bar.update()
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            with _sigterm_as_interrupt():
+                futures = [pool.submit(_train_job, config, resume, threads) for config, resume in todo]
+                for future in as_completed(futures):
+                    future.result()  # a failed run raises here, with its one-line error
+                    bar.update()
+        except BaseException:
+            # Ctrl-C, SIGTERM or a failed run: stop the other workers too, or they train on
+            # after the parent is gone. Each run resumes from its newest checkpoint next time.
+            for process in list(getattr(pool, "_processes", {}).values()):
+                process.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
     bar.close()
     exp.seconds["train"] = time.time() - t0
 
@@ -275,11 +291,31 @@ def experiment(
         from workbench.analyzer import probe_run
 
         for run_dir in tqdm(exp.run_dirs, desc="probe", unit="run", disable=not progress, dynamic_ncols=True):
-            report = probe_run(run_dir, progress=False)
+            report = probe_run(run_dir, **{"progress": False, **(probe_options or {})})
             for step, reason in report.skipped:
                 print(f"warning: {run_dir} step {step} not analysed: {reason}")
     exp.seconds["probe"] = time.time() - t0
     return exp
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Inside the block, SIGTERM raises KeyboardInterrupt (so cleanup runs), in the main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _status(run_dir: Path) -> str | None:

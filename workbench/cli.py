@@ -140,12 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_dashboard)
 
     p = sub.add_parser("demo", help="the embedded default end to end",
-                       description="Warm start (reused), short GRPO/OISD/SDPG runs from the same start and seed, "
-                       "probing, a comparison table, and the dashboard command.")
+                       description="Warm start (reused), GRPO / OISD (signed and positive) / SDPG runs from the same "
+                       "start with two seeds each, probing, a per-method table with the seed spread (summary.json), "
+                       "and the dashboard command.")
     p.add_argument("--root", default="runs/demo", help="folder for the demo's runs")
     p.add_argument("--steps", type=int, default=None, help="training steps per run")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds per method (default 0 1)")
-    p.add_argument("--methods", nargs="+", default=None, help="bundled configs to compare (default grpo oisd sdpg)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="methods or bundled configs to compare (default: grpo oisd oisd-positive sdpg)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("compare", help="comparison table of runs",

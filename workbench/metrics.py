@@ -1,4 +1,4 @@
-"""The metric definitions of DESIGN.md, as pure functions of tensors.
+"""The metric definitions of docs/metrics.md, as pure functions of tensors.
 
 One implementation of each logit-lens and attention metric, shared by the
 trainer's built-in probes, the TransformerLens analyzer, the dashboard and the

@@ -213,7 +213,7 @@ def hf_probe_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> ProbeIn
 
     ``hidden`` is ``hidden_states[1..L-1]`` (block outputs before the final norm);
     ``hidden_states[L]`` is skipped because HF has already put it through the final
-    norm (METHODS.md): layer L is the model's own logits. The forward runs with eager
+    norm (docs/metrics.md): layer L is the model's own logits. The forward runs with eager
     attention (switched temporarily) so that attention weights are returned.
 
     Args:

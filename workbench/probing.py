@@ -380,7 +380,7 @@ def compute_probe_metrics(
     temperature: float = 1.0,
     head_match: bool = True,
 ) -> ProbeResult:
-    """All probe metrics of DESIGN.md for one batch of probe sequences.
+    """All probe metrics of docs/metrics.md for one batch of probe sequences.
 
     Lens metrics average over every scored position of all N sequences;
     attention metrics over the same positions as queries.

@@ -1,4 +1,4 @@
-"""The run store: reading and writing run folders (the contract in DESIGN.md).
+"""The run store: reading and writing run folders (the contract in docs/design.md).
 
 A run folder::
 
@@ -678,7 +678,7 @@ class RunWriter:
 
         Args:
             step: Training step.
-            values: Metric name -> number (METHODS.md names); numpy/torch scalars are fine.
+            values: Metric name -> number (names in docs/objectives.md); numpy/torch scalars are fine.
         """
         clash = {"step", "time"} & values.keys()
         if clash:

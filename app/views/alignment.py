@@ -7,14 +7,28 @@ import streamlit as st
 
 from app import data, figures
 from app.state import ViewContext, download_csv, select
-from workbench.schema import METRIC_INFO
+from workbench.compare import outcome_gap
+from workbench.schema import METRIC_INFO, N_SAMPLES, OUTCOME_SPLITS
 
 PAIRWISE = {"attn_js", "attn_head_match", "attn_head_identity"}  # shown in the attention view
+# A pseudo split: the metric on sampled completions the verifier accepts minus those it rejects.
+GAP = "gap: sampled_correct - sampled_wrong"
 
 
 def per_layer_rows(table: pd.DataFrame, metric: str, split: str | None) -> pd.DataFrame:
-    """Rows of one metric over all heads (``head = -1``), not pairwise, of one split."""
+    """Rows of one metric over all heads (``head = -1``), not pairwise, of one split.
+
+    ``split = GAP``: the correct-minus-wrong gap per (step, layer), where both outcome
+    splits hold sequences (:func:`workbench.compare.outcome_gap`).
+    """
     rows = table[(table["metric"] == metric) & (table["head"] == -1) & (table["ref_layer"] == -1)]
+    if split == GAP:
+        parts = []
+        for layer, group in rows.groupby("layer"):
+            gap = outcome_gap(group)
+            parts.append(pd.DataFrame({"step": gap.index.astype("int64"), "layer": layer, "metric": metric,
+                                       "value": gap.values, "split": GAP}))
+        return pd.concat(parts, ignore_index=True) if parts else rows.iloc[0:0]
     if split is not None:
         rows = rows[rows["split"] == split]
     return rows
@@ -53,13 +67,19 @@ def render(ctx: ViewContext) -> None:
             st.info(f"Run `{name}` has no {data.SOURCES[source]} rows.")
     if not tables:
         return
-    present = set().union(*(set(t["metric"].unique()) for t in tables.values())) - PAIRWISE
+    present = set().union(*(set(t["metric"].unique()) for t in tables.values())) - PAIRWISE - {N_SAMPLES}
     metrics = [m for m in METRIC_INFO if m in present] + sorted(present - set(METRIC_INFO))
     left, right = st.columns([1, 2])
     with left:
         metric = select(ctx, "Metric", metrics, "metric", default="lens_kl")
         splits = sorted(set().union(*(set(t["split"].unique()) for t in tables.values())))
+        if set(OUTCOME_SPLITS) <= set(splits):
+            splits.append(GAP)
         split = select(None, "Split", splits, "alignment_split", default="reference")
+        if split == GAP:
+            st.caption("Value on sampled completions the verifier accepts minus value on those it "
+                       "rejects, same layer and checkpoint (OISD's signed weight pulls the first toward "
+                       "the final layer and pushes the second away).")
     with right:
         definition = figures.metric_label(metric)
         st.markdown(f"**{definition}**  \n{figures.metric_direction(metric)}")

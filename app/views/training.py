@@ -8,9 +8,11 @@ import streamlit as st
 from app import data, figures
 from app.state import ViewContext, download_csv
 
-# METHODS.md names, in the order a reader scans them.
+# The names of docs/objectives.md, in the order a reader scans them. grad_share/<term>: each
+# loss term's share of the gradient norm (0 = the term does nothing to the parameters).
 DEFAULT_KEYS = ["reward", "accuracy", "eval/accuracy", "entropy", "kl", "loss/policy", "loss/think",
-                "loss/attn", "loss/opd", "loss/ref_kl", "sched/beta", "sched/lambda"]
+                "loss/attn", "loss/opd", "loss/ref_kl", "grad_share/policy", "grad_share/think",
+                "grad_share/attn", "grad_share/opd", "grad_share/ref_kl", "sched/beta", "sched/lambda"]
 HIDDEN = {"step", "time"}
 
 

@@ -56,3 +56,41 @@ def test_cli_reports_a_missing_root_with_exit_status_2(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: runs root {tmp_path / 'nope'} does not exist"
+
+
+def _port_open(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_sigterm_stops_the_streamlit_child(tmp_path):
+    """SIGTERM to `oisd dashboard` must not leave Streamlit listening (re-parented to PID 1)."""
+    import os
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    parent = subprocess.Popen([sys.executable, "-m", "workbench.cli", "dashboard", str(tmp_path), "--headless",
+                               "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not _port_open(port):
+            assert parent.poll() is None and time.time() < deadline, "the dashboard did not start"
+            time.sleep(0.2)
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=30) == 0
+        deadline = time.time() + 15
+        while _port_open(port) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _port_open(port), "Streamlit still listens after the parent got SIGTERM"
+    finally:
+        if parent.poll() is None:
+            parent.kill()

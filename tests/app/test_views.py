@@ -191,3 +191,18 @@ def test_live_run_refreshes_when_files_change(tmp_path, make_app):
     _run(at)
     after = list(plotly_figures(at)["training_curves"].data[0].x)
     assert before == [1] and after == [1, 2, 3]
+
+
+def test_gap_split_is_correct_minus_wrong_per_layer_and_step():
+    from app.views.alignment import GAP, per_layer_rows
+    from workbench.schema import METRIC_COLUMNS
+
+    rows = []
+    for step, layer, split, value in [(0, 1, "sampled_correct", 0.7), (0, 1, "sampled_wrong", 0.5),
+                                      (0, 2, "sampled_correct", 0.9), (0, 2, "sampled_wrong", 0.95),
+                                      (5, 1, "sampled_correct", 0.6),  # no wrong sample at step 5: no gap
+                                      (0, 1, "reference", 0.1)]:
+        rows.append(["r", step, layer, -1, -1, "top1_agree", value, split, "probe"])
+    table = pd.DataFrame(rows, columns=METRIC_COLUMNS)
+    gap = per_layer_rows(table, "top1_agree", GAP).set_index(["step", "layer"])["value"]
+    assert gap.to_dict() == pytest.approx({(0, 1): 0.2, (0, 2): -0.05})

@@ -124,3 +124,12 @@ def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("optim:\n  lr: 5e-6\n")
     assert load_config(f).optim.lr == 5e-6
+
+
+def test_paper_configs_keep_the_papers_coefficients():
+    oisd, sdpg = load_config("paper/oisd"), load_config("paper/sdpg")
+    assert (oisd.oisd.lambda_logit, oisd.oisd.lambda_attn, oisd.oisd.layers) == (1.0, 0.1, [6])
+    assert (sdpg.sdpg.beta_base, sdpg.sdpg.alpha, sdpg.sdpg.t_warm, sdpg.sdpg.t_decay) == (1e-3, 1e-3, 50, 350)
+    assert {load_config(f"paper/{m}").method for m in ("grpo", "rlsd", "opsd")} == {"grpo", "rlsd", "opsd"}
+    # The bundled (embedded) configs are calibrated for the tiny model instead.
+    assert load_config("oisd").oisd.lambda_logit == 4.0 and load_config("sdpg-ufkl").sdpg.beta_base == 0.3

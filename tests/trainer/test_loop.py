@@ -1,6 +1,6 @@
 """The training loop end to end, and the loss it builds, on tiny random models.
 
-- every method trains 2 steps on Qwen3 and Llama folders: METHODS.md metric names,
+- every method trains 2 steps on Qwen3 and Llama folders: the metric names of docs/objectives.md,
   loadable checkpoints, probe rows;
 - every method with its auxiliary coefficients at 0 *is* GRPO: the loop's own
   ``Trainer.micro_loss`` gives the same loss and bit-identical gradients;
@@ -25,11 +25,12 @@ from trainer.loop import NonFiniteError, Trainer, train
 from trainer.setup import check_batch, prepare, resolve_layers
 from workbench.cli import main as cli_main
 from trainer.config import load_config
+from trainer.methods import spec_of
 from workbench.errors import ConfigError
 from workbench.runstore import write_checkpoint
 
 METHODS = ("grpo", "oisd", "sdpg", "rlsd", "opsd", "oisd+sdpg")
-# Names every training step logs, and those each method adds (METHODS.md "What to log").
+# Names every training step logs, and those each method adds (docs/objectives.md, "Per-step metrics").
 COMMON = {"reward", "reward_std", "frac_reward_zero_std", "accuracy", "completions/mean_length",
           "completions/clipped_ratio", "entropy", "loss", "perf/step_time", "perf/tokens_per_s"}
 GRPO_TERM = {"loss/policy", "clip_ratio/region_mean"}
@@ -68,7 +69,8 @@ def test_every_method_trains_two_steps(method, arch, request, tmp_path, run_over
     assert info["status"] == "finished" and info["config"]["method"] == method
     rows = _metrics(run_dir)
     assert [r["step"] for r in rows] == [0, 1, 2]
-    layer = 2  # oisd.layers [0.5] of 4 blocks; the middle block for every other method
+    # oisd.layers [0.25] of 4 blocks in the bundled configs: block 1; the middle block for every other method
+    layer = 1 if spec_of(method).oisd else 2
     for r in (rows[0], rows[2]):  # eval and probes at step 0 and at the last step
         assert {"eval/accuracy", f"probe/top1_agree/layer{layer}", f"probe/lens_js/layer{layer}",
                 f"probe/attn_js_final/layer{layer}"} <= r.keys()
@@ -122,7 +124,7 @@ def test_outcome_probes_and_resolved_facts_are_written(tiny_qwen3_dir, tmp_path,
                                             eval_every=0, probe__samples_per_prompt=3, probe__n_prompts=2))
     train(cfg)
     info = json.loads((run_dir / "run.json").read_text())
-    assert info["num_layers"] == 4 and info["oisd_layers"] == [2] and info["probe_max_new_tokens"] == 16
+    assert info["num_layers"] == 4 and info["oisd_layers"] == [1] and info["probe_max_new_tokens"] == 16
     samples = pd.read_parquet(run_dir / "probe_samples.parquet")
     assert sorted(samples["step"].unique()) == [0, 1]
     assert len(samples) == 2 * 2 * 3  # 2 probe points x 2 prompts x 3 samples

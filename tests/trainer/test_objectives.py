@@ -1,4 +1,4 @@
-"""Each objective of METHODS.md against numbers worked out by hand (in comments)."""
+"""Each objective of docs/objectives.md against numbers worked out by hand (in comments)."""
 
 import math
 

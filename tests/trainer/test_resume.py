@@ -105,3 +105,22 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(coin_model_dir, coin_d
                                   rtol=1e-6, atol=1e-7)
     info = json.loads((killed / "run.json").read_text())
     assert info["status"] == "finished" and info["resumes"][-1]["step"] == int(fallback.name[5:])
+
+
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(tiny_qwen3_dir, tmp_path, run_overrides, caplog):
+    import logging
+
+    from trainer.config import load_config
+    from trainer.loop import train
+
+    run_dir = tmp_path / "r"
+    cfg = load_config("grpo", run_overrides(tiny_qwen3_dir, run_dir, steps=1, probe_every=0, eval_every=0,
+                                            data__arithmetic__n_train=50, data__arithmetic__n_test=5))
+    train(cfg)
+    before = (run_dir / "metrics.jsonl").read_text()
+    with caplog.at_level(logging.INFO, logger="trainer.loop"):
+        train(cfg, resume=True)
+    messages = [r.getMessage() for r in caplog.records if r.name == "trainer.loop"]
+    assert any("already finished its 1 steps; nothing to train" in m for m in messages)
+    assert not any("steps 2..1" in m for m in messages)
+    assert (run_dir / "metrics.jsonl").read_text() == before

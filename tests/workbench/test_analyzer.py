@@ -209,3 +209,82 @@ def test_notebook_api(tmp_path, tokenizer, records):
     assert report.analysed == [5]
     assert set(api.analysis(run)["step"]) == {5}
     assert set(api.analysis(run_dir, kind="attn")["prompt"]) == {0}
+
+
+def test_analyzer_agrees_on_sampled_splits_and_long_greedy(tmp_path, tokenizer, records):
+    """The stored sampled completions, split by the verifier's verdict, and greedy
+    completions of up to 60 tokens (the run's length, from run.json) score the same through
+    TransformerLens as through the built-in probes, to 1e-4."""
+    from workbench.probes import sample_probe_completions
+
+    model = _model(_configs(tokenizer)["qwen3"])
+    run_dir = _make_run(tmp_path, tokenizer, records, {10: model})
+    # A verdict the test controls: even-length completions count as correct.
+    samples = sample_probe_completions(model, tokenizer, records, step=10, k=3,
+                                       verify=lambda record, ids: len(ids) % 2 == 0, seed=0, max_new_tokens=60)
+    assert len(samples) == 3 * len(records) and 0 < samples["correct"].sum() < len(samples)
+    assert samples["response_ids"].map(len).max() > 40  # longer than the bundled configs' 40
+    writer = RunWriter(run_dir, {"method": "grpo", "seed": 0}, resume=True, resume_step=10)
+    writer.log_samples(samples)
+    writer.record(probe_max_new_tokens=60)
+
+    report = probe_run(run_dir, progress=False)  # greedy length and samples from the run folder
+    assert report.analysed == [10]
+    analyzer = Run.open(run_dir).analysis("metrics")
+    assert set(analyzer["split"]) == {"reference", "greedy", "sampled_correct", "sampled_wrong"}
+    probes = run_builtin_probes(model, tokenizer, records, run="run", step=10, max_new_tokens=60,
+                                samples=samples)
+    merged = probes.merge(analyzer, on=KEYS, suffixes=("_hf", "_tl"), validate="one_to_one")
+    assert len(merged) == len(probes) == len(analyzer)
+    assert (merged["value_hf"] - merged["value_tl"]).abs().max() <= 1e-4
+    n = analyzer[analyzer["metric"] == "n_samples"].set_index("split")["value"]
+    assert n["sampled_correct"] == samples["correct"].sum() and n["sampled_wrong"] == (~samples["correct"]).sum()
+
+
+def test_outcome_split_scores_exactly_its_sequences(tokenizer, records):
+    """A hand-made split: two known sequences marked correct, one wrong. The split's
+    final-layer target_nll equals the mean surprisal of its own response tokens, computed
+    here with one plain unpadded forward per sequence."""
+    model = _model(_configs(tokenizer)["llama"])
+    responses = {0: [5, 6, 7, 2], 1: [8, 9, 2], 2: [10, 11, 12, 13, 2]}
+    samples = pd.DataFrame([
+        {"step": 0, "prompt": records[0]["index"], "sample": 0, "response_ids": responses[0], "correct": True},
+        {"step": 0, "prompt": records[1]["index"], "sample": 0, "response_ids": responses[1], "correct": True},
+        {"step": 0, "prompt": records[2]["index"], "sample": 0, "response_ids": responses[2], "correct": False},
+    ])
+    table = run_builtin_probes(model, tokenizer, records, run="r", step=0, greedy=False, samples=samples)
+
+    def surprisal(index: int) -> list[float]:
+        prompt = list(records[index]["prompt_ids"])
+        ids = torch.tensor([prompt + responses[index]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].double(), -1)
+        start = len(prompt) - 1
+        return [-float(logp[start + j, t]) for j, t in enumerate(responses[index])]
+
+    final = table[(table["metric"] == "target_nll") & (table["layer"] == table["layer"].max())
+                  & (table["head"] == -1)].set_index("split")["value"]
+    correct = surprisal(0) + surprisal(1)
+    assert final["sampled_correct"] == pytest.approx(sum(correct) / len(correct), abs=1e-5)
+    assert final["sampled_wrong"] == pytest.approx(sum(surprisal(2)) / len(surprisal(2)), abs=1e-5)
+    n = table[table["metric"] == "n_samples"].set_index("split")["value"]
+    assert n.to_dict() == {"sampled_correct": 2.0, "sampled_wrong": 1.0}
+
+
+def test_cli_probe_exits_1_with_a_final_line_when_a_checkpoint_is_skipped(tmp_path, tokenizer, records):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def not_a_model(folder):
+        (folder / "notes.txt").write_text("not a model\n")
+
+    run_dir = _make_run(tmp_path, tokenizer, records, {}, extra={30: not_a_model})
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-m", "workbench.cli", "probe", str(run_dir)], cwd=root,
+                            capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 1
+    assert "skipped 1" in result.stdout
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: 1 checkpoint(s) of {run_dir} could not be analysed (see the reasons above)")

@@ -11,7 +11,8 @@ from rich.console import Console
 
 from trainer.methods import METHODS, spec_of
 from trainer.setup import resolve_layers
-from workbench.compare import COLUMNS, ENTROPY_WINDOW, comparison_table, print_comparison
+from workbench.compare import (COLUMNS, ENTROPY_WINDOW, comparability_warnings, comparison_table, method_summary,
+                               print_comparison, summary_lines)
 from workbench.errors import WorkbenchError
 from workbench.runstore import Run, RunWriter, atomic_write_parquet
 from workbench.schema import METRIC_COLUMNS
@@ -39,11 +40,12 @@ def probe_rows(run: str, step: int, n_layers: int, scale: float,
 
 
 def make_run(root, name, method, *, seed=0, n_layers=4, layers=(0.5,), steps=(0, 10, 20),
-             entropy=None, accuracy=(0.3, 0.5, 0.6), scale=1.0):
-    """A finished run: eval at every step in ``steps``, entropy per training step, probes."""
+             entropy=None, accuracy=(0.3, 0.5, 0.6), scale=1.0, gaps=None, start="nowhere"):
+    """A finished run: eval at every step in ``steps``, entropy per training step, probes;
+    ``gaps``: step -> (correct, wrong) top1_agree at every layer on the sampled splits."""
     path = root / name
     config = {"method": method, "seed": seed, "oisd": {"layers": list(layers)},
-              "model": {"path": "nowhere"}}
+              "model": {"path": start}}
     writer = RunWriter(path, config, resume=False)
     # What the trainer records: L and the resolved OISD layers (none when OISD is off).
     oisd = spec_of(method).oisd if method in METHODS else False
@@ -61,6 +63,11 @@ def make_run(root, name, method, *, seed=0, n_layers=4, layers=(0.5,), steps=(0,
             writer.log_metrics(k, values)
     for step in steps:
         writer.log_probes(probe_rows(name, step, n_layers, scale))
+    for step, (correct, wrong) in (gaps or {}).items():
+        rows = [(name, step, layer, -1, -1, "top1_agree", value, split, "probe")
+                for layer in range(1, n_layers + 1)
+                for split, value in (("sampled_correct", correct), ("sampled_wrong", wrong))]
+        writer.log_probes(pd.DataFrame(rows, columns=METRIC_COLUMNS))
     writer.set_status("finished")
     return path
 
@@ -187,3 +194,47 @@ def test_print_comparison_prints_and_returns_the_table(tmp_path):
     assert "oisd-seed0" in text and "0.300 -> 0.600" in text
     assert "mean ± std over seeds" in text  # two runs of one method: the aggregate too
     assert "0.300 ± 0.000" in text
+
+
+def test_gap_is_correct_minus_wrong_at_the_layer(tmp_path):
+    path = make_run(tmp_path, "oisd-seed0", "oisd", gaps={0: (0.50, 0.45), 20: (0.70, 0.40)})
+    row = comparison_table([path]).iloc[0]
+    assert row["top1_agree_gap_before"] == pytest.approx(0.05)
+    assert row["top1_agree_gap_after"] == pytest.approx(0.30)
+    assert math.isnan(row["lens_js_gap_after"])  # no sampled lens_js rows were written
+
+
+def test_incomparable_runs_are_named(tmp_path):
+    runs = [make_run(tmp_path, "a", "grpo", seed=0), make_run(tmp_path, "b", "grpo", seed=0, steps=(0, 10)),
+            make_run(tmp_path, "c", "grpo", seed=1, start="other-model")]
+    warnings = comparability_warnings(runs)
+    assert any("grpo: runs start from different models (nowhere, other-model)" in w for w in warnings)
+    assert any("grpo: runs reached different steps (10, 20)" in w for w in warnings)
+    assert any("grpo: seed 0 appears twice (a, b)" in w for w in warnings)
+    console = Console(record=True, width=250)
+    print_comparison(runs, console=console)
+    text = console.export_text()
+    assert "warning: grpo: seed 0 appears twice" in text and "runs not comparable" in text
+    # Comparable seeds of one method, from one start: no warning.
+    good = [make_run(tmp_path, f"oisd-seed{s}", "oisd", seed=s) for s in (0, 1)]
+    assert comparability_warnings(good) == []
+
+
+def test_method_summary_says_whether_a_difference_beats_the_seed_spread(tmp_path):
+    runs = [make_run(tmp_path, f"grpo-seed{s}", "grpo", seed=s, accuracy=(0.3, 0.5, a))
+            for s, a in ((0, 0.60), (1, 0.62))]
+    runs += [make_run(tmp_path, f"oisd-seed{s}", "oisd", seed=s, accuracy=(0.3, 0.5, a), gaps={20: (0.6, 0.4)})
+             for s, a in ((0, 0.70), (1, 0.74))]
+    summary = method_summary(runs)
+    assert summary["layer"] == 2 and list(summary["methods"]) == ["grpo", "oisd"]
+    oisd = summary["methods"]["oisd"]
+    assert oisd["seeds"] == 2 and oisd["accuracy_before"] == pytest.approx(0.3)
+    assert oisd["accuracy_after"] == pytest.approx([0.70, 0.74])
+    assert oisd["top1_agree_gap_after"] == pytest.approx([0.2, 0.2])
+    verdict = oisd["vs_baseline"]["accuracy_after"]
+    # difference 0.72 - 0.61 = 0.11; spread = max(std(0.70, 0.74), std(0.60, 0.62)) = sqrt(0.0008)
+    assert verdict["difference"] == pytest.approx(0.11)
+    assert verdict["spread"] == pytest.approx(math.sqrt(0.0008))
+    assert verdict["larger_than_spread"] is True
+    lines = summary_lines(summary)
+    assert "oisd vs grpo, accuracy: difference +0.110 is larger than the seed spread (0.028, 2 vs 2 seeds)" in lines
