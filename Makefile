@@ -11,7 +11,14 @@ STAMP   = $(VENV)/.installed-stamp
 TORCH  ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all setup browser bench clean
+# The newest transformers the analyzer and trainer are tested with, laid over the venv
+# (its other dependencies are the same as constraints.txt's).
+NEWEST   ?= transformers==5.25.0 kernels==0.19.1 tomlkit==0.15.3
+OVERLAY   = $(VENV)/newest-transformers
+NEWEST_TESTS ?= tests/workbench/test_analyzer.py tests/workbench/test_external.py tests/trainer/test_probes.py \
+	tests/trainer/test_rollout.py tests/trainer/test_forward.py
+
+.PHONY: demo test test-all test-newest setup browser bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +37,11 @@ browser:
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-newest: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(OVERLAY) $(NEWEST)
+	PYTHONPATH=$(OVERLAY) $(PY) -c "import transformers; print('analyzer tests on transformers', transformers.__version__)"
+	PYTHONPATH=$(OVERLAY) $(PY) -m pytest -q -p no:cacheprovider $(NEWEST_TESTS)
 
 test-all: $(STAMP) browser
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)

@@ -283,3 +283,54 @@ def lens_grid(topk: pd.DataFrame, cells: pd.DataFrame, metric: str | None) -> go
     fig.update_layout(title=dict(text=f"Logit lens: top-1 token per layer; colour = {title}", font=dict(size=14)),
                       height=max(300, 60 + 42 * len(layers)), font=_FONT, margin=dict(t=60, b=60, l=50, r=20))
     return fig
+
+
+def lens_cell_matrix(topk: pd.DataFrame, cells: pd.DataFrame, metric: str | None) -> pd.DataFrame:
+    """``(layers, positions)`` values of one lens grid: the cell metric, or the top-1 probability."""
+    per_layer = cells[cells["layer"] >= 1]
+    if metric is not None and metric in set(per_layer["metric"]):
+        return per_layer[per_layer["metric"] == metric].pivot_table(index="layer", columns="position",
+                                                                    values="value", aggfunc="mean")
+    top1 = topk[topk["k"] == 0]
+    return top1.pivot_table(index="layer", columns="position", values="prob", aggfunc="first")
+
+
+def lens_grid_difference(a: tuple[pd.DataFrame, pd.DataFrame], b: tuple[pd.DataFrame, pd.DataFrame],
+                         metric: str | None, name_a: str, name_b: str) -> go.Figure:
+    """A minus B of two lens grids of the same prompt and positions (white = 0). A cell's
+    text is the top-1 token of A, or ``A|B`` where the two top-1 tokens differ."""
+    za, zb = lens_cell_matrix(*a, metric), lens_cell_matrix(*b, metric)
+    layers, positions = za.index.intersection(zb.index), za.columns.intersection(zb.columns)
+    diff = za.loc[layers, positions] - zb.loc[layers, positions]
+    tops = [t[t["k"] == 0].pivot_table(index="layer", columns="position", values="token", aggfunc="first")
+            .reindex(index=layers, columns=positions) for t in (a[0], b[0])]
+    text = [[display_token(x) if x == y else f"{display_token(x)}|{display_token(y)}"
+             for x, y in zip(row_a, row_b)] for row_a, row_b in zip(tops[0].to_numpy(), tops[1].to_numpy())]
+    bound = float(np.nanmax(np.abs(diff.to_numpy(dtype=float)))) if diff.size else 1.0
+    bound = bound if bound > 0 and math.isfinite(bound) else 1.0
+    title = metric or "top-1 prob"
+    fig = go.Figure(go.Heatmap(
+        z=diff.to_numpy(dtype=float), x=[str(p) for p in positions], y=[str(layer) for layer in layers],
+        text=text, texttemplate="%{text}", textfont=dict(size=13), colorscale=DIVERGING, zmid=0.0,
+        zmin=-bound, zmax=bound, colorbar=dict(title=dict(text=f"\u0394 {title}", side="right")),
+        hovertemplate=f"layer %{{y}}, position %{{x}}<br>\u0394 {title} %{{z:.3g}}<extra></extra>",
+    ))
+    fig.update_xaxes(title_text="position", type="category")
+    fig.update_yaxes(title_text="layer", type="category")
+    fig.update_layout(title=dict(text=f"{name_a} minus {name_b}: {title} (cells show A's top-1, or A|B)",
+                                 font=dict(size=14)),
+                      height=max(300, 60 + 42 * len(layers)), font=_FONT, margin=dict(t=60, b=60, l=50, r=20))
+    return fig
+
+
+def layer_profiles(rows: dict[str, pd.DataFrame], metric: str) -> go.Figure:
+    """Per-layer values at one checkpoint, one line per run (``rows``: name -> ``layer, value``)."""
+    fig = go.Figure()
+    for i, (name, part) in enumerate(rows.items()):
+        part = part.groupby("layer", as_index=False)["value"].mean()
+        fig.add_trace(go.Scatter(x=part["layer"], y=part["value"], mode="lines+markers", name=name,
+                                 line=dict(color=PALETTE[i % len(PALETTE)])))
+    fig.update_xaxes(title_text="layer", dtick=1)
+    fig.update_layout(title=dict(text=metric_label(metric), font=dict(size=14)), yaxis_title=metric,
+                      height=340, margin=dict(t=60, b=40, l=50, r=20), font=_FONT)
+    return fig

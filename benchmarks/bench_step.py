@@ -165,7 +165,7 @@ def time_rollout(tr: Trainer, device: str, repeats: int) -> float:
         sync(device)
         start = time.perf_counter()
         sample(tr.model, prompt_ids, pad_id=tr.tok.pad_token_id, eos_id=tr.tok.eos_token_id,
-               max_new_tokens=cfg.rollout.max_new_tokens, generator=torch.Generator().manual_seed(r))
+               max_new_tokens=cfg.rollout.max_new_tokens, generator=torch.Generator(device=device).manual_seed(r))
         sync(device)
         if r:
             times.append(time.perf_counter() - start)

@@ -47,7 +47,8 @@ import pandas as pd
 import torch
 
 from workbench.errors import CheckpointError, ConfigError, DataError, WorkbenchError
-from workbench.models import DTYPES, first_line
+from workbench.models import DTYPES, first_line, is_local_path
+from workbench.probes import record_prompt_ids
 from workbench.runstore import (
     MANIFEST_NAME,
     Checkpoint,
@@ -106,9 +107,11 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
-def _manifest_hash(folder: Path) -> str:
-    """sha256 of the checkpoint's manifest.json (it names the sha256 of every file)."""
-    return hashlib.sha256((folder / MANIFEST_NAME).read_bytes()).hexdigest()
+def _manifest_hash(folder: str | Path) -> str | None:
+    """sha256 of the checkpoint's manifest.json (it names the sha256 of every file); None
+    for a model folder without one (external checkpoints, hub names)."""
+    path = Path(folder) / MANIFEST_NAME
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def _boot(folder: Path, device: str, dtype: torch.dtype):
@@ -130,6 +133,18 @@ def _boot(folder: Path, device: str, dtype: torch.dtype):
         ) from None
     bridge.eval()
     return bridge, tokenizer
+
+
+def load_decoder(location: str, device: str, dtype: torch.dtype):
+    """The checkpoint as a plain HF causal LM with eager attention, in eval mode: the model
+    that decodes the greedy split exactly as the trainer's built-in probes do."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype, attn_implementation="eager")
+    except Exception as exc:  # noqa: BLE001 - a loading failure becomes one line
+        raise CheckpointError(f"cannot load {location} for greedy decoding: {first_line(exc)}") from None
+    return model.to(device).eval()
 
 
 def _hook_names(n_layers: int) -> list[str]:
@@ -218,6 +233,7 @@ def probe_checkpoint(
     chunk_size: int | None = None,
     max_new_tokens: int = 64,
     samples: pd.DataFrame | None = None,
+    decoder=None,
 ) -> dict[str, pd.DataFrame]:
     """All analyzer tables of one booted checkpoint.
 
@@ -233,6 +249,8 @@ def probe_checkpoint(
         max_new_tokens: longest greedy completion.
         samples: the step's sampled completions (``probe_samples.parquet`` rows), scored
             as splits ``sampled_correct`` / ``sampled_wrong``; None: no sampled splits.
+        decoder: the HF model that decodes the greedy split (:func:`load_decoder`); None:
+            the model the bridge wraps.
 
     Returns:
         ``{"metrics", "topk", "cells", "attn"}`` -> DataFrame (schema columns).
@@ -244,13 +262,21 @@ def probe_checkpoint(
     decode = _decoder(tokenizer)
     greedy_ids = None
     if greedy:
-        # Decoded on the HF model the bridge wraps (eager attention, as booted), with
-        # the trainer's rollout code: the same tokens the built-in probes score.
+        # Decoded by a plain HF model with eager attention and the rollout sampler, as the
+        # built-in probes decode: the same tokens they score. (Not the model the bridge
+        # wraps: from transformers 5.24 on, its attention receives the KV cache as `cache=`,
+        # which TransformerLens 4.3's attention bridge ignores, and decoding goes wrong.)
         greedy_ids = greedy_responses(
-            bridge.original_model, records, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens
+            decoder if decoder is not None else bridge.original_model, records, pad_id=pad_id, eos_id=eos_id,
+            max_new_tokens=max_new_tokens,
         )
 
     metric_frames, topk_frames, cell_frames, attn_frames = [], [], [], []
+    # The drill-down tables follow the teacher-forced references; free prompts without
+    # references use the model's own greedy completions.
+    detail_split = "reference" if all(r.get("reference_ids") for r in records) else "greedy"
+    if detail_split == "greedy" and not greedy:
+        raise DataError("the probe prompts have no references: the greedy split is the only one (greedy=False)")
     for split, split_records, split_responses in probe_splits(records, greedy=greedy_ids, samples=samples):
         if split in OUTCOME_SPLITS:
             metric_frames.append(n_samples_frame(run, step, split, len(split_records), "analyzer"))
@@ -259,7 +285,7 @@ def probe_checkpoint(
         inputs = bridge_probe_inputs(bridge, probe_batch(split_records, pad_id, split_responses))
         result = compute_probe_metrics(inputs, chunk_size=chunk_size)
         metric_frames.append(result.to_frame(run, step, split, "analyzer"))
-        if split == "reference":
+        if split == detail_split:
             for prompt in range(min(detail_prompts, len(records))):
                 topk, cells = per_position_detail(
                     inputs, prompt, chunk_size=chunk_size, decode=decode
@@ -371,41 +397,83 @@ def probe_run(
         max_new_tokens = int(run.info.get("probe_max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
     all_samples = run.samples()
     report = ProbeReport(run_dir=run.path)
-    # Every step-* folder, so that a broken one is reported rather than silently absent.
-    checkpoints: list[Checkpoint] = list_checkpoints(run.path, verify=False)
-    if not checkpoints:
+    targets = checkpoint_targets(run)
+    if not targets:
         logger.warning("%s has no checkpoints to analyse", run.path)
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(checkpoints, desc=f"probe {run.name}", unit="ckpt", disable=not progress)
-    for ckpt in bar:
-        if not force and _is_up_to_date(run, ckpt.step, digest):
-            report.up_to_date.append(ckpt.step)
+    bar = tqdm(targets, desc=f"probe {run.name}", unit="ckpt", disable=not progress)
+    for target in bar:
+        if not force and _is_up_to_date(run, target.step, digest):
+            report.up_to_date.append(target.step)
             continue
         try:
-            verify_checkpoint(ckpt.path, full=True)
-            require_model_folder(ckpt.path)
-            bridge, tokenizer = _boot(ckpt.path, device, DTYPES[dtype])
+            target.check()
+            bridge, tokenizer = _boot(target.location, device, DTYPES[dtype])
+            check_tokenizer(tokenizer, records, target.location)
             start = time.perf_counter()
+            decoder = load_decoder(target.location, device, DTYPES[dtype]) if greedy else None
             tables = probe_checkpoint(
-                bridge, tokenizer, records, run=run.name, step=ckpt.step,
+                bridge, tokenizer, records, run=run.name, step=target.step,
                 detail_prompts=detail_prompts, greedy=greedy, chunk_size=chunk_size,
                 max_new_tokens=max_new_tokens,
-                samples=_samples_at(all_samples, ckpt.step),
+                samples=_samples_at(all_samples, target.step), decoder=decoder,
             )
-            provenance = _provenance(bridge, ckpt.path, digest, device, dtype, ckpt.step)
+            del decoder
+            provenance = _provenance(bridge, target.location, digest, device, dtype, target.step)
+            provenance["origin"] = target.origin
             provenance["seconds"] = round(time.perf_counter() - start, 3)
             del bridge
         except WorkbenchError as exc:
-            message = f"skipping step {ckpt.step}: {exc}"
+            message = f"skipping step {target.step}: {exc}"
             logger.warning(message)
-            report.skipped.append((ckpt.step, str(exc)))
+            report.skipped.append((target.step, str(exc)))
             continue
         # metrics last: its presence with this hash is what marks the step analysed.
         for kind in ("topk", "cells", "attn", "metrics"):
-            path = run.analysis_path(ckpt.step, kind)
+            path = run.analysis_path(target.step, kind)
             atomic_write_parquet(path, tables[kind], metadata={**provenance, "kind": kind})
             report.files.append(path)
-        report.analysed.append(ckpt.step)
+        report.analysed.append(target.step)
     return report
+
+
+@dataclass(frozen=True)
+class Target:
+    """One checkpoint to analyse: a run's own ``checkpoints/step-*`` folder (verified
+    against its manifest), a model folder found elsewhere, or a hub name."""
+
+    step: int
+    location: str  # a folder or a hub name
+    origin: str  # where it came from, for provenance (e.g. "checkpoint-500 of runs/trl-out")
+    managed: bool = False  # a run's own checkpoint, with a manifest
+
+    def check(self) -> None:
+        if self.managed:
+            verify_checkpoint(self.location, full=True)
+        if self.managed or Path(self.location).exists() or is_local_path(self.location):
+            require_model_folder(self.location)
+
+
+def checkpoint_targets(run: Run) -> list[Target]:
+    """What :func:`probe_run` analyses: the run's own checkpoints, every step-* folder (a
+    broken one is reported rather than silently absent), or, for an analysis folder of
+    external checkpoints (``oisd probe PATH --out DIR``), the ones its run.json lists."""
+    external = run.info.get("external")
+    if isinstance(external, dict):
+        return [Target(int(c["step"]), str(c["path"]), str(c.get("origin", c["path"])))
+                for c in external.get("checkpoints", [])]
+    return [Target(c.step, str(c.path), f"{c.path.name} of {run.path}", managed=True)
+            for c in list_checkpoints(run.path, verify=False)]
+
+
+def check_tokenizer(tokenizer, records: list[dict], location: str) -> None:
+    """The probe set's token ids must be what this checkpoint's tokenizer makes of the
+    prompts, or every metric would be read at the wrong tokens."""
+    for record in records[:4]:
+        ids = record_prompt_ids(tokenizer, record)
+        if list(ids) != list(record["prompt_ids"]):
+            raise CheckpointError(
+                f"the tokenizer of {location} encodes probe prompt {record['index']} differently from the probe "
+                "set (a different tokenizer); probe it into its own analysis folder")

@@ -45,14 +45,36 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_probe(args: argparse.Namespace) -> int:
     from workbench.analyzer import probe_run
+    from workbench.external import check_inputs, load_prompts, prepare_analysis_folder
 
-    report = probe_run(args.run_dir, device=args.device, dtype=args.dtype, force=args.force,
-                       detail_prompts=args.detail_prompts, max_new_tokens=args.max_new_tokens)
-    print(report)
-    if report.skipped:  # a checkpoint that could not be analysed is a failure, said in the last line
-        print(f"error: {len(report.skipped)} checkpoint(s) of {args.run_dir} could not be analysed "
-              "(see the reasons above)", file=sys.stderr)
+    sources = check_inputs(args.paths, args.out)  # every input checked before any work
+    external = [s for s in sources if s.kind != "run"]
+    prompts = None
+    if external:
+        if args.prompts:
+            prompts = load_prompts(args.prompts)
+        else:  # the embedded task's held-out questions with their references
+            from trainer.tasks import ArithmeticTask
+
+            prompts = [{"prompt": e.prompt, "reference": e.reference}
+                       for e in ArithmeticTask().test_examples()[: args.n_prompts]]
+    failed = 0
+    for source in sources:
+        if source.kind == "run":
+            folder, length = source.path, args.max_new_tokens
+        else:
+            length = args.max_new_tokens or 64
+            folder = prepare_analysis_folder(source, args.out, prompts, chat_template=args.chat_template,
+                                             max_new_tokens=length)
+        report = probe_run(folder, device=args.device, dtype=args.dtype, force=args.force,
+                           detail_prompts=args.detail_prompts, max_new_tokens=length)
+        print(report)
+        failed += len(report.skipped)
+    if failed:  # a checkpoint that could not be analysed is a failure, said in the last line
+        print(f"error: {failed} checkpoint(s) could not be analysed (see the reasons above)", file=sys.stderr)
         return 1
+    if external:
+        print(f"analysis folders in {args.out}; browse them with: oisd dashboard {args.out}")
     return 0
 
 
@@ -120,15 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--help-config", action="store_true", help="print every config key with its default")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("probe", help="TransformerLens analysis of a run's checkpoints",
-                       description="Probe every checkpoint of RUN_DIR (incremental) and write analysis/ tables.")
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p = sub.add_parser("probe", help="TransformerLens analysis of checkpoints (runs, model folders, trainer outputs)",
+                       description="Probe every checkpoint of each PATH (incremental). PATH is a run folder "
+                       "(analysed in place), an HF model folder or hub name, a TRL / HF Trainer output dir "
+                       "(checkpoint-N/), or a verl checkpoint dir (global_step_N/actor/huggingface); the "
+                       "last three are written to analysis folders under --out.")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--out", default=None, help="folder for the analysis folders of non-run inputs")
+    p.add_argument("--prompts", default=None,
+                   help="JSONL with 'prompt' and optional 'reference' (default: the embedded task's held-out questions)")
+    p.add_argument("--n-prompts", type=int, default=16, help="embedded-task prompts when --prompts is not given")
+    p.add_argument("--chat-template", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--force", action="store_true", help="re-analyse checkpoints already analysed")
     p.add_argument("--detail-prompts", type=int, default=4, help="probe prompts kept in per-prompt detail")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="greedy completion length (default: the length the run's built-in probes used)")
+                   help="greedy completion length (default: a run's own; 64 for other inputs)")
     p.set_defaults(func=_cmd_probe)
 
     p = sub.add_parser("dashboard", help="browse runs in a Streamlit web app",

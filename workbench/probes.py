@@ -103,6 +103,49 @@ def make_probe_set(examples: Sequence, tokenizer, n: int) -> list[dict]:
     return records
 
 
+def record_prompt_ids(tokenizer, record: dict) -> list[int]:
+    """The token ids of a probe record's prompt under ``tokenizer``, as the probe set made them:
+    the tokenizer's chat template when the record says so, else ``tokenizer(prompt)`` with
+    special tokens (BOS where the tokenizer adds one)."""
+    if record.get("chat_template"):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": record["prompt"]}],
+                                             add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(record["prompt"], add_special_tokens=True)["input_ids"])
+
+
+def prompt_records(items: Sequence[dict], tokenizer, *, chat_template: bool = False) -> list[dict]:
+    """A probe set from free prompts (``oisd probe --prompts FILE``): ``{"prompt", "reference"?}``.
+
+    Prompts are tokenised with :func:`record_prompt_ids`; a reference, where given, becomes
+    ``reference_ids`` (its tokens and EOS) and is teacher-forced in the ``reference`` split.
+    Without references (any prompt lacking one) the probe set has no reference split:
+    ``reference_ids`` is None and the metrics are read on the model's own completions.
+
+    Raises:
+        DataError: no prompts, an empty prompt, a chat template the tokenizer does not have.
+    """
+    if not items:
+        raise DataError("the prompts file holds no prompts")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token; probe references need one")
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise DataError("--chat-template: the tokenizer has no chat template")
+    with_reference = all(item.get("reference") for item in items)
+    records = []
+    for index, item in enumerate(items):
+        record = {"index": index, "prompt": item["prompt"], "reference": item.get("reference") if with_reference else None,
+                  "chat_template": bool(chat_template)}
+        record["prompt_ids"] = record_prompt_ids(tokenizer, record)
+        if not record["prompt_ids"]:
+            raise DataError(f"prompt {index + 1} encodes to no tokens")
+        record["reference_ids"] = (list(tokenizer(item["reference"], add_special_tokens=False)["input_ids"])
+                                   + [int(eos)]) if with_reference else None
+        records.append(record)
+    return records
+
+
 def probe_batch(
     records: Sequence[dict], pad_id: int, responses: Sequence[Sequence[int]] | None = None
 ) -> dict[str, torch.Tensor]:
@@ -355,7 +398,9 @@ def probe_splits(
     ``n_samples`` row). The trainer's probes and the analyzer both build their batches
     from this, so they score the same sequences.
     """
-    splits: list[tuple[str, list[dict], list[list[int]] | None]] = [("reference", list(records), None)]
+    splits: list[tuple[str, list[dict], list[list[int]] | None]] = []
+    if all(r.get("reference_ids") for r in records):  # free prompts may come without references
+        splits.append(("reference", list(records), None))
     if greedy is not None:
         splits.append(("greedy", list(records), [list(r) for r in greedy]))
     if samples is not None:

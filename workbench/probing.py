@@ -59,8 +59,12 @@ __all__ = [
 # Default logit-lens chunk: positions such that chunk x V is about this many floats
 # (16 MiB per (chunk, V) buffer; about seven are live). On a 32k vocabulary the default
 # (131 positions) and 256 positions measured the same within noise; much smaller chunks
-# lose read-out matmul efficiency, much larger ones only cost memory.
+# lose read-out matmul efficiency, much larger ones only cost memory. On a GPU every chunk
+# is a few kernel launches per statistic, so chunks are 8x larger there (128 MiB buffers):
+# a launch-bound loop, not memory, is what a GPU run pays for. (Chosen, not yet measured on
+# a GPU: `benchmarks/bench_probe.py --device cuda` prints the ratio when one is at hand.)
 LENS_CHUNK_ELEMENTS = 4 * 2**20
+LENS_CHUNK_ELEMENTS_GPU = 32 * 2**20
 
 # Per-position lens statistics aggregated per layer, in table order.
 LENS_STAT_NAMES = (
@@ -215,9 +219,11 @@ class ProbeResult:
         return frame[METRIC_COLUMNS]
 
 
-def _resolve_chunk(chunk_size: int | None, vocab: int) -> int:
-    """``chunk_size``, or the default of about ``LENS_CHUNK_ELEMENTS / V`` positions."""
-    return max(1, LENS_CHUNK_ELEMENTS // max(1, vocab)) if chunk_size is None else chunk_size
+def _resolve_chunk(chunk_size: int | None, vocab: int, device: torch.device | str = "cpu") -> int:
+    """``chunk_size``, or the default of about ``LENS_CHUNK_ELEMENTS / V`` positions
+    (``LENS_CHUNK_ELEMENTS_GPU / V`` on a GPU)."""
+    budget = LENS_CHUNK_ELEMENTS if torch.device(device).type == "cpu" else LENS_CHUNK_ELEMENTS_GPU
+    return max(1, budget // max(1, vocab)) if chunk_size is None else chunk_size
 
 
 def _check_options(chunk_size: int | None, temperature: float) -> None:
@@ -291,7 +297,7 @@ def _lens_metrics(
     if n == 0:
         raise DataError("the probe mask selects no positions to score")
     targets = _scored_targets(inputs, flat)
-    chunk_size = _resolve_chunk(chunk_size, inputs.final_logits.shape[-1])
+    chunk_size = _resolve_chunk(chunk_size, inputs.final_logits.shape[-1], inputs.final_logits.device)
     device = inputs.final_logits.device
     # Sums over many positions: accumulate in float64 (MPS has none) so that the mean
     # does not depend on the chunking.
@@ -469,7 +475,7 @@ def per_position_detail(
     topk_parts: list[pd.DataFrame] = []
     stat_parts: dict[int, dict[str, list[torch.Tensor]]] = {}
     argmax = torch.empty(inputs.n_layers, positions.numel(), dtype=torch.long)
-    chunk_size = _resolve_chunk(chunk_size, vocab)
+    chunk_size = _resolve_chunk(chunk_size, vocab, inputs.final_logits.device)
     for start, layer, logp, stats in _iter_layer_stats(inputs, flat, targets, chunk_size, temperature):
         pos = positions[start : start + logp.shape[0]].cpu()
         values, ids = logp.topk(k, dim=-1)  # (c, k)

@@ -106,4 +106,21 @@ def render(ctx: ViewContext) -> None:
             b = select(None, "minus run B", names, "diff_b", container=col_b, default=default_b)
             st.plotly_chart(figures.difference_heatmap(matrices[a], matrices[b], a, b, metric),
                             key="alignment_difference")
+        _profiles_at_one_checkpoint(rows, metric)
     download_csv(pd.concat(rows.values(), ignore_index=True), f"alignment-{metric}.csv")
+
+
+def _profiles_at_one_checkpoint(rows: dict[str, pd.DataFrame], metric: str) -> None:
+    """The selected runs' per-layer curves overlaid at one checkpoint step."""
+    steps = sorted(set().union(*(set(r["step"].astype(int)) for r in rows.values())))
+    if not steps:
+        return
+    st.subheader("Per-layer curves at one checkpoint")
+    step = select(None, "Checkpoint step", steps, "alignment_profile_step", default=steps[-1])
+    at_step = {name: r[(r["step"] == step) & (r["layer"] >= 1)] for name, r in rows.items()}
+    at_step = {name: r for name, r in at_step.items() if len(r)}
+    if at_step:
+        st.plotly_chart(figures.layer_profiles(at_step, metric), key="alignment_profiles")
+    missing = sorted(set(rows) - set(at_step))
+    if missing:
+        st.caption(f"No {metric} at step {step} in: {', '.join(missing)}.")

@@ -21,6 +21,29 @@ def head_rows(attn: pd.DataFrame, layer: int, head: int) -> pd.DataFrame:
     return rows[rows["head"] >= 0].groupby(["query", "key"], as_index=False)["weight"].mean()
 
 
+def pair_problem(records_a: list[dict], records_b: list[dict], prompt: int,
+                 fingerprints: tuple[str | None, str | None] = (None, None)) -> str | None:
+    """Why two checkpoints cannot be compared cell by cell on ``prompt`` (None when they can).
+
+    They need the same tokenizer (the fingerprints that ``oisd probe --out`` records, where
+    both have one) and the same token sequence at this prompt: the same prompt ids and the
+    same teacher-forced reference (free prompts without references are scored on each
+    model's own completion, whose positions need not match).
+    """
+    a_print, b_print = fingerprints
+    if a_print and b_print and a_print != b_print:
+        return "the two models have different tokenizers: their lens grids cannot be compared cell by cell"
+    if not (0 <= prompt < len(records_a) and 0 <= prompt < len(records_b)):
+        return f"probe prompt {prompt} is not in both probe sets"
+    a, b = records_a[prompt], records_b[prompt]
+    if list(a["prompt_ids"]) != list(b["prompt_ids"]):
+        return f"probe prompt {prompt} is tokenised differently in the two (different tokenizers or prompts)"
+    if not a.get("reference_ids") or list(a.get("reference_ids") or []) != list(b.get("reference_ids") or []):
+        return (f"probe prompt {prompt} has no shared teacher-forced reference: each side reads its own "
+                "completion, so positions do not line up")
+    return None
+
+
 def _prompt_label(records: list[dict], prompt: int) -> str:
     if 0 <= prompt < len(records):
         text = str(records[prompt].get("prompt", "")).replace("\n", " ")
@@ -116,7 +139,44 @@ def render(ctx: ViewContext) -> None:
     else:
         st.info(f"No attention detail of prompt {prompt} at step {step_b}.")
 
+    _side_by_side(ctx, name, run, step, prompt, records, metric, topk, cells)
+
     export = st.radio("Table to download", ["logit lens (top-k)", "cells", "attention"], horizontal=True,
                       key="drilldown_export")
     table = {"logit lens (top-k)": topk, "cells": cells, "attention": attn}[export]
     download_csv(table, f"{export.split()[0]}-{name}-step{step}-prompt{prompt}.csv")
+
+
+def _side_by_side(ctx: ViewContext, name: str, run, step: int, prompt: int, records: list[dict], metric: str,
+                  topk: pd.DataFrame, cells: pd.DataFrame) -> None:
+    """Lens grid A (the checkpoint above), lens grid B (another checkpoint of any selected
+    run, or another model's analysis folder), and A minus B."""
+    st.subheader("Side by side: two checkpoints or two models on this prompt")
+    choices = [(n, s) for n, r in ctx.runs.items() for s in data.analysed_steps(r, "topk") if (n, s) != (name, step)]
+    if not choices:
+        st.info("Select another run (or a run with another analysed checkpoint) to compare with.")
+        return
+    other_name, other_step = select(None, "Compare with", choices, "drilldown_pair",
+                                    format_func=lambda c: f"{c[0]}, step {c[1]}")
+    other = ctx.runs[other_name]
+    problem = pair_problem(records, data.probe_set(other), prompt,
+                           (run.info.get("tokenizer_fingerprint"), other.info.get("tokenizer_fingerprint")))
+    topk_b, _ = data.detail(other, other_step, "topk", prompt)
+    cells_b, _ = data.detail(other, other_step, "cells", prompt)
+    colour = None if metric == "top-1 prob" else metric
+    left, right = st.columns(2)
+    with left:
+        st.plotly_chart(figures.lens_grid(topk, cells, colour), key="drilldown_grid_a")
+        st.caption(f"A: {name}, step {step}")
+    with right:
+        if len(topk_b):
+            st.plotly_chart(figures.lens_grid(topk_b, cells_b, colour), key="drilldown_grid_b")
+            st.caption(f"B: {other_name}, step {other_step}")
+        else:
+            st.info(f"No detail of prompt {prompt} at {other_name}, step {other_step}.")
+    if problem:
+        st.error(f"No difference grid: {problem}.")
+    elif len(topk_b):
+        st.plotly_chart(figures.lens_grid_difference((topk, cells), (topk_b, cells_b), colour,
+                                                     f"{name}@{step}", f"{other_name}@{other_step}"),
+                        key="drilldown_grid_diff")

@@ -206,3 +206,39 @@ def test_gap_split_is_correct_minus_wrong_per_layer_and_step():
     table = pd.DataFrame(rows, columns=METRIC_COLUMNS)
     gap = per_layer_rows(table, "top1_agree", GAP).set_index(["step", "layer"])["value"]
     assert gap.to_dict() == pytest.approx({(0, 1): 0.2, (0, 2): -0.05})
+
+
+def test_drilldown_side_by_side_grids_and_their_difference(runs_root, make_app):
+    at = _run(make_app(runs_root, view="Drill-down", runs=["oisd"], step="10", prompt="1", layer="2"))
+    figures = plotly_figures(at)
+    for key in ("drilldown_grid_a", "drilldown_grid_b", "drilldown_grid_diff"):
+        assert key in figures, sorted(figures)
+    a = np.array(figures["drilldown_grid_a"].data[0].z, dtype=float)
+    b = np.array(figures["drilldown_grid_b"].data[0].z, dtype=float)
+    diff = np.array(figures["drilldown_grid_diff"].data[0].z, dtype=float)
+    # The default partner is step 20 of the same run: A minus B cell by cell.
+    assert "step 20" in at.selectbox(key="drilldown_pair").format_func(at.selectbox(key="drilldown_pair").value)
+    np.testing.assert_allclose(diff, a - b)
+
+
+def test_pair_problem_names_why_two_grids_do_not_line_up():
+    from app.views.drilldown import pair_problem
+
+    rec = {"prompt_ids": [1, 5, 6], "reference_ids": [7, 2]}
+    assert pair_problem([rec], [dict(rec)], 0) is None
+    assert "different tokenizers" in pair_problem([rec], [dict(rec)], 0, ("aaa", "bbb"))
+    assert "tokenised differently" in pair_problem([rec], [{**rec, "prompt_ids": [1, 5, 9]}], 0)
+    assert "no shared teacher-forced reference" in pair_problem([{**rec, "reference_ids": None}],
+                                                                [{**rec, "reference_ids": None}], 0)
+    assert "not in both probe sets" in pair_problem([rec], [], 0)
+
+
+def test_alignment_overlays_per_layer_curves_at_one_checkpoint(runs_root, make_app):
+    at = _run(make_app(runs_root, view="Layer alignment", runs=["grpo", "oisd"], metric="lens_kl"))
+    profiles = plotly_figures(at)["alignment_profiles"]
+    assert [t.name for t in profiles.data] == ["grpo", "oisd"]
+    last = STEPS[-1]
+    for trace, run in zip(profiles.data, ["grpo", "oisd"]):
+        assert list(trace.x) == list(range(1, N_LAYERS + 1))
+        np.testing.assert_allclose(trace.y, [expected_value(run, "lens_kl", last, layer)
+                                             for layer in range(1, N_LAYERS + 1)])
