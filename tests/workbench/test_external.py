@@ -180,3 +180,4 @@ def test_an_architecture_transformerlens_cannot_boot_is_named(tmp_path, tokenize
     report = probe_run(out, progress=False)
     (step, reason), = report.skipped
     assert reason == f"TransformerLens cannot load {folder}: ValueError: Unsupported architecture: MadeUpForCausalLM."
+
