@@ -33,18 +33,16 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from trainer import objectives as obj
-from trainer.batching import (PromptStream, group_noise, replacement_stream, scored_positions, teacher_prompts,
-                              to_grid)
+from trainer.batching import PromptStream, group_noise, replacement_stream, scored_positions
 from trainer.evaluate import evaluate
-from trainer.forward import policy_forward, readout, shared_prompt_hidden, unique_prompts
-from trainer.methods import LossInputs, Terms, gradient_shares, spec_of
+from trainer.loss import LossComputer, StepBatch
+from trainer.methods import Terms, gradient_shares, spec_of
 from workbench.generation import sample
 from trainer.setup import TrainSetup, prepare
 from trainer.config import TrainConfig, config_to_dict
@@ -53,20 +51,6 @@ from workbench.runstore import RunPaths, RunWriter, latest_checkpoint, write_che
 from workbench.schema import OUTCOME_SPLITS
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepBatch:
-    """One step's rollouts on this process, with everything the loss needs."""
-
-    input_ids: torch.Tensor  # (B, P + R)
-    attention_mask: torch.Tensor  # (B, P + R)
-    scored: torch.Tensor  # (B, P + R) bool
-    response_mask: torch.Tensor  # (B, R)
-    sample_logprobs: torch.Tensor  # (B, R) log-probs under the sampling policy
-    advantages: torch.Tensor  # (B,)
-    teacher_prompts: list[str]  # (B,) hinted prompts (methods with a privileged teacher)
-    prompt_width: int
 
 
 def _distributed():
@@ -117,6 +101,9 @@ class Trainer:
         self.reference = setup.reference
         # RLSD's teacher: a frozen copy of the policy, re-synced every rlsd.sync_every steps.
         self.frozen_teacher = self._frozen_copy() if self.spec.teacher == "frozen_copy_hinted" else None
+        self.loss = LossComputer(cfg, self.spec, self.model, self.tok, setup.accelerator, setup.oisd_layers, self.L,
+                                 self.device, self.vocab_size, reference=self.reference,
+                                 frozen_teacher=self.frozen_teacher)
 
     # ---------------------------------------------------------------- frozen copies
     def _frozen_copy(self):
@@ -254,141 +241,14 @@ class Trainer:
         return merged, torch.cat(rs), torch.cat(cs), es, stats
 
     # ---------------------------------------------------------------- the loss
-    def _frozen_hidden(self, model, sb: StepBatch, rows: torch.Tensor, hinted: bool) -> torch.Tensor:
-        """A frozen scorer's final hidden states ``(n, d)`` on the student's response tokens,
-        no grad; its logits are read out chunk by chunk later.
-
-        ``hinted``: after the teacher prompt (student prompt, sentinel, hint); otherwise
-        after the student's own prompt (the reference). Each group's prompt runs once
-        (:func:`~trainer.forward.shared_prompt_hidden`).
-        """
-        responses, response_mask = sb.input_ids[rows, sb.prompt_width:], sb.response_mask[rows]
-        if hinted:
-            ids, mask, prompt_of_row = teacher_prompts(self.tok, [sb.teacher_prompts[i] for i in rows.tolist()])
-        else:
-            ids, mask, prompt_of_row = unique_prompts(sb.input_ids[rows, : sb.prompt_width],
-                                                      sb.attention_mask[rows, : sb.prompt_width])
-        with torch.no_grad(), self.s.accelerator.autocast():
-            return shared_prompt_hidden(model, ids.to(self.device), mask.to(self.device),
-                                        prompt_of_row.to(self.device), responses, response_mask)
-
-    def vocab_chunk_size(self) -> int:
-        """Rows per chunk of the full-vocabulary terms (``optim.vocab_chunk_size``, or
-        :func:`~trainer.objectives.auto_chunk_size` for this device)."""
-        size = self.cfg.optim.vocab_chunk_size
-        return obj.auto_chunk_size(self.vocab_size, self.device) if size is None else size
-
-    def _vocab_terms(self, think_layers: list[int], teacher_heads: dict[str, torch.nn.Module]):
-        """The per-token function of every full-vocabulary term, for :func:`~trainer.objectives.chunked_rows`.
-
-        It reads the policy's logits ``z`` from the final hidden state once per chunk and
-        computes from them: log pi_theta of the sampled token and the entropy; OISD's
-        ``J^l = JSD(p^l, SG[p^L])`` for each layer in ``think_layers``; the method's
-        teacher term (``spec.teacher_term`` of the teacher's logits, read out by its own
-        ``lm_head`` under ``no_grad``); the reference's log-prob of the sampled token.
-        Outputs are ``(m,)`` per chunk.
-        """
-        cfg, T, spec = self.cfg, self.cfg.rollout.temperature, self.spec
-        policy = self.s.accelerator.unwrap_model(self.model)
-        head = policy.get_output_embeddings()
-        lens = readout(policy, detach=cfg.oisd.detach_readout) if think_layers else None
-
-        def terms(r: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            z = head(r["final"])  # (m, V) the acting policy's logits
-            out = dict(zip(("logp", "entropy"), obj.sampled_token_logprobs(z, r["tokens"], T)))
-            for l in think_layers:
-                out[f"think{l}"] = obj.oisd_logit_alignment(lens(r[f"layer{l}"]), z.detach(), temperature=T)
-            with torch.no_grad():
-                q = {name: h(r[name]) for name, h in teacher_heads.items()}  # (m, V) each
-            if "ref" in q:
-                out["ref_logp"], _ = obj.sampled_token_logprobs(q["ref"], r["tokens"], T, with_entropy=False)
-            if "teacher" in q:
-                out["teacher"] = spec.teacher_term(z, q["teacher"], r["tokens"], cfg, T)
-            return out
-
-        return terms
-
-    def _teacher_model(self) -> torch.nn.Module:
-        """The model that plays the method's teacher (given the hint)."""
-        return {"current_hinted": self.model, "frozen_copy_hinted": self.frozen_teacher,
-                "initial_hinted": self.reference}[self.spec.teacher]
-
     def micro_loss(self, sb: StepBatch, rows: torch.Tensor, old_logp: torch.Tensor | None,
                    norm: dict[str, float]) -> tuple[torch.Tensor, dict, Terms]:
-        """The loss of one micro-batch (rows of the step batch), already divided by the
-        global normaliser of its mini-batch, so micro-batch losses add up exactly.
+        """The loss of one micro-batch at this step (:meth:`trainer.loss.LossComputer.micro_loss`)."""
+        self.loss.frozen_teacher = self.frozen_teacher
+        return self.loss.micro_loss(sb, rows, old_logp, norm, self.step)
 
-        Forward, terms, ``spec.loss``: one policy forward returns hidden states (never
-        ``(n, V)`` logits), the teachers' forwards return theirs, every full-vocabulary
-        term is computed in one chunked pass (:meth:`_vocab_terms`), and the method's
-        composer (:mod:`trainer.methods`) adds up the named terms.
-
-        Returns:
-            ``(loss, logs, terms)``.
-        """
-        cfg, spec = self.cfg, self.spec
-        ids, am, scored = sb.input_ids[rows], sb.attention_mask[rows], sb.scored[rows]
-        mask = sb.response_mask[rows]
-        schedules = spec.schedule(cfg, self.step)
-        oisd_on = spec.oisd and (cfg.oisd.lambda_logit > 0 or cfg.oisd.lambda_attn > 0)
-        S = self.s.oisd_layers if oisd_on else []
-        think_layers = S if cfg.oisd.lambda_logit > 0 else []
-        attn_layers = (S + [self.L]) if (oisd_on and cfg.oisd.lambda_attn > 0) else []
-        with self.s.accelerator.autocast():
-            out = policy_forward(self.model, ids, am, scored, hidden_layers=think_layers, attn_layers=attn_layers,
-                                 attn_query_stride=cfg.oisd.attn_query_stride, return_logits=False)
-        tokens = ids[out.index[0], out.index[1] + 1]  # (n,) the response token each scored row predicts
-
-        # Rows the full-vocabulary terms read: the policy's (with gradient), the OISD layers',
-        # and each frozen scorer's final hidden state (no gradient), all (n, d).
-        scorers = {}  # name -> (model, hinted prompt?)
-        if spec.teacher_active(cfg, schedules):
-            scorers["teacher"] = (self._teacher_model(), True)
-        if self.reference is not None:  # the reference on the student's own prompt
-            scorers["ref"] = (self.reference, False)
-        rows_in = {"final": out.final_hidden, "tokens": tokens}
-        rows_in |= {f"layer{l}": out.hidden[l] for l in think_layers}
-        heads = {}
-        for name, (model, hinted) in scorers.items():
-            rows_in[name] = self._frozen_hidden(model, sb, rows, hinted)
-            heads[name] = self.s.accelerator.unwrap_model(model).get_output_embeddings()
-        with self.s.accelerator.autocast():
-            vocab = obj.chunked_rows(self._vocab_terms(think_layers, heads), rows_in, self.vocab_chunk_size())
-        logp = to_grid(vocab.pop("logp"), mask)  # (b, R)
-        ent = to_grid(vocab.pop("entropy"), mask)
-        grids = {name: to_grid(v, mask) for name, v in vocab.items()}
-
-        attn, attn_rescale = [], 1.0
-        if attn_layers:
-            n = out.final_hidden.shape[0]
-            kept = torch.zeros(n, device=mask.device)
-            kept[out.attn_rows] = 1.0
-            teacher_a = out.attentions[self.L]
-            for l in S:
-                k_rows = obj.oisd_attention_alignment(out.attentions[l], teacher_a, cfg.oisd.attn_mode == "per_head")
-                full = torch.zeros(n, device=mask.device, dtype=k_rows.dtype)
-                full[out.attn_rows] = k_rows
-                attn.append(to_grid(full, mask))
-            if cfg.oisd.attn_query_stride > 1:
-                attn_rescale = obj.attention_query_rescale(mask, to_grid(kept, mask))
-
-        # scale: an aggregate over this micro-batch times (its count / the global count)
-        # equals its share of the aggregate over the whole (global) mini-batch.
-        unit = "tokens" if cfg.grpo.loss_type == "token_mean" else "seqs"
-        scale = (mask.sum() if unit == "tokens" else torch.tensor(float(len(rows)))) / norm[unit]
-        x = LossInputs(
-            cfg=cfg, logp=logp, old_logp=logp.detach() if old_logp is None else old_logp, mask=mask,
-            advantages=sb.advantages[rows], scale=scale,
-            aggregate=lambda t: obj.aggregate(t, mask, cfg.grpo.loss_type, cfg.rollout.max_new_tokens) * scale,
-            vocab=grids, attn=attn, attn_rescale=attn_rescale, schedules=schedules,
-            tokens_share=mask.sum() / norm["tokens"], seq_share=len(rows) / norm["seqs"],
-        )
-        terms = spec.loss(x)
-        total = sum((t.coef * t.value for t in terms.values()), torch.zeros((), device=self.device))
-        logs = dict(x.logs)
-        logs |= {f"loss/{name}": t.value.detach() for name, t in terms.items() if name != "kl"}
-        logs["entropy"] = (ent * mask).sum() / norm["tokens"]
-        return total, logs, terms
+    def vocab_chunk_size(self) -> int:
+        return self.loss.vocab_chunk_size()
 
     # ---------------------------------------------------------------- one step
     def normalisers(self, sb: StepBatch, rows: torch.Tensor) -> dict[str, torch.Tensor]:
