@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test]" -c constraints.txt
+	$(PY) -m pip install --quiet -e ".[test,trl]" -c constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -47,7 +47,6 @@ test-all: $(STAMP) browser
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e ".[bench]" -c constraints.txt
 	$(PY) benchmarks/run_all.py
 
 clean:

@@ -37,3 +37,12 @@ def test_bench_trl_compares_the_same_work():
     for r in (ours, trl):
         assert r["step_s"] > r["rollout_s"] > 0 and 1 <= r["mean_len"] <= 40
     assert ratio["step_s"] == pytest.approx(ours["step_s"] / trl["step_s"])
+
+
+def test_bench_trl_backend_times_every_variant():
+    pytest.importorskip("trl")
+    import bench_trl_backend
+
+    medians = bench_trl_backend.main(["--steps", "3"])
+    assert set(medians) == set(bench_trl_backend.VARIANTS)
+    assert all(m > 0 for m in medians.values())

@@ -194,6 +194,19 @@ class LoggingConfig(_Section):
     progress: bool = Field(True, description="show a progress bar")
 
 
+class TRLSection(_Section):
+    """Options forwarded to TRL's GRPOTrainer by the TRL backend (``backend: trl``), as they are."""
+
+    use_vllm: bool = Field(False, description="generate with vLLM (TRL's use_vllm; GPU only)")
+    vllm_mode: Literal["colocate", "server"] = Field("colocate", description="TRL's vllm_mode")
+    gradient_checkpointing: bool = Field(False, description="TRL's gradient_checkpointing")
+    lora_r: Optional[int] = Field(None, ge=1, description="train a LoRA adapter of this rank (peft); null = full")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], description="modules LoRA adapts")
+
+
 class PrecisionConfig(_Section):
     mixed: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision (bf16 on GPU)")
 
@@ -202,6 +215,8 @@ class TrainConfig(_Section):
     """The whole training config; fixed key names per docs/design.md."""
 
     method: str = Field("grpo", description=f"objective: {' | '.join(METHOD_NAMES)} (trainer.methods)")
+    backend: Literal["builtin", "trl"] = Field(
+        "builtin", description="trainer: the built-in loop, or TRL's GRPOTrainer with the same losses (pip extra 'trl')")
     seed: int = Field(0, description="run seed (sampling, init of anything random)")
     steps: int = Field(100, ge=1, description="training steps (rollout batches)")
     run_dir: Optional[str] = Field(None, description="run folder; null = runs/<method>-seed<seed>")
@@ -222,6 +237,7 @@ class TrainConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
+    trl: TRLSection = Field(default_factory=TRLSection)
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

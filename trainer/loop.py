@@ -384,9 +384,13 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         NonFiniteError: ``optim.max_bad_steps`` consecutive non-finite steps; run.json
             then says ``failed``.
     """
-    from workbench.probes import run_builtin_probes, sample_probe_completions
     from trainer.state import load_trainer_state, save_checkpoint_fn
+    from workbench.probes import run_builtin_probes, sample_probe_completions
 
+    if cfg.backend == "trl":  # the same losses inside TRL's GRPOTrainer
+        from trainer.trl_backend import train_trl
+
+        return train_trl(cfg, resume=resume)
     setup = prepare(cfg, resume=resume)  # validates everything before any work
     acc = setup.accelerator
     run_dir = setup.run_dir

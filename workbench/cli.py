@@ -37,6 +37,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     if args.run_dir:
         cfg.run_dir = args.run_dir
+    if args.backend:
+        cfg.backend = args.backend
     from trainer.loop import train
 
     train(cfg, resume=args.resume)
@@ -139,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set oisd.lambda_attn=0.2 (repeatable)")
     p.add_argument("--run-dir", default=None, help="run folder (overrides run_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--backend", choices=["builtin", "trl"], default=None,
+                   help="trainer (overrides `backend`): the built-in loop or TRL's GRPOTrainer")
     p.add_argument("--help-config", action="store_true", help="print every config key with its default")
     p.set_defaults(func=_cmd_train)
 

@@ -1,0 +1,177 @@
+"""The TRL backend: the same losses inside TRL's GRPOTrainer.
+
+- with every auxiliary coefficient 0 its loss and gradients equal plain GRPOTrainer's on
+  the same batch;
+- every auxiliary term's value on a fixed batch equals the built-in backend's;
+- each method trains a few steps on the embedded task into a run folder that `oisd probe`
+  analyses; TRL's resume continues a run; two CPU processes work.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from trainer.config import load_config  # noqa: E402
+from trainer.loop import Trainer  # noqa: E402
+from trainer.setup import prepare  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL = {"data.arithmetic.n_train": 200, "data.arithmetic.n_test": 20}
+CONFIG = {"grpo": "grpo", "oisd": "oisd", "sdpg": "sdpg-ufkl", "rlsd": "rlsd", "opsd": "opsd", "oisd+sdpg": "oisd+sdpg"}
+
+
+def _cfg(method, model_dir, run_dir, run_overrides, data=None, **keys):
+    return load_config(CONFIG[method], run_overrides(model_dir, run_dir, data=data, **keys))
+
+
+def _trl_trainers(cfg, plain: bool):
+    """(ours, plain GRPOTrainer or None) on copies of the same weights, ready to compute a loss."""
+    from datasets import Dataset
+    from trl import GRPOTrainer
+
+    from trainer.trl_backend import SelfDistillGRPOTrainer, build_grpo_config
+
+    setup = prepare(cfg)
+    examples = setup.task.train_examples()
+    dataset = Dataset.from_list([{"prompt": e.prompt, "teacher_prompt": e.teacher_prompt, "example": i}
+                                 for i, e in enumerate(examples)])
+
+    def accuracy(prompts, completions, example, **kwargs):
+        return [float(setup.task.reward(c, examples[int(i)])) for c, i in zip(completions, example)]
+
+    args = build_grpo_config(cfg, setup.run_dir / "trl", 1)
+    import copy
+
+    model_plain = copy.deepcopy(setup.model)
+    ours = SelfDistillGRPOTrainer(model=setup.model, reward_funcs=[accuracy], args=args, train_dataset=dataset,
+                                  processing_class=setup.tokenizer, workbench_config=cfg, reference=setup.reference)
+    other = GRPOTrainer(model=model_plain, reward_funcs=[accuracy], args=args, train_dataset=dataset,
+                        processing_class=setup.tokenizer) if plain else None
+    for t in (ours, other):
+        if t is not None:
+            t.current_gradient_accumulation_steps = 1
+            t.model.train()
+    rows = [dataset[i] for i in range(cfg.rollout.prompts_per_step) for _ in range(cfg.rollout.group_size)]
+    return ours, other, rows, setup
+
+
+def _grads(model):
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+def test_zero_auxiliary_coefficients_equal_plain_grpo_trainer(coin_model_dir, coin_data, tmp_path, run_overrides):
+    cfg = _cfg("oisd+sdpg", coin_model_dir, tmp_path / "r", run_overrides, data=coin_data,
+               rollout__prompts_per_step=4, oisd__lambda_logit=0.0, oisd__lambda_attn=0.0, sdpg__beta_base=0.0,
+               sdpg__alpha=0.0)
+    ours, plain, rows, _ = _trl_trainers(cfg, plain=True)
+    torch.manual_seed(0)
+    batch = plain._generate_and_score_completions(rows)
+    assert batch["advantages"].abs().sum() > 0  # the coin task earns rewards: the loss has a gradient
+    batch["teacher_prompts"] = [r["teacher_prompt"] for r in rows]
+    loss_plain = plain._compute_loss(plain.model, batch)
+    loss_plain.backward()
+    loss_ours = ours._compute_loss(ours.model, batch)
+    loss_ours.backward()
+    assert float(loss_ours) == pytest.approx(float(loss_plain), abs=1e-6)
+    gp, go = _grads(plain.model), _grads(ours.model)
+    assert gp.keys() == go.keys()
+    for name in gp:
+        torch.testing.assert_close(go[name], gp[name], rtol=0, atol=1e-6, msg=name)
+    assert max(float(g.abs().max()) for g in gp.values()) > 1e-4  # the gradients are not all zero
+
+
+@pytest.mark.parametrize("method", ["oisd", "sdpg", "rlsd", "opsd"])
+def test_auxiliary_terms_equal_the_builtin_backend(method, coin_model_dir, coin_data, tmp_path, run_overrides):
+    cfg = _cfg(method, coin_model_dir, tmp_path / "r", run_overrides, data=coin_data, rollout__prompts_per_step=4,
+               sdpg__t_warm=0, sdpg__gate=False, grpo__kl_coef=0.05)
+    builtin = Trainer(cfg, prepare(cfg))
+    sb, _ = builtin.rollout()
+    sb.advantages = torch.tensor([1.0, -0.5, 0.8, -0.3, -0.7, 0.4, 0.2, 0.0])
+    rows = torch.arange(sb.input_ids.shape[0])
+    _, logs_builtin, _ = builtin.micro_loss(sb, rows, None, builtin.normalisers(sb, rows))
+
+    ours, _, _, setup = _trl_trainers(cfg, plain=False)
+    ours.model.load_state_dict(builtin.model.state_dict())
+    P = sb.prompt_width
+    batch = {"prompt_ids": sb.input_ids[:, :P], "prompt_mask": sb.attention_mask[:, :P],
+             "completion_ids": sb.input_ids[:, P:], "completion_mask": sb.response_mask.long(),
+             "advantages": sb.advantages, "num_items_in_batch": sb.response_mask.sum(),
+             "teacher_prompts": sb.teacher_prompts}
+    ours._compute_loss(ours.model, batch)
+    logged = {k: v[-1] for k, v in ours._metrics["train"].items()}
+    terms = [k for k in logs_builtin if k.startswith("loss/") or k in ("kl", "rlsd/w_mean", "entropy")]
+    assert {"loss/policy", "kl", "entropy"} <= set(terms)
+    for key in terms:
+        assert logged[key] == pytest.approx(float(logs_builtin[key]), abs=1e-5), key
+
+
+@pytest.mark.parametrize("method", ["grpo", "oisd", "sdpg", "rlsd", "opsd", "oisd+sdpg"])
+def test_each_method_trains_into_a_run_folder_that_probes(method, tiny_qwen3_dir, tmp_path, run_overrides):
+    from workbench.analyzer import probe_run
+    from workbench.runstore import Run
+
+    from trainer.loop import train
+
+    run_dir = tmp_path / "run"
+    cfg = _cfg(method, tiny_qwen3_dir, run_dir, run_overrides, **SMALL, backend="trl", steps=2, checkpoint_every=2,
+               probe_every=2, eval_every=2, sdpg__t_warm=0, probe__samples_per_prompt=2, logging__grad_share_every=1)
+    assert train(cfg) == run_dir
+    run = Run.open(run_dir)
+    assert run.status == "finished" and run.info["backend"] == "trl" and run.info["trl_version"].startswith("1.16")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    want = {"reward", "accuracy", "entropy", "loss/policy", "grad_share/policy"}
+    want |= {"oisd": {"loss/think", "loss/attn"}, "sdpg": {"loss/opd", "loss/ref_kl", "sdpg/gate_fraction"},
+             "rlsd": {"rlsd/w_mean"}, "oisd+sdpg": {"loss/think", "loss/opd"}}.get(method, set())
+    assert want <= rows[1].keys(), sorted(want - rows[1].keys())
+    assert {"eval/accuracy"} <= rows[0].keys() and {"eval/accuracy"} <= rows[2].keys()
+    assert set(run.probes()["step"]) == {0, 2} and set(run.samples()["step"]) == {0, 2}
+    report = probe_run(run_dir, progress=False, detail_prompts=1)
+    assert report.analysed == [2] and not report.skipped
+    merged = run.probes().merge(run.analysis("metrics"), on=["step", "layer", "head", "ref_layer", "metric", "split"])
+    assert len(merged) and (merged["value_x"] - merged["value_y"]).abs().max() <= 1e-4
+
+
+def test_resume_continues_through_trl(tiny_qwen3_dir, tmp_path, run_overrides):
+    from trainer.loop import train
+
+    run_dir = tmp_path / "run"
+    keys = dict(**SMALL, backend="trl", checkpoint_every=1, probe_every=0, eval_every=0)
+    train(_cfg("grpo", tiny_qwen3_dir, run_dir, run_overrides, steps=2, **keys))
+    train(_cfg("grpo", tiny_qwen3_dir, run_dir, run_overrides, steps=3, **keys), resume=True)
+    rows = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000001", "step-000002", "step-000003"]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["resumes"][-1]["step"] == 2
+
+
+def test_two_processes(tiny_qwen3_dir, tmp_path, run_overrides, cli_env):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    sets = []
+    for item in run_overrides(tiny_qwen3_dir, tmp_path / "unused", **SMALL, steps=2, checkpoint_every=2,
+                              probe_every=2, eval_every=0, rollout__prompts_per_step=4):
+        if not item.startswith("run_dir="):
+            sets += ["--set", item]
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+               "-m", "workbench.cli", "train", "--backend", "trl", "--config", "oisd", *sets,
+               "--run-dir", str(tmp_path / "two")]
+    result = subprocess.run(command, cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert (tmp_path / "two" / "checkpoints" / "step-000002" / "manifest.json").is_file()

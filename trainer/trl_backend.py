@@ -1,0 +1,355 @@
+"""The TRL backend: every method inside TRL's ``GRPOTrainer`` (vLLM, DeepSpeed, FSDP, PEFT).
+
+``oisd train --backend trl --config oisd ...`` (or ``backend: trl`` in the config) trains
+with TRL's trainer, its generation (``transformers`` generate, or vLLM with
+``trl.use_vllm``), its optimizer, scheduler, gradient accumulation, checkpointing and
+process handling, and this project's losses: :class:`SelfDistillGRPOTrainer` replaces
+only ``_compute_loss`` with :meth:`trainer.loss.LossComputer.micro_loss`, the same
+forward, chunked vocabulary pass and per-method composer (:mod:`trainer.methods`) the
+built-in backend runs. The hinted teacher prompts ride along with TRL's batch.
+
+:class:`RunFolderCallback` writes the run folder every other part reads: run.json
+(``backend: trl``, the TRL version), metrics.jsonl under this project's names, the
+probe set, probes.parquet and probe_samples.parquet every ``probe_every`` steps (the
+shared built-in probes), evaluation every ``eval_every`` steps, and
+``checkpoints/step-N`` (HF model + tokenizer + manifest) every ``checkpoint_every``
+steps, which ``oisd probe``, ``oisd compare``, ``oisd eval`` and the dashboard read as
+they are. TRL's own resumable checkpoints go to ``<run_dir>/trl/``; ``--resume``
+continues from the newest through TRL's ``resume_from_checkpoint``.
+
+For Python users::
+
+    from trainer.trl_backend import SelfDistillGRPOTrainer
+    trainer = SelfDistillGRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...),
+                                     train_dataset=..., workbench_config=load_config("oisd"))
+
+The dataset needs a ``teacher_prompt`` column for methods with a hinted teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from trainer.batching import scored_positions
+from trainer.loss import LossComputer, StepBatch
+from trainer.methods import gradient_shares
+from workbench.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+try:  # TRL is an optional extra: pip install -e '.[trl]'
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+except ImportError as exc:  # pragma: no cover - the error names the extra
+    raise ConfigError("backend 'trl' needs TRL: pip install -e '.[trl]'") from exc
+
+# Our aggregation -> TRL's loss_type of the same normaliser.
+TRL_LOSS_TYPES = {"token_mean": "dapo", "seq_mean_token_mean": "grpo", "seq_mean_token_sum_norm": "dr_grpo"}
+# TRL's log keys -> this project's metric names (the rest keep TRL's names).
+RENAMES = {"rewards/accuracy/mean": "accuracy", "learning_rate": "lr", "step_time": "perf/step_time"}
+DROPPED = {"epoch", "total_flos", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+           "train_loss", "num_tokens", "rewards/accuracy/std"}
+
+
+def trl_version() -> str:
+    return importlib.metadata.version("trl")
+
+
+class SelfDistillGRPOTrainer(GRPOTrainer):
+    """TRL's ``GRPOTrainer`` whose loss is the method's composer (:mod:`trainer.methods`).
+
+    Args:
+        workbench_config: the run's :class:`~trainer.config.TrainConfig` (method, its
+            coefficients, OISD layers, chunking).
+        reference: the frozen initial model, when a term uses it (SDPG's L_K, OPSD's
+            teacher, a KL to the reference); None otherwise.
+        *args, **kwargs: ``GRPOTrainer``'s. ``args.beta`` must be 0 (the KL to the
+            reference is ``grpo.kl_coef``, computed by the composer).
+    """
+
+    def __init__(self, *args, workbench_config, reference: torch.nn.Module | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        from trainer.forward import enable_selective_attention, num_layers
+        from trainer.setup import resolve_layers
+
+        cfg = workbench_config
+        spec = cfg.spec
+        if self.beta != 0.0:
+            raise ConfigError("SelfDistillGRPOTrainer: set GRPOConfig.beta = 0 and grpo.kl_coef instead")
+        policy = self.accelerator.unwrap_model(self.model)
+        L = num_layers(policy)
+        layers = resolve_layers(cfg.oisd.layers, L) if spec.oisd else []
+        if spec.oisd and cfg.oisd.lambda_attn > 0:
+            enable_selective_attention(policy)
+        frozen = None
+        if spec.teacher == "frozen_copy_hinted":
+            frozen = copy.deepcopy(policy).requires_grad_(False).eval()
+        if reference is not None:
+            reference.to(self.accelerator.device).eval().requires_grad_(False)
+        vocab = policy.get_output_embeddings().weight.shape[0]
+        self.wb_cfg = cfg
+        self.num_layers, self.oisd_layers = L, layers
+        self.loss_computer = LossComputer(cfg, spec, self.model, self.processing_class, self.accelerator, layers, L,
+                                          self.accelerator.device, vocab, reference=reference, frozen_teacher=frozen)
+        self._synced_step = -1
+        self._shared_step = -1
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        # TRL's output rows follow its input rows: each row's hinted prompt rides along.
+        out["teacher_prompts"] = [str(row.get("teacher_prompt", "")) for row in inputs]
+        return out
+
+    def _normalisers(self, inputs, batch: int) -> dict[str, torch.Tensor]:
+        """Ours in TRL's terms, so that every term shares the GRPO term's normaliser:
+        tokens = TRL's dapo normaliser (the generation batch's completion tokens over
+        processes, per accumulation window), sequences = this micro-batch times the
+        accumulation steps (TRL's ``grpo`` / ``dr_grpo`` division)."""
+        ga = self.current_gradient_accumulation_steps if self.model.training else 1
+        tokens = inputs["num_items_in_batch"].float().clamp(min=1.0) / self.accelerator.num_processes
+        if self.model.training:
+            tokens = tokens * ga / self.args.steps_per_generation
+        device = self.accelerator.device
+        return {"tokens": tokens.to(device), "seqs": torch.tensor(float(batch * ga), device=device)}
+
+    def _compute_loss(self, model, inputs):
+        cfg, lc = self.wb_cfg, self.loss_computer
+        step = self.state.global_step
+        if lc.frozen_teacher is not None and step % cfg.rlsd.sync_every == 0 and self._synced_step != step:
+            # RLSD: re-sync the frozen teacher from the policy (step 0: the initial model).
+            lc.frozen_teacher.load_state_dict(self.accelerator.unwrap_model(model).state_dict())
+            self._synced_step = step
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        mask = inputs["completion_mask"]
+        width = prompt_ids.shape[1]
+        batch = StepBatch(
+            input_ids=torch.cat([prompt_ids, completion_ids], dim=1),
+            attention_mask=torch.cat([inputs["prompt_mask"], mask], dim=1),
+            scored=scored_positions(mask, width), response_mask=mask.float(),
+            sample_logprobs=inputs.get("old_per_token_logps"), advantages=inputs["advantages"].float(),
+            teacher_prompts=list(inputs.get("teacher_prompts") or [""] * len(mask)), prompt_width=width,
+        )
+        rows = torch.arange(len(mask), device=mask.device)
+        norm = self._normalisers(inputs, len(mask))
+        loss, logs, terms = lc.micro_loss(batch, rows, inputs.get("old_per_token_logps"), norm, step)
+        mode = "train" if self.model.training else "eval"
+        every = cfg.logging.grad_share_every
+        if mode == "train" and every and step % every == 0 and self._shared_step != step:
+            params = [p for p in model.parameters() if p.requires_grad]
+            for name, share in gradient_shares(terms, params).items():
+                self._metrics[mode][f"grad_share/{name}"].append(share)
+            self._shared_step = step
+        for name, value in logs.items():
+            # Each value is this micro-batch's share of a global mean: summed over processes,
+            # and TRL averages the list over the accumulation window, hence the ga factor.
+            total = self.accelerator.reduce(torch.as_tensor(value, device=mask.device).float().reshape(1),
+                                            reduction="sum")
+            ga = self.current_gradient_accumulation_steps if mode == "train" else 1
+            self._metrics[mode][name].append(float(total[0]) * ga)
+        return loss
+
+
+def build_grpo_config(cfg, output_dir: Path, num_processes: int) -> GRPOConfig:
+    """TRL's config from ours: the same batch, lengths, clip, optimizer and schedule;
+    TRL's scale options (vLLM, gradient checkpointing, bf16) forwarded as they are."""
+    P, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
+    if cfg.optim.mini_batches != 1:
+        raise ConfigError("config key 'optim.mini_batches': the TRL backend takes one update per rollout batch "
+                          "(use TRL's num_iterations through the built-in backend's mini_batches instead)")
+    if (P * G) % num_processes:
+        raise ConfigError(f"config key 'rollout.prompts_per_step': {P} x {G} sequences do not divide over "
+                          f"{num_processes} processes")
+    per_device = P * G // num_processes
+    micro = cfg.optim.micro_batch_size or per_device
+    if per_device % micro:
+        raise ConfigError(f"config key 'optim.micro_batch_size': {micro} does not divide the {per_device} "
+                          "sequences per process")
+    t = cfg.trl
+    return GRPOConfig(
+        output_dir=str(output_dir), use_cpu=not torch.cuda.is_available(), seed=cfg.seed, max_steps=cfg.steps,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=per_device // micro,
+        num_generations=G, num_iterations=1, max_completion_length=cfg.rollout.max_new_tokens,
+        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k or None,
+        beta=0.0, loss_type=TRL_LOSS_TYPES[cfg.grpo.loss_type], epsilon=cfg.grpo.eps_low,
+        epsilon_high=cfg.grpo.eps_high, scale_rewards=cfg.grpo.scale_rewards,
+        learning_rate=cfg.optim.lr, adam_beta1=cfg.optim.beta1, adam_beta2=cfg.optim.beta2,
+        weight_decay=cfg.optim.weight_decay, max_grad_norm=cfg.optim.max_grad_norm,
+        lr_scheduler_type="constant_with_warmup", warmup_steps=cfg.optim.warmup_steps, optim="adamw_torch",
+        logging_steps=1, save_strategy="steps", save_steps=cfg.checkpoint_every, save_total_limit=cfg.keep_last,
+        report_to="none", disable_tqdm=not cfg.logging.progress, log_completions=False,
+        remove_unused_columns=False, shuffle_dataset=True, dataloader_num_workers=0,
+        dataloader_pin_memory=False, bf16=cfg.precision.mixed == "bf16", fp16=cfg.precision.mixed == "fp16",
+        gradient_checkpointing=t.gradient_checkpointing, use_vllm=t.use_vllm, vllm_mode=t.vllm_mode,
+    )
+
+
+def _metric_name(key: str) -> str | None:
+    if key in DROPPED:
+        return None
+    return RENAMES.get(key, key)
+
+
+class RunFolderCallback(TrainerCallback):
+    """Writes the run folder (metrics, probes, evaluation, checkpoints) from inside TRL."""
+
+    def __init__(self, cfg, setup, trainer_ref, resume_step: int | None):
+        self.cfg, self.s, self.trainer_ref = cfg, setup, trainer_ref
+        self.resume_step = resume_step
+        self.writer = None
+        self.test_examples = setup.task.test_examples()[: cfg.eval.n]
+        self.probe_examples = dict(enumerate(setup.task.test_examples()[: len(setup.probe_records)]))
+
+    def _model(self):
+        trainer = self.trainer_ref()
+        return trainer.accelerator.unwrap_model(trainer.model)
+
+    def _extras(self, step: int) -> dict:
+        """Evaluation and built-in probes due at ``step`` (the built-in backend's schedule)."""
+        from trainer.evaluate import evaluate
+        from trainer.loop import probe_summary
+        from workbench.probes import run_builtin_probes, sample_probe_completions
+
+        cfg, out = self.cfg, {}
+        last = step == cfg.steps
+        model, tok = self._model(), self.s.tokenizer
+        was_training = model.training
+        if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+            res = evaluate(model, tok, self.s.task, self.test_examples, k=cfg.eval.k, temperature=cfg.eval.temperature,
+                           max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.eval.batch_size, seed=cfg.seed)
+            out.update(res.as_metrics())
+        if cfg.probe_every and (step % cfg.probe_every == 0 or last):
+            records = self.s.probe_records
+            samples = None
+            if cfg.probe.samples_per_prompt:
+                def verify(record, ids):
+                    text = tok.decode(ids, skip_special_tokens=True)
+                    return self.s.task.reward(text, self.probe_examples[int(record["index"])]) > 0
+
+                samples = sample_probe_completions(model, tok, records, step=step, k=cfg.probe.samples_per_prompt,
+                                                   verify=verify, seed=cfg.seed,
+                                                   temperature=cfg.probe.sample_temperature,
+                                                   max_new_tokens=cfg.rollout.max_new_tokens)
+                self.writer.log_samples(samples)
+            df = run_builtin_probes(model, tok, records, run=self.s.run_dir.name, step=step, greedy=cfg.probe.greedy,
+                                    chunk_size=cfg.probe.chunk_size, max_new_tokens=cfg.rollout.max_new_tokens,
+                                    samples=samples)
+            self.writer.log_probes(df)
+            out.update(probe_summary(df, self.s.oisd_layers or [max(1, self.s.num_layers // 2)]))
+        model.train(was_training)
+        return out
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from trainer.config import config_to_dict
+        from workbench.runstore import RunWriter
+
+        if not state.is_world_process_zero:
+            return
+        cfg = self.cfg
+        resume = self.resume_step is not None
+        self.writer = RunWriter(self.s.run_dir, config_to_dict(cfg), resume=resume,
+                                resume_step=self.resume_step if resume else None)
+        self.writer.write_probe_set(self.s.probe_records)
+        self.writer.record(backend="trl", trl_version=trl_version(), num_layers=self.s.num_layers,
+                           oisd_layers=self.s.oisd_layers, probe_max_new_tokens=cfg.rollout.max_new_tokens)
+        if not resume:
+            first = self._extras(0)
+            if first:
+                self.writer.log_metrics(0, first)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        from workbench.runstore import write_checkpoint
+
+        if not state.is_world_process_zero or not logs or "reward" not in logs:
+            return  # the end-of-training summary carries no reward: not a step
+        step = state.global_step
+        values = {name: float(v) for k, v in logs.items()
+                  if (name := _metric_name(k)) is not None and isinstance(v, (int, float))}
+        values.update(self._extras(step))
+        self.writer.log_metrics(step, values)
+        if step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps:
+            model, tok = self._model(), self.s.tokenizer
+
+            def save(folder):
+                model.save_pretrained(folder)
+                tok.save_pretrained(folder)
+
+            write_checkpoint(self.s.run_dir, step, save, keep_last=self.cfg.keep_last)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.writer is not None:
+            self.writer.set_status("finished")
+
+
+def train_trl(cfg, *, resume: bool = False) -> Path:
+    """Train ``cfg`` with TRL's ``GRPOTrainer`` into the same run folder as the built-in backend.
+
+    Everything is validated first (the built-in backend's checks, then TRL's batch shape).
+
+    Raises:
+        WorkbenchError: bad input, before any work.
+    """
+    import weakref
+
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from trainer.setup import prepare
+
+    setup = prepare(cfg, resume=resume)
+    setup.model.config.use_cache = True  # TRL's generate decodes with a KV cache
+    acc = setup.accelerator
+    trl_dir = setup.run_dir / "trl"
+    args = build_grpo_config(cfg, trl_dir, acc.num_processes)
+    task = setup.task
+    examples = task.train_examples()
+    dataset = Dataset.from_list([{"prompt": e.prompt, "teacher_prompt": e.teacher_prompt, "example": i}
+                                 for i, e in enumerate(examples)])
+
+    def accuracy(prompts, completions, example, **kwargs):
+        """The task's verifier (1 correct, 0 wrong), as the built-in backend scores rollouts."""
+        return [float(task.reward(c, examples[int(i)])) for c, i in zip(completions, example)]
+
+    funcs = [accuracy]
+    if cfg.grpo.format_bonus > 0:
+        def format_bonus(prompts, completions, **kwargs):
+            return [cfg.grpo.format_bonus * float(task.extract_answer(c) is not None) for c in completions]
+
+        funcs.append(format_bonus)
+    peft_config = None
+    if cfg.trl.lora_r:
+        try:
+            from peft import LoraConfig
+        except ImportError:
+            raise ConfigError("config key 'trl.lora_r': LoRA needs peft (pip install peft)") from None
+        peft_config = LoraConfig(r=cfg.trl.lora_r, lora_alpha=cfg.trl.lora_alpha, lora_dropout=cfg.trl.lora_dropout,
+                                 target_modules=cfg.trl.lora_target_modules, task_type="CAUSAL_LM")
+    resume_from, resume_step = None, None
+    if resume:
+        resume_from = get_last_checkpoint(str(trl_dir)) if trl_dir.is_dir() else None
+        if resume_from is not None:
+            resume_step = int(re.search(r"checkpoint-(\d+)$", resume_from).group(1))
+            log.info("resuming %s from TRL's %s (step %d)", setup.run_dir, Path(resume_from).name, resume_step)
+        else:
+            resume_step = -1 if (setup.run_dir / "run.json").is_file() else None
+    trainer = SelfDistillGRPOTrainer(model=setup.model, reward_funcs=funcs, args=args, train_dataset=dataset,
+                                     processing_class=setup.tokenizer, peft_config=peft_config,
+                                     workbench_config=cfg, reference=setup.reference)
+    trainer.remove_callback(PrinterCallback)
+    callback = RunFolderCallback(cfg, setup, weakref.ref(trainer), resume_step)
+    trainer.add_callback(callback)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except BaseException as exc:
+        if callback.writer is not None:
+            callback.writer.set_status("failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+        raise
+    if acc.is_main_process:
+        print(f"run finished: {setup.run_dir}  (backend trl {trl_version()}; next: oisd probe {setup.run_dir})")
+    return setup.run_dir
