@@ -19,6 +19,7 @@ import pandas as pd
 
 from trainer.tasks.base import DEFAULT_PROMPT_FORMAT, Example, PromptFormat
 from workbench.errors import DataError
+from workbench.jsonl import read_json_objects
 
 logger = logging.getLogger(__name__)
 
@@ -158,19 +159,7 @@ def _read_file(path: Path) -> pd.DataFrame:
 
 def _read_json_lines(path: Path) -> pd.DataFrame:
     """JSON lines, one object per non-blank line; a bad line is named by line and column."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path} line {number}, column {error.colno}: invalid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
-            records.append(record)
-    return pd.DataFrame.from_records(records)
+    return pd.DataFrame.from_records([record for _, record in read_json_objects(path)])
 
 
 def _read_json(path: Path) -> pd.DataFrame:

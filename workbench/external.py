@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.errors import ConfigError, DataError, WorkbenchError
+from workbench.jsonl import read_json_objects
 from workbench.models import is_local_path
 from workbench.runstore import RunWriter, is_model_folder, is_run_folder, probe_set_hash
 
@@ -115,14 +116,8 @@ def load_prompts(path: str | os.PathLike) -> list[dict]:
     if not file.is_file():
         raise DataError(f"prompts file {file} does not exist")
     items = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{file} line {number}, column {error.colno}: invalid JSON ({error.msg})") from None
-        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
+    for number, item in read_json_objects(file):
+        if not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
             raise DataError(f"{file} line {number}: needs a non-empty string 'prompt'")
         reference = item.get("reference")
         if reference is not None and not isinstance(reference, str):
