@@ -125,6 +125,7 @@ class SelfDistillGRPOTrainer(GRPOTrainer):
             # RLSD: re-sync the frozen teacher from the policy (step 0: the initial model).
             lc.frozen_teacher.load_state_dict(self.accelerator.unwrap_model(model).state_dict())
             self._synced_step = step
+        inputs = _grouped_by_prompt(inputs)
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         mask = inputs["completion_mask"]
         width = prompt_ids.shape[1]
@@ -133,7 +134,7 @@ class SelfDistillGRPOTrainer(GRPOTrainer):
             attention_mask=torch.cat([inputs["prompt_mask"], mask], dim=1),
             scored=scored_positions(mask, width), response_mask=mask.float(),
             sample_logprobs=inputs.get("old_per_token_logps"), advantages=inputs["advantages"].float(),
-            teacher_prompts=list(inputs.get("teacher_prompts") or [""] * len(mask)), prompt_width=width,
+            teacher_prompts=list(inputs["teacher_prompts"]), prompt_width=width,
         )
         rows = torch.arange(len(mask), device=mask.device)
         norm = self._normalisers(inputs, len(mask))
@@ -153,6 +154,24 @@ class SelfDistillGRPOTrainer(GRPOTrainer):
             ga = self.current_gradient_accumulation_steps if mode == "train" else 1
             self._metrics[mode][name].append(float(total[0]) * ga)
         return loss
+
+
+def _grouped_by_prompt(inputs: dict) -> dict:
+    """The micro-batch with rows ordered by prompt. TRL shuffles its generation batch, so a
+    group's rows are scattered; the teachers and the reference score each run of equal
+    consecutive prompts once (``trainer.forward.shared_prompt_hidden``), so grouping them
+    again saves those forwards. Every term is a sum or mean over rows: the order changes
+    the loss only by float rounding."""
+    prompts = inputs.get("teacher_prompts") or [""] * len(inputs["prompt_ids"])
+    ids = inputs["prompt_ids"].tolist()
+    order = sorted(range(len(ids)), key=lambda i: (prompts[i], ids[i]))
+    index = torch.tensor(order, device=inputs["prompt_ids"].device)
+    out = dict(inputs)
+    for key, value in inputs.items():
+        if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == len(order):
+            out[key] = value[index]
+    out["teacher_prompts"] = [prompts[i] for i in order]
+    return out
 
 
 def build_grpo_config(cfg, output_dir: Path, num_processes: int) -> GRPOConfig:
