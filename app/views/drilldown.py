@@ -156,24 +156,24 @@ def _side_by_side(ctx: ViewContext, name: str, run, step: int, prompt: int, reco
     if not choices:
         st.info("Select another run (or a run with another analysed checkpoint) to compare with.")
         return
+    # Default partner: another run at the same step (another model), else another step of this run.
+    same_step = [c for c in choices if c[1] == step and c[0] != name]
     other_name, other_step = select(None, "Compare with", choices, "drilldown_pair",
-                                    format_func=lambda c: f"{c[0]}, step {c[1]}")
+                                    format_func=lambda c: f"{c[0]}, step {c[1]}",
+                                    default=(same_step or choices)[0])
     other = ctx.runs[other_name]
     problem = pair_problem(records, data.probe_set(other), prompt,
                            (run.info.get("tokenizer_fingerprint"), other.info.get("tokenizer_fingerprint")))
     topk_b, _ = data.detail(other, other_step, "topk", prompt)
     cells_b, _ = data.detail(other, other_step, "cells", prompt)
     colour = None if metric == "top-1 prob" else metric
-    left, right = st.columns(2)
-    with left:
-        st.plotly_chart(figures.lens_grid(topk, cells, colour), key="drilldown_grid_a")
-        st.caption(f"A: {name}, step {step}")
-    with right:
-        if len(topk_b):
-            st.plotly_chart(figures.lens_grid(topk_b, cells_b, colour), key="drilldown_grid_b")
-            st.caption(f"B: {other_name}, step {other_step}")
-        else:
-            st.info(f"No detail of prompt {prompt} at {other_name}, step {other_step}.")
+    st.caption(f"A: {name}, step {step}")
+    st.plotly_chart(figures.lens_grid(topk, cells, colour), key="drilldown_grid_a")
+    st.caption(f"B: {other_name}, step {other_step}")
+    if len(topk_b):
+        st.plotly_chart(figures.lens_grid(topk_b, cells_b, colour), key="drilldown_grid_b")
+    else:
+        st.info(f"No detail of prompt {prompt} at {other_name}, step {other_step}.")
     if problem:
         st.error(f"No difference grid: {problem}.")
     elif len(topk_b):
