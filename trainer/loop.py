@@ -53,6 +53,13 @@ from workbench.schema import OUTCOME_SPLITS
 log = logging.getLogger(__name__)
 
 
+def warmup_schedule(optimizer: torch.optim.Optimizer, warm: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over optimizer updates, then constant: RL runs are short and every
+    step matters, so no decay. Update u (from 0) runs at ``min(1, (u + 1) / warm)`` of the
+    rate, so the first update already learns. Both backends use it."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / warm) if warm > 0 else 1.0)
+
+
 def _distributed():
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -87,12 +94,7 @@ class Trainer:
             [p for p in self.model.parameters() if p.requires_grad], lr=cfg.optim.lr,
             betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay,
         )
-        # Linear warm-up over optimizer updates, then constant: RL runs are short and
-        # every step matters, so no decay.
-        warm = cfg.optim.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda u: min(1.0, (u + 1) / warm) if warm > 0 else 1.0
-        )
+        self.scheduler = warmup_schedule(self.optimizer, cfg.optim.warmup_steps)
         self.step = 0
         self.bad_steps = 0
         # Frozen models only when a term needs them (trainer.methods): the reference is the
@@ -286,9 +288,10 @@ class Trainer:
             # Re-sync from the policy (at step 0 this is the initial model, as built).
             self.frozen_teacher.load_state_dict(acc.unwrap_model(self.model).state_dict())
         sb, logs = self.rollout()
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step's update runs at (as TRL logs it)
         finite = self.update(sb, logs)
         logs.update(self.spec.schedule(cfg, self.step))
-        logs["lr"] = self.scheduler.get_last_lr()[0]
+        logs["lr"] = lr
         dt = time.time() - t0
         n_tok = float(_all_sum(sb.response_mask.sum().reshape(1).to(self.device))[0])
         logs["perf/step_time"] = dt

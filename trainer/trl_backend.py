@@ -100,6 +100,16 @@ class SelfDistillGRPOTrainer(GRPOTrainer):
         self._synced_step = -1
         self._shared_step = -1
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The built-in backend's warm-up (:func:`trainer.loop.warmup_schedule`), not HF's
+        ``constant_with_warmup``, whose first update runs at rate 0."""
+        from trainer.loop import warmup_schedule
+
+        if self.lr_scheduler is None:
+            self.lr_scheduler = warmup_schedule(optimizer or self.optimizer, self.wb_cfg.optim.warmup_steps)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
         # TRL's output rows follow its input rows: each row's hinted prompt rides along.

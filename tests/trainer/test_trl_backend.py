@@ -144,11 +144,20 @@ def test_resume_continues_through_trl(tiny_qwen3_dir, tmp_path, run_overrides):
     from trainer.loop import train
 
     run_dir = tmp_path / "run"
-    keys = dict(**SMALL, backend="trl", checkpoint_every=1, probe_every=0, eval_every=0)
-    train(_cfg("grpo", tiny_qwen3_dir, run_dir, run_overrides, steps=2, **keys))
+    keys = dict(**SMALL, backend="trl", checkpoint_every=1, probe_every=0, eval_every=0, optim__warmup_steps=4)
+    cfg = _cfg("grpo", tiny_qwen3_dir, run_dir, run_overrides, steps=2, **keys)
+    train(cfg)
     train(_cfg("grpo", tiny_qwen3_dir, run_dir, run_overrides, steps=3, **keys), resume=True)
-    rows = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rows == [1, 2, 3]
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3]
+    # The built-in backend's warm-up (update u runs at (u + 1) / 4 of the rate), carried over
+    # the resume; HF's constant_with_warmup would run at 0, 1/4, 2/4. Both backends log the
+    # rate each step's update ran at.
+    assert [r["lr"] / cfg.optim.lr for r in lines] == pytest.approx([1 / 4, 2 / 4, 3 / 4])
+    builtin_dir = tmp_path / "builtin"
+    train(_cfg("grpo", tiny_qwen3_dir, builtin_dir, run_overrides, steps=3, **{**keys, "backend": "builtin"}))
+    builtin = [json.loads(line)["lr"] for line in (builtin_dir / "metrics.jsonl").read_text().splitlines()]
+    assert builtin == pytest.approx([r["lr"] for r in lines])
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000001", "step-000002", "step-000003"]
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "finished" and info["resumes"][-1]["step"] == 2
