@@ -357,6 +357,21 @@ def _per_run_table(table: pd.DataFrame, title: str):
     return out
 
 
+def _gap_table(table: pd.DataFrame):
+    """Per run: the correct-minus-wrong gap of each of :data:`GAP_METRICS` at the layer."""
+    from rich.table import Table
+
+    out = Table(title="Correct-minus-wrong gaps at the layer (before -> after)", title_justify="left")
+    out.add_column("run", justify="left")
+    out.add_column("layer", justify="right")
+    for metric in GAP_METRICS:
+        out.add_column(f"{metric} gap", justify="right")
+    for r in table.itertuples(index=False):
+        out.add_row(str(r.run), _fmt(r.layer, 0),
+                    *(_arrow(getattr(r, f"{m}_gap_before"), getattr(r, f"{m}_gap_after")) for m in GAP_METRICS))
+    return out
+
+
 def _aggregate_table(table: pd.DataFrame, comparable: bool = True):
     from rich.table import Table
 
@@ -419,6 +434,7 @@ def print_comparison(
     if aggregate:
         console.print(_aggregate_table(_aggregate(table), comparable=not warnings))
     if table[[f"{m}_gap_after" for m in GAP_METRICS]].notna().any().any():
+        console.print(_gap_table(table))
         console.print(
             "gap = value on sampled completions the verifier accepts minus value on those it rejects "
             "(splits sampled_correct - sampled_wrong), at the same layer and step."

@@ -198,6 +198,10 @@ def test_print_comparison_prints_and_returns_the_table(tmp_path):
 
 def test_gap_is_correct_minus_wrong_at_the_layer(tmp_path):
     path = make_run(tmp_path, "oisd-seed0", "oisd", gaps={0: (0.50, 0.45), 20: (0.70, 0.40)})
+    console = Console(record=True, width=250)
+    print_comparison([path], console=console)
+    text = console.export_text()
+    assert "Correct-minus-wrong gaps" in text and "0.050 -> 0.300" in text
     row = comparison_table([path]).iloc[0]
     assert row["top1_agree_gap_before"] == pytest.approx(0.05)
     assert row["top1_agree_gap_after"] == pytest.approx(0.30)
