@@ -3,7 +3,7 @@
 For each checkpoint of a run, :func:`probe_run` boots the folder with
 ``TransformerBridge.boot_transformers`` (TransformerLens 4), runs the run's fixed
 probe set with ``run_with_cache`` restricted to the hooks the metrics need, and
-writes tidy parquet tables to ``analysis/step-XXXXXX-{kind}.parquet``:
+writes tidy parquet tables to ``analysis/step-NNNNNN-{kind}.parquet``:
 
 - ``metrics``: the metric set of docs/metrics.md (``workbench.schema.METRIC_COLUMNS``,
   ``source = "analyzer"``), splits ``"reference"`` and ``"greedy"``;

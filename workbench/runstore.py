@@ -14,7 +14,7 @@ Every file is written atomically (temporary name in the same folder, fsync,
 ``os.replace``), except ``metrics.jsonl``, which is appended one fsynced line at a
 time so a kill loses at most the line being written. A checkpoint is assembled in
 ``checkpoints/.tmp-*``, gets its ``manifest.json`` (sha256 and size of every file)
-last, and only then is renamed to ``step-XXXXXX``: a reader never sees half a
+last, and only then is renamed to ``step-NNNNNN``: a reader never sees half a
 checkpoint, and a killed run resumes from the last complete one.
 
 Readers (:class:`Run`, :func:`list_runs`) are cheap and never crash on a partial
@@ -74,7 +74,7 @@ class RunPaths:
 
     ``run.json``, ``metrics.jsonl``, ``probe_set.jsonl``, ``probes.parquet``,
     ``probe_samples.parquet`` (the sampled completions of the outcome-conditioned
-    probes), ``checkpoints/step-XXXXXX/``, ``analysis/``, ``events/``.
+    probes), ``checkpoints/step-NNNNNN/``, ``analysis/``, ``events/``.
     """
 
     root: Path
@@ -301,7 +301,7 @@ def verify_checkpoint(path: str | os.PathLike, *, full: bool = True) -> None:
     """Check a checkpoint folder against its manifest.
 
     Args:
-        path: The ``step-XXXXXX`` folder.
+        path: The ``step-NNNNNN`` folder.
         full: Also compare sha256 digests (reads every byte). ``False`` checks only
             that every file is present with the recorded size (fast).
 
@@ -331,7 +331,7 @@ def verify_checkpoint(path: str | os.PathLike, *, full: bool = True) -> None:
 
 @dataclass
 class Checkpoint:
-    """A complete checkpoint folder ``checkpoints/step-XXXXXX``.
+    """A complete checkpoint folder ``checkpoints/step-NNNNNN``.
 
     Attributes:
         path: The folder (loadable with ``from_pretrained`` and TransformerLens).
@@ -437,8 +437,8 @@ def write_checkpoint(
     """Write a checkpoint atomically and prune old ones.
 
     ``save_fn(tmpdir)`` writes the HF files, the tokenizer and the trainer state into
-    a fresh ``checkpoints/.tmp-step-XXXXXX-<random>/``; the manifest is written last,
-    then the folder is renamed to ``checkpoints/step-XXXXXX``. An existing folder of
+    a fresh ``checkpoints/.tmp-step-NNNNNN-<random>/``; the manifest is written last,
+    then the folder is renamed to ``checkpoints/step-NNNNNN``. An existing folder of
     that name is renamed aside before the new one takes its place, then deleted.
 
     Args:
@@ -449,7 +449,7 @@ def write_checkpoint(
             is always kept); ``None`` keeps all.
 
     Returns:
-        The path of the new ``step-XXXXXX`` folder.
+        The path of the new ``step-NNNNNN`` folder.
 
     Raises:
         ConfigError: ``keep_last`` is below 1 or ``step`` is negative.
@@ -883,7 +883,7 @@ class Run:
         return list_checkpoints(self.path, verify=True, full=full)
 
     def analysis_path(self, step: int, kind: str) -> Path:
-        """``analysis/step-XXXXXX-{kind}.parquet`` (kind: metrics, topk, cells, attn, ...)."""
+        """``analysis/step-NNNNNN-{kind}.parquet`` (kind: metrics, topk, cells, attn, ...)."""
         if not _KIND.match(kind):
             raise WorkbenchError(f"analysis kind {kind!r} must be lowercase letters, digits or _")
         return self.paths.analysis / f"step-{step:06d}-{kind}.parquet"
