@@ -207,7 +207,7 @@ def _detail(path: str, step: int, kind: str, prompt: int | None, file_key: tuple
 def detail(run: Run, step: int, kind: str, prompt: int | None = None) -> tuple[pd.DataFrame, list[str]]:
     """One checkpoint's drill-down table of ``kind`` ("topk", "cells" or "attn").
 
-    Reads only ``analysis/step-XXXXXX-{kind}.parquet`` of that step, and only the
+    Reads only ``analysis/step-NNNNNN-{kind}.parquet`` of that step, and only the
     rows of ``prompt`` when it is given.
     """
     if kind not in DETAIL_COLUMNS:
