@@ -19,7 +19,7 @@ import pandas as pd
 import streamlit as st
 
 from workbench.errors import WorkbenchError
-from workbench.runstore import BrokenRun, Run, RunPaths, list_runs, safe_join
+from workbench.runstore import BrokenRun, Run, RunPaths, list_runs, run_summary as summarise_run, safe_join
 from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, TOPK_COLUMNS
 
 DETAIL_COLUMNS = {"topk": TOPK_COLUMNS, "cells": CELL_COLUMNS, "attn": ATTN_COLUMNS}
@@ -244,12 +244,14 @@ def probe_set(run: Run) -> list[dict]:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def _checkpoint_steps(path: str, file_key: tuple) -> tuple[list[int], list[str]]:
-    checkpoints, messages = _collect(lambda: Run(Path(path), {}).checkpoints())
-    return [c.step for c in checkpoints], messages
+    return _collect(lambda: Run(Path(path), {}).checkpoint_steps())
 
 
 def checkpoint_steps(run: Run) -> tuple[list[int], list[str]]:
-    """Steps of complete checkpoints (presence and sizes checked, not hashes)."""
+    """Steps of complete checkpoints (presence and sizes checked, not hashes), or the
+    checkpoints an analysis folder's run.json lists."""
+    if run.is_analysis_folder:
+        return run.checkpoint_steps(), []
     return _checkpoint_steps(str(run.path), signature(run.paths.checkpoints))
 
 
@@ -258,32 +260,25 @@ def checkpoint_steps(run: Run) -> tuple[list[int], list[str]]:
 # ---------------------------------------------------------------------------
 
 
-def _last(frame: pd.DataFrame, column: str) -> float | None:
-    if column not in frame.columns:
-        return None
-    values = pd.to_numeric(frame[column], errors="coerce").dropna()
-    return float(values.iloc[-1]) if len(values) else None
-
-
 def run_summary(name: str, run: Run) -> dict:
-    """One row of the runs table: method, status, steps, last accuracy, provenance."""
+    """One row of the runs table (:func:`workbench.runstore.run_summary`, from the cached
+    tables): method, status, steps (the last step reached), last accuracy, provenance."""
     table, _ = metrics(run)
     steps, _ = checkpoint_steps(run)
-    status = run.status + (" (live)" if run.is_live else "")
-    versions = run.info.get("versions") if isinstance(run.info.get("versions"), dict) else {}
+    row = summarise_run(run, history=table, checkpoint_steps=steps)
     return {
         "run": name,
-        "method": run.method,
-        "status": status,
-        "steps": int(table["step"].max()) if len(table) else 0,
-        "accuracy": _last(table, "accuracy"),
-        "eval/accuracy": _last(table, "eval/accuracy"),
-        "checkpoints": len(steps),
-        "seed": run.info.get("seed"),
-        "started": run.info.get("start_time"),
-        "torch": versions.get("torch"),
-        "transformers": versions.get("transformers"),
-        "transformer_lens": versions.get("transformer_lens"),
+        "method": row["method"],
+        "status": row["status"] + (" (live)" if row["live"] else ""),
+        "steps": row["steps"],
+        "accuracy": row["last_accuracy"],
+        "eval/accuracy": row["last_eval_accuracy"],
+        "checkpoints": row["checkpoints"],
+        "seed": row["seed"],
+        "started": row["start_time"],
+        "torch": row["torch"],
+        "transformers": row["transformers"],
+        "transformer_lens": row["transformer_lens"],
     }
 
 

@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO))  # run from a checkout
 
 from app.launch import wait_for_health  # noqa: E402
 from workbench.probing import LENS_STAT_NAMES, ProbeResult  # noqa: E402
-from workbench.runstore import RunWriter, atomic_write_parquet  # noqa: E402
+from workbench.atomic import atomic_write_parquet  # noqa: E402
+from workbench.runwriter import RunWriter  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -55,7 +55,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.presets import preset_config  # noqa: E402
-from workbench.probes import probe_batch  # noqa: E402
+from workbench.probe_runner import probe_batch  # noqa: E402
 from trainer.tokenizer import build_char_tokenizer  # noqa: E402
 from workbench import metrics as wm  # noqa: E402
 from workbench.analyzer import bridge_probe_inputs  # noqa: E402

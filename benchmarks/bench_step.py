@@ -126,7 +126,7 @@ def make_batch(tr: Trainer, seed: int = 0) -> StepBatch:
     """The shared rollout batch: task prompts, random full-length responses, fixed advantages."""
     cfg = tr.cfg
     P, G, R = cfg.rollout.prompts_per_step, cfg.rollout.group_size, cfg.rollout.max_new_tokens
-    examples = tr.s.task.train_examples()[:P]
+    examples = tr.setup.task.train_examples()[:P]
     prompt_ids = [tr.tok(e.prompt, add_special_tokens=True)["input_ids"] for e in examples for _ in range(G)]
     prompts, prompt_mask = left_pad(prompt_ids, tr.tok.pad_token_id)
     B = len(prompt_ids)
@@ -157,7 +157,7 @@ def time_rollout(tr: Trainer, device: str, repeats: int) -> float:
     The random models emit EOS with probability about 1/V per token, so almost every
     response runs to full length, like the batch the updates train on."""
     cfg = tr.cfg
-    examples = tr.s.task.train_examples()[: cfg.rollout.prompts_per_step]
+    examples = tr.setup.task.train_examples()[: cfg.rollout.prompts_per_step]
     prompt_ids = [tr.tok(e.prompt, add_special_tokens=True)["input_ids"]
                   for e in examples for _ in range(cfg.rollout.group_size)]
     times = []

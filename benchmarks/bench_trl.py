@@ -145,7 +145,7 @@ def build_trl(model_dir: Path, out_dir: Path, ours, n_steps: int, args):
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    cfg, task = ours.cfg, ours.s.task
+    cfg, task = ours.cfg, ours.setup.task
     P, G = args.prompts, args.group
     # Our stream's prompts of steps 0..n_steps-1, in order: TRL's step k gets our step k's.
     examples = [e for k in range(n_steps) for _, e in ours.stream.take(k * P, P)]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from workbench.runstore import atomic_write_json
+from workbench.atomic import atomic_write_json
 
 # OISD twice: its default signed weight (w = A, as the contract reconstructs it) and the
 # positive weight (w = max(A, 0): only correct responses pull the layer), whose effect on the

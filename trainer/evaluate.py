@@ -100,12 +100,10 @@ def evaluate_cli(args) -> None:
     from trainer.tasks import ArithmeticTask
     from trainer.config import parse_overrides
     from workbench.models import load_model_and_tokenizer
-    from workbench.runstore import verify_checkpoint
+    from workbench.checkpoints import has_manifest, verify_checkpoint
 
     path = args.checkpoint_dir
-    from pathlib import Path
-
-    if (Path(path) / "manifest.json").is_file():
+    if has_manifest(path):
         verify_checkpoint(path)
     model, tokenizer = load_model_and_tokenizer(path)
     if args.data:

@@ -43,7 +43,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from workbench.generation import position_ids_from_mask
 from workbench.errors import ConfigError, DataError
-from workbench.probes import FINAL_NORM_NAMES
+from workbench.probe_runner import find_readout
 
 __all__ = [
     "SELECTIVE_ATTENTION",
@@ -118,19 +118,6 @@ def _blocks(model: nn.Module) -> nn.ModuleList:
     )
 
 
-def _final_norm(model: nn.Module) -> nn.Module:
-    """The norm applied after the last block (``model.norm``, ``ln_f``, ...)."""
-    decoder = _decoder(model)
-    for name in FINAL_NORM_NAMES:
-        module = getattr(decoder, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise ConfigError(
-        f"cannot find the final norm of {type(model).__name__} "
-        f"(looked for {', '.join(FINAL_NORM_NAMES)} on its base model)"
-    )
-
-
 def num_layers(model: nn.Module) -> int:
     """Number of decoder blocks ``L`` of a causal LM (layers are numbered 1..L)."""
     return len(_blocks(model))
@@ -152,10 +139,7 @@ def readout(model: nn.Module, detach: bool = False) -> Callable[[Tensor], Tensor
     Returns:
         A function mapping ``(..., d)`` hidden states to ``(..., V)`` logits.
     """
-    norm = _final_norm(model)
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ConfigError(f"{type(model).__name__} has no output embeddings (lm_head)")
+    norm, head = find_readout(model)  # the one lookup, shared with the built-in probes
     if not detach:
         return lambda hidden: head(norm(hidden))
 

@@ -29,7 +29,6 @@ process, so there the two-process and one-process runs differ.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -41,54 +40,29 @@ from tqdm.auto import tqdm
 from trainer import objectives as obj
 from trainer.batching import PromptStream, group_noise, replacement_stream, scored_positions
 from trainer.evaluate import evaluate
+from trainer.config import TrainConfig
+from trainer.distributed import all_gather_cat, all_sum, distributed
 from trainer.loss import LossComputer, StepBatch
-from trainer.methods import Terms, gradient_shares, spec_of
-from workbench.generation import sample
-from trainer.setup import TrainSetup, prepare
-from trainer.config import TrainConfig, config_to_dict
+from trainer.methods import Terms, spec_of
+from trainer.recorder import RunRecorder
+from trainer.schedule import warmup_schedule
+from trainer.setup import TrainSetup
 from workbench.errors import WorkbenchError
-from workbench.runstore import RunPaths, RunWriter, latest_checkpoint, write_checkpoint
-from workbench.schema import OUTCOME_SPLITS
+from workbench.generation import sample
+from workbench.checkpoints import latest_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-def warmup_schedule(optimizer: torch.optim.Optimizer, warm: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over optimizer updates, then constant: RL runs are short and every
-    step matters, so no decay. Update u (from 0) runs at ``min(1, (u + 1) / warm)`` of the
-    rate, so the first update already learns. Both backends use it."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: min(1.0, (u + 1) / warm) if warm > 0 else 1.0)
-
-
-def _distributed():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _all_sum(t: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        t = t.clone()
-        torch.distributed.all_reduce(t)
-    return t
-
-
-def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    if not _distributed():
-        return t
-    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
 
 
 class Trainer:
     """Holds the models, optimizer and run writer; ``train_step`` is the algorithm."""
 
     def __init__(self, cfg: TrainConfig, setup: TrainSetup):
-        self.cfg, self.s = cfg, setup
+        self.cfg, self.setup = cfg, setup
         self.model = setup.model
         self.tok = setup.tokenizer
         self.device = setup.accelerator.device
         self.L = setup.num_layers
-        self.vocab_size = setup.accelerator.unwrap_model(self.model).get_output_embeddings().weight.shape[0]
         self.stream = PromptStream(setup.task.train_examples(), cfg.seed)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=cfg.optim.lr,
@@ -97,28 +71,18 @@ class Trainer:
         self.scheduler = warmup_schedule(self.optimizer, cfg.optim.warmup_steps)
         self.step = 0
         self.bad_steps = 0
-        # Frozen models only when a term needs them (trainer.methods): the reference is the
-        # initial model; RLSD's teacher is a copy re-synced every `sync_every` steps.
         self.spec = spec_of(cfg.method)
-        self.reference = setup.reference
-        # RLSD's teacher: a frozen copy of the policy, re-synced every rlsd.sync_every steps.
-        self.frozen_teacher = self._frozen_copy() if self.spec.teacher == "frozen_copy_hinted" else None
-        self.loss = LossComputer(cfg, self.spec, self.model, self.tok, setup.accelerator, setup.oisd_layers, self.L,
-                                 self.device, self.vocab_size, reference=self.reference,
-                                 frozen_teacher=self.frozen_teacher)
-
-    # ---------------------------------------------------------------- frozen copies
-    def _frozen_copy(self):
-        m = copy.deepcopy(self.model)
-        m.requires_grad_(False)
-        return m.eval()
+        # The loss and what surrounds it (frozen teacher, its re-sync, gradient shares).
+        self.loss = LossComputer.build(cfg, self.model, self.tok, setup.accelerator, reference=setup.reference,
+                                       oisd_layers=setup.oisd_layers)
+        self.vocab_size = self.loss.vocab_size
 
     # ---------------------------------------------------------------- rollouts
     @torch.no_grad()
     def rollout(self) -> tuple[StepBatch, dict]:
         """Sample this process's share of the step's groups, score them, and compute
         advantages over the *global* batch (rewards gathered from every process)."""
-        cfg, acc = self.cfg, self.s.accelerator
+        cfg, acc = self.cfg, self.setup.accelerator
         P, G = cfg.rollout.prompts_per_step, cfg.rollout.group_size
         rank, world = acc.process_index, acc.num_processes
         position = self.step * P  # global prompt position of this step
@@ -129,7 +93,7 @@ class Trainer:
             batch, rewards, correct, examples, dyn = self._refill(batch, rewards, correct, examples)
         # Every process holds the same number of groups (dynamic sampling keeps the size),
         # so the gathered rewards are the global batch in process order.
-        all_rewards = _all_gather_cat(rewards)
+        all_rewards = all_gather_cat(rewards)
         adv_all = obj.group_advantages(all_rewards, G, cfg.grpo.scale_rewards)
         n_local = rewards.numel()
         adv = adv_all[rank * n_local : (rank + 1) * n_local]
@@ -138,12 +102,12 @@ class Trainer:
             "reward": all_rewards.mean().item(),
             "reward_std": all_rewards.view(-1, G).std(dim=1).mean().item(),
             "frac_reward_zero_std": obj.frac_zero_std(all_rewards, G),
-            "accuracy": _all_gather_cat(correct).mean().item(),
-            "completions/mean_length": _all_gather_cat(batch.lengths.float()).mean().item(),
-            "completions/clipped_ratio": _all_gather_cat(batch.truncated.float()).mean().item(),
+            "accuracy": all_gather_cat(correct).mean().item(),
+            "completions/mean_length": all_gather_cat(batch.lengths.float()).mean().item(),
+            "completions/clipped_ratio": all_gather_cat(batch.truncated.float()).mean().item(),
         }
         for k, v in dyn.items():  # counts summed over processes
-            stats[k] = float(_all_sum(torch.tensor([float(v)], device=self.device))[0])
+            stats[k] = float(all_sum(torch.tensor([float(v)], device=self.device))[0])
         P_w = batch.prompt_length
         sb = StepBatch(
             input_ids=batch.input_ids,
@@ -163,16 +127,16 @@ class Trainer:
         examples = [e for _, e in groups]
         prompt_ids = [self.tok(e.prompt, add_special_tokens=True)["input_ids"] for e in examples for _ in range(G)]
         noise = group_noise(noise_seed, [p for p, _ in groups], G, cfg.rollout.max_new_tokens).to(self.device)
-        model = self.s.accelerator.unwrap_model(self.model)
+        model = self.setup.accelerator.unwrap_model(self.model)
         out = sample(model, prompt_ids, pad_id=self.tok.pad_token_id, eos_id=self.tok.eos_token_id,
                      max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                      top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, noise=noise)
         texts = [self.tok.decode(r[: int(n)].tolist(), skip_special_tokens=True)
                  for r, n in zip(out.responses, out.lengths)]
-        correct = torch.tensor([self.s.task.reward(t, examples[i // G]) for i, t in enumerate(texts)])
+        correct = torch.tensor([self.setup.task.reward(t, examples[i // G]) for i, t in enumerate(texts)])
         rewards = correct.clone()
         if cfg.grpo.format_bonus > 0:
-            has_answer = torch.tensor([self.s.task.extract_answer(t) is not None for t in texts], dtype=torch.float)
+            has_answer = torch.tensor([self.setup.task.extract_answer(t) is not None for t in texts], dtype=torch.float)
             rewards = rewards + cfg.grpo.format_bonus * has_answer
         return out, rewards.to(self.device), correct.to(self.device), examples
 
@@ -196,7 +160,7 @@ class Trainer:
         from workbench.generation import concat_batches
 
         cfg, G = self.cfg, self.cfg.rollout.group_size
-        acc = self.s.accelerator
+        acc = self.setup.accelerator
         target = rewards.numel() // G  # groups this process must hold
         P, rank, world = cfg.rollout.prompts_per_step, acc.process_index, acc.num_processes
 
@@ -246,7 +210,6 @@ class Trainer:
     def micro_loss(self, sb: StepBatch, rows: torch.Tensor, old_logp: torch.Tensor | None,
                    norm: dict[str, float]) -> tuple[torch.Tensor, dict, Terms]:
         """The loss of one micro-batch at this step (:meth:`trainer.loss.LossComputer.micro_loss`)."""
-        self.loss.frozen_teacher = self.frozen_teacher
         return self.loss.micro_loss(sb, rows, old_logp, norm, self.step)
 
     def vocab_chunk_size(self) -> int:
@@ -256,8 +219,8 @@ class Trainer:
     def normalisers(self, sb: StepBatch, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """Global normalisers of a mini-batch: response tokens and sequences, summed over
         processes (every loss divides by these, so processes add up to one batch)."""
-        tokens = _all_sum(sb.response_mask[rows].sum().reshape(1).to(self.device))[0]
-        seqs = _all_sum(torch.tensor([float(len(rows))], device=self.device))[0]
+        tokens = all_sum(sb.response_mask[rows].sum().reshape(1).to(self.device))[0]
+        seqs = all_sum(torch.tensor([float(len(rows))], device=self.device))[0]
         return {"tokens": tokens.clamp(min=1), "seqs": seqs}
 
     def _all_reduce_gradients(self) -> None:
@@ -266,7 +229,7 @@ class Trainer:
         Every trainable parameter takes part, a missing gradient as zeros, so that all
         processes reduce tensors of the same size even if a term skipped a parameter.
         """
-        if not _distributed():
+        if not distributed():
             return
         params = [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
@@ -281,19 +244,17 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One rollout batch and its ``optim.mini_batches`` updates; returns the step's logs."""
-        cfg, acc = self.cfg, self.s.accelerator
+        cfg, acc = self.cfg, self.setup.accelerator
         t0 = time.time()
         self.model.train()
-        if self.frozen_teacher is not None and self.step % cfg.rlsd.sync_every == 0:
-            # Re-sync from the policy (at step 0 this is the initial model, as built).
-            self.frozen_teacher.load_state_dict(acc.unwrap_model(self.model).state_dict())
+        self.loss.begin_step(self.step)
         sb, logs = self.rollout()
         lr = self.scheduler.get_last_lr()[0]  # the rate this step's update runs at (as TRL logs it)
         finite = self.update(sb, logs)
         logs.update(self.spec.schedule(cfg, self.step))
         logs["lr"] = lr
         dt = time.time() - t0
-        n_tok = float(_all_sum(sb.response_mask.sum().reshape(1).to(self.device))[0])
+        n_tok = float(all_sum(sb.response_mask.sum().reshape(1).to(self.device))[0])
         logs["perf/step_time"] = dt
         logs["perf/tokens_per_s"] = n_tok / max(dt, 1e-9)
         if torch.cuda.is_available():
@@ -338,9 +299,8 @@ class Trainer:
             for i, rows in enumerate(rows_mb.split(micro)):
                 rows = rows.to(self.device)
                 loss, parts, terms = self.micro_loss(sb, rows, None if old_logp is None else old_logp[rows], norm)
-                if i == 0 and rows_mb is mb_rows[0] and self._measure_grad_share():
-                    params = [p for p in self.model.parameters() if p.requires_grad]
-                    shares = {f"grad_share/{k}": v for k, v in gradient_shares(terms, params).items()}
+                if i == 0 and rows_mb is mb_rows[0]:
+                    shares = self.loss.gradient_shares(terms, self.step)
                 loss.backward()
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + float(v) / n_mb
@@ -350,7 +310,7 @@ class Trainer:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
             # The decision must be the same on every process, or their weights drift apart.
             bad = 0.0 if (math.isfinite(mb_loss) and bool(torch.isfinite(gnorm))) else 1.0
-            if float(_all_sum(torch.tensor([bad], device=self.device))[0]) > 0:
+            if float(all_sum(torch.tensor([bad], device=self.device))[0]) > 0:
                 finite = False
                 self.optimizer.zero_grad(set_to_none=True)
                 break
@@ -358,43 +318,31 @@ class Trainer:
             self.scheduler.step()
         # Every logged part is this process's share of a global mean: sum over processes.
         for k in sums:
-            sums[k] = float(_all_sum(torch.tensor([sums[k]], device=self.device))[0])
+            sums[k] = float(all_sum(torch.tensor([sums[k]], device=self.device))[0])
         logs.update(sums)
         logs.update(shares)  # measured on this process's first micro-batch, not summed
         logs["grad_norm"] = float(gnorm)
         return finite
-
-    def _measure_grad_share(self) -> bool:
-        """Every ``logging.grad_share_every`` steps (and at step 0) when the method has more than one term."""
-        every = self.cfg.logging.grad_share_every
-        return every > 0 and self.step % every == 0
 
 
 class NonFiniteError(WorkbenchError):
     """Training stopped after ``optim.max_bad_steps`` consecutive non-finite steps."""
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
-    """Run ``cfg`` to completion (or resume it); returns the run folder.
+def train_builtin(cfg: TrainConfig, setup: TrainSetup, *, resume: bool = False) -> Path:
+    """The built-in backend (``backend: builtin``): train ``cfg`` to completion, or resume it;
+    returns the run folder. Called by :func:`trainer.run.train` after validation.
 
-    Everything is validated (:func:`trainer.setup.prepare`) before the run folder is
-    created. With ``resume``, training continues from the newest complete checkpoint
-    (a truncated or corrupt one is skipped with a warning) and metrics/probe rows
-    after it are dropped, so the run's tables match an uninterrupted run.
+    With ``resume``, training continues from the newest complete checkpoint (a truncated
+    or corrupt one is skipped with a warning) and metrics/probe rows after it are
+    dropped, so the run's tables match an uninterrupted run.
 
     Raises:
-        WorkbenchError: bad input (config, data, model folder), before any work.
         NonFiniteError: ``optim.max_bad_steps`` consecutive non-finite steps; run.json
             then says ``failed``.
     """
     from trainer.state import load_trainer_state, save_checkpoint_fn
-    from workbench.probes import run_builtin_probes, sample_probe_completions
 
-    if cfg.backend == "trl":  # the same losses inside TRL's GRPOTrainer
-        from trainer.trl_backend import train_trl
-
-        return train_trl(cfg, resume=resume)
-    setup = prepare(cfg, resume=resume)  # validates everything before any work
     acc = setup.accelerator
     run_dir = setup.run_dir
     tr = Trainer(cfg, setup)
@@ -413,54 +361,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         else:
             log.info("training %s: steps %d..%d on %d process(es), device %s", cfg.method, start_step + 1,
                      cfg.steps, acc.num_processes, acc.device)
-    writer = None
-    records = setup.probe_records
-    if acc.is_main_process:
-        writer = RunWriter(run_dir, config_to_dict(cfg), resume=resume, resume_step=resume_step)
-        writer.write_probe_set(records)
-        # Resolved facts every reader needs, so none of them re-derives them from the config.
-        writer.record(num_layers=setup.num_layers, oisd_layers=setup.oisd_layers,
-                      probe_max_new_tokens=cfg.rollout.max_new_tokens)
-    run_name = run_dir.name
-    test_examples = setup.task.test_examples()[: cfg.eval.n]
-    tb = _tensorboard(cfg, run_dir) if acc.is_main_process else None
-
-    def evaluate_now(step: int) -> dict:
-        unwrapped = acc.unwrap_model(tr.model)
-        res = evaluate(unwrapped, tr.tok, setup.task, test_examples, k=cfg.eval.k,
-                       temperature=cfg.eval.temperature, max_new_tokens=cfg.rollout.max_new_tokens,
-                       batch_size=cfg.eval.batch_size, seed=cfg.seed)
-        return res.as_metrics()
-
-    probe_examples = {i: e for i, e in enumerate(setup.task.test_examples()[: len(records)])}
-
-    def verify(record: dict, response_ids: list[int]) -> bool:
-        text = tr.tok.decode(response_ids, skip_special_tokens=True)
-        return setup.task.reward(text, probe_examples[int(record["index"])]) > 0
-
-    def probe_now(step: int) -> dict:
-        model = acc.unwrap_model(tr.model)
-        samples = None
-        if cfg.probe.samples_per_prompt:
-            samples = sample_probe_completions(
-                model, tr.tok, records, step=step, k=cfg.probe.samples_per_prompt, verify=verify, seed=cfg.seed,
-                temperature=cfg.probe.sample_temperature, max_new_tokens=cfg.rollout.max_new_tokens)
-            writer.log_samples(samples)
-        df = run_builtin_probes(model, tr.tok, records, run=run_name, step=step,
-                                greedy=cfg.probe.greedy, chunk_size=cfg.probe.chunk_size,
-                                max_new_tokens=cfg.rollout.max_new_tokens, samples=samples)
-        writer.log_probes(df)
-        return probe_summary(df, setup.oisd_layers or [max(1, setup.num_layers // 2)])
-
+    recorder = RunRecorder(cfg, setup, resume=resume, resume_step=resume_step, facts={"backend": "builtin"})
     try:
-        if start_step == 0 and acc.is_main_process:
-            first = {}
-            if cfg.eval_every:
-                first.update(evaluate_now(0))
-            if cfg.probe_every:
-                first.update(probe_now(0))
-            if first:
-                writer.log_metrics(0, first)
+        if start_step == 0:
+            recorder.start(acc.unwrap_model(tr.model))
         bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc=f"train {cfg.method}",
                    disable=not (cfg.logging.progress and acc.is_main_process), dynamic_ncols=True)
         for _ in bar:
@@ -468,63 +372,22 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
             tr.step += 1
             k = tr.step
             if tr.bad_steps >= cfg.optim.max_bad_steps:  # the same count on every process
-                if writer:
-                    writer.log_metrics(k, logs)
+                recorder.log(k, logs)
                 raise NonFiniteError(f"stopped at step {k} after {tr.bad_steps} consecutive non-finite steps "
                                      f"(optim.max_bad_steps={cfg.optim.max_bad_steps})")
+            logs.update(recorder.extras(acc.unwrap_model(tr.model), k))
+            recorder.log(k, logs)
             if acc.is_main_process:
-                if cfg.eval_every and (k % cfg.eval_every == 0 or k == cfg.steps):
-                    logs.update(evaluate_now(k))
-                if cfg.probe_every and (k % cfg.probe_every == 0 or k == cfg.steps):
-                    logs.update(probe_now(k))
-                writer.log_metrics(k, logs)
-                if tb is not None:
-                    for key, v in logs.items():
-                        tb.add_scalar(key, v, k)
                 bar.set_postfix(reward=f"{logs['reward']:.2f}", acc=f"{logs['accuracy']:.2f}",
                                 ent=f"{logs.get('entropy', 0):.2f}")
-            if k % cfg.checkpoint_every == 0 or k == cfg.steps:
+            if recorder.checkpoint_due(k):
                 acc.wait_for_everyone()
-                if acc.is_main_process:
-                    write_checkpoint(run_dir, k, save_checkpoint_fn(tr, k), keep_last=cfg.keep_last)
+                recorder.checkpoint(k, save_checkpoint_fn(tr, k))
                 acc.wait_for_everyone()
-        if writer:
-            writer.set_status("finished")
+        recorder.finish(acc.unwrap_model(tr.model))
     except BaseException as exc:
-        if writer:
-            writer.set_status("failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+        recorder.fail(exc)
         raise
-    finally:
-        if tb is not None:
-            tb.close()
     if acc.is_main_process:
         print(f"run finished: {run_dir}  (next: oisd probe {run_dir}; oisd dashboard {run_dir.parent})")
     return run_dir
-
-
-def probe_summary(df, layers: list[int]) -> dict:
-    """``probe/<metric>/layer<l>`` for metrics.jsonl: top1_agree, lens_js and attn_js_final at
-    the given layers on the reference split, and their correct-minus-wrong gap
-    (``probe/gap/<metric>/layer<l>``) when both outcome splits hold sequences."""
-    base = df[(df["head"] == -1) & (df["ref_layer"] == -1)]  # df["head"]: df.head is a method
-    out = {}
-    for l in layers:
-        for m in ("top1_agree", "lens_js", "attn_js_final"):
-            value = {split: base[(base["split"] == split) & (base["layer"] == l) & (base["metric"] == m)]["value"]
-                     for split in ("reference",) + OUTCOME_SPLITS}
-            if len(value["reference"]):
-                out[f"probe/{m}/layer{l}"] = float(value["reference"].iloc[0])
-            if len(value["sampled_correct"]) and len(value["sampled_wrong"]):
-                out[f"probe/gap/{m}/layer{l}"] = float(value["sampled_correct"].iloc[0] - value["sampled_wrong"].iloc[0])
-    return out
-
-
-def _tensorboard(cfg: TrainConfig, run_dir: Path):
-    if not cfg.logging.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log.warning("logging.tensorboard is on but tensorboard is not installed (pip install 'oisd-workbench[tensorboard]')")
-        return None
-    return SummaryWriter(str(RunPaths(run_dir).events))

@@ -10,6 +10,7 @@ implementation of every term.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from trainer import objectives as obj
 from trainer.batching import teacher_prompts, to_grid
 from trainer.forward import policy_forward, readout, shared_prompt_hidden, unique_prompts
-from trainer.methods import LossInputs, MethodSpec, Terms
+from trainer.methods import LossInputs, MethodSpec, Terms, gradient_shares
 
 
 @dataclass
@@ -36,10 +37,15 @@ class StepBatch:
 
 @dataclass
 class LossComputer:
-    """Everything the loss reads: the config and method, the policy, the frozen scorers.
+    """Everything the loss reads, and every piece around it that a backend would
+    otherwise re-implement: the resolved OISD layers, selective attention, the frozen
+    teacher copy and its re-sync, the gradient-share measurement.
+
+    Build it with :meth:`build`; call :meth:`begin_step` once per optimizer step, then
+    :meth:`micro_loss` per micro-batch and :meth:`gradient_shares` on the first one.
 
     Attributes:
-        frozen_teacher: RLSD's frozen copy (re-synced by the caller), or None.
+        frozen_teacher: RLSD's frozen copy (re-synced by :meth:`begin_step`), or None.
         reference: the frozen initial model, or None (only when a term uses it).
         accelerator: for ``autocast`` and ``unwrap_model``.
     """
@@ -55,6 +61,53 @@ class LossComputer:
     vocab_size: int
     reference: torch.nn.Module | None = None
     frozen_teacher: torch.nn.Module | None = None
+    _synced_step: int = -1
+    _shared_step: int = -1
+
+    @classmethod
+    def build(cls, cfg, model: torch.nn.Module, tokenizer, accelerator, *, reference: torch.nn.Module | None = None,
+              oisd_layers: list[int] | None = None) -> "LossComputer":
+        """The loss of ``cfg.method`` for ``model`` (plain or wrapped by ``accelerator``).
+
+        Resolves the OISD layers (unless given, already resolved), switches the policy
+        to selective attention when OISD aligns attention, and makes RLSD's frozen
+        teacher copy when the method's teacher is one (:mod:`trainer.methods` says which).
+        """
+        from trainer.forward import enable_selective_attention, num_layers
+        from trainer.setup import resolve_layers
+
+        spec = cfg.spec
+        policy = accelerator.unwrap_model(model)
+        L = num_layers(policy)
+        if oisd_layers is None:
+            oisd_layers = resolve_layers(cfg.oisd.layers, L) if spec.oisd else []
+        if spec.uses_attention(cfg):
+            enable_selective_attention(policy)
+        frozen = copy.deepcopy(policy).requires_grad_(False).eval() if spec.needs_frozen_copy else None
+        vocab = policy.get_output_embeddings().weight.shape[0]
+        return cls(cfg, spec, model, tokenizer, accelerator, list(oisd_layers), L, accelerator.device, vocab,
+                   reference=reference, frozen_teacher=frozen)
+
+    def begin_step(self, step: int) -> None:
+        """Before optimizer step ``step``'s first forward: RLSD's frozen teacher is re-synced
+        from the policy every ``rlsd.sync_every`` steps (at step 0 it is the initial model
+        as built). Idempotent within a step."""
+        if self.frozen_teacher is None or step == self._synced_step:
+            return
+        if step % self.cfg.rlsd.sync_every == 0:
+            self.frozen_teacher.load_state_dict(self.accelerator.unwrap_model(self.model).state_dict())
+        self._synced_step = step
+
+    def gradient_shares(self, terms: Terms, step: int) -> dict[str, float]:
+        """``{grad_share/<term>: share}`` (:func:`~trainer.methods.gradient_shares`) once per
+        step, every ``logging.grad_share_every`` steps (and at step 0); ``{}`` otherwise.
+        Call it on the step's first micro-batch, before its backward."""
+        every = self.cfg.logging.grad_share_every
+        if not every or step % every or step == self._shared_step:
+            return {}
+        self._shared_step = step
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return {f"grad_share/{name}": share for name, share in gradient_shares(terms, params).items()}
 
     def _frozen_hidden(self, model, sb: StepBatch, rows: torch.Tensor, hinted: bool) -> torch.Tensor:
         """A frozen scorer's final hidden states ``(n, d)`` on the student's response tokens,
@@ -99,7 +152,7 @@ class LossComputer:
             z = head(r["final"])  # (m, V) the acting policy's logits
             out = dict(zip(("logp", "entropy"), obj.sampled_token_logprobs(z, r["tokens"], T)))
             for l in think_layers:
-                out[f"think{l}"] = obj.oisd_logit_alignment(lens(r[f"layer{l}"]), z.detach(), temperature=T)
+                out["lens", l] = obj.oisd_logit_alignment(lens(r["layer", l]), z.detach(), temperature=T)
             with torch.no_grad():
                 q = {name: h(r[name]) for name, h in teacher_heads.items()}  # (m, V) each
             if "ref" in q:
@@ -110,13 +163,10 @@ class LossComputer:
 
         return terms
 
-    def _teacher_model(self) -> torch.nn.Module:
-        """The model that plays the method's teacher (given the hint)."""
-        return {"current_hinted": self.model, "frozen_copy_hinted": self.frozen_teacher,
-                "initial_hinted": self.reference}[self.spec.teacher]
 
     def micro_loss(self, sb: StepBatch, rows: torch.Tensor, old_logp: torch.Tensor | None,
-                   norm: dict[str, float], step: int) -> tuple[torch.Tensor, dict, Terms]:
+                   norm: dict[str, float], step: int, *, engine: torch.nn.Module | None = None
+                   ) -> tuple[torch.Tensor, dict, Terms]:
         """The loss of one micro-batch (rows of the step batch), already divided by the
         global normaliser of its mini-batch, so micro-batch losses add up exactly.
 
@@ -125,17 +175,27 @@ class LossComputer:
         term is computed in one chunked pass (:meth:`_vocab_terms`), and the method's
         composer (:mod:`trainer.methods`) adds up the named terms.
 
+        Args:
+            engine: the prepared model (the DDP module, the DeepSpeed engine, an FSDP2
+                root) when a distributed engine must see the forward: the whole
+                computation then runs as the forward of ``engine``
+                (:func:`run_as_forward`), so that the engine reduces the gradients
+                in backward (DDP), gathers sharded weights (ZeRO-3, FSDP2) and
+                registers the loss for its backward. None: run it directly (the
+                built-in backend reduces gradients itself).
+
         Returns:
             ``(loss, logs, terms)``.
         """
+        if engine is not None:
+            return run_as_forward(engine, lambda: self.micro_loss(sb, rows, old_logp, norm, step))
         cfg, spec = self.cfg, self.spec
         ids, am, scored = sb.input_ids[rows], sb.attention_mask[rows], sb.scored[rows]
         mask = sb.response_mask[rows]
         schedules = spec.schedule(cfg, step)
-        oisd_on = spec.oisd and (cfg.oisd.lambda_logit > 0 or cfg.oisd.lambda_attn > 0)
-        S = self.oisd_layers if oisd_on else []
-        think_layers = S if cfg.oisd.lambda_logit > 0 else []
-        attn_layers = (S + [self.num_layers]) if (oisd_on and cfg.oisd.lambda_attn > 0) else []
+        S = self.oisd_layers
+        think_layers = S if spec.uses_lens(cfg) else []
+        attn_layers = S + [self.num_layers] if spec.uses_attention(cfg) else []
         with self.accelerator.autocast():
             out = policy_forward(self.model, ids, am, scored, hidden_layers=think_layers, attn_layers=attn_layers,
                                  attn_query_stride=cfg.oisd.attn_query_stride, return_logits=False)
@@ -145,11 +205,11 @@ class LossComputer:
         # and each frozen scorer's final hidden state (no gradient), all (n, d).
         scorers = {}  # name -> (model, hinted prompt?)
         if spec.teacher_active(cfg, schedules):
-            scorers["teacher"] = (self._teacher_model(), True)
+            scorers["teacher"] = (spec.teacher_model(self.model, self.frozen_teacher, self.reference), True)
         if self.reference is not None:  # the reference on the student's own prompt
             scorers["ref"] = (self.reference, False)
         rows_in = {"final": out.final_hidden, "tokens": tokens}
-        rows_in |= {f"layer{l}": out.hidden[l] for l in think_layers}
+        rows_in |= {("layer", l): out.hidden[l] for l in think_layers}
         heads = {}
         for name, (model, hinted) in scorers.items():
             rows_in[name] = self._frozen_hidden(model, sb, rows, hinted)
@@ -158,6 +218,7 @@ class LossComputer:
             vocab = obj.chunked_rows(self._vocab_terms(think_layers, heads), rows_in, self.vocab_chunk_size())
         logp = to_grid(vocab.pop("logp"), mask)  # (b, R)
         ent = to_grid(vocab.pop("entropy"), mask)
+        lens = {l: to_grid(vocab.pop(("lens", l)), mask) for l in think_layers}
         grids = {name: to_grid(v, mask) for name, v in vocab.items()}
 
         attn, attn_rescale = [], 1.0
@@ -182,7 +243,7 @@ class LossComputer:
             cfg=cfg, logp=logp, old_logp=logp.detach() if old_logp is None else old_logp, mask=mask,
             advantages=sb.advantages[rows], scale=scale,
             aggregate=lambda t: obj.aggregate(t, mask, cfg.grpo.loss_type, cfg.rollout.max_new_tokens) * scale,
-            vocab=grids, attn=attn, attn_rescale=attn_rescale, schedules=schedules,
+            vocab=grids, lens=lens, attn=attn, attn_rescale=attn_rescale, schedules=schedules,
             tokens_share=mask.sum() / norm["tokens"], seq_share=len(rows) / norm["seqs"],
         )
         terms = spec.loss(x)
@@ -192,3 +253,39 @@ class LossComputer:
         logs["entropy"] = (ent * mask).sum() / norm["tokens"]
         return total, logs, terms
 
+
+
+def run_as_forward(engine: torch.nn.Module, fn):
+    """``fn()`` run as the forward of ``engine``'s model, through ``engine(...)``.
+
+    A distributed engine does its work around its model's forward: DDP arms its
+    gradient all-reduce, DeepSpeed ZeRO-3 and FSDP2 gather sharded parameters and
+    register the output for their backward. A loss computed from the unwrapped
+    model's pieces (its decoder, then ``lm_head`` chunk by chunk) skips all of that:
+    under DDP each process then steps with its own gradients and the processes drift
+    apart. Here the model's ``forward`` is swapped for ``fn`` for one call of
+    ``engine()`` (the redirection TRL's GRPO and Lightning use), so everything ``fn``
+    computes happens inside the engine's forward.
+
+    ``engine`` may be the model itself (one process, or an FSDP2 root module): the call
+    then only runs the model's own forward hooks.
+    """
+    inner = getattr(engine, "module", None)
+    target = inner if isinstance(inner, torch.nn.Module) else engine
+    own = target.__dict__.get("forward")  # an instance-level forward to put back, if any
+
+    def restore() -> None:
+        if own is None:
+            target.__dict__.pop("forward", None)
+        else:
+            target.forward = own
+
+    def redirected(*args, **kwargs):
+        restore()  # once in: any nested call of the model's forward is the real one
+        return fn()
+
+    target.forward = redirected
+    try:
+        return engine()
+    finally:
+        restore()

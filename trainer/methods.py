@@ -51,8 +51,9 @@ class LossInputs:
             token-mean, sequences otherwise): micro-batch aggregates times it add up to
             the mini-batch aggregate.
         vocab: per-token outputs of the chunked full-vocabulary pass, by name:
-            ``think{l}`` (OISD's J^l), ``teacher`` (the method's teacher term),
-            ``ref_logp`` (the reference's log-prob of the sampled token).
+            ``teacher`` (the method's teacher term), ``ref_logp`` (the reference's
+            log-prob of the sampled token).
+        lens: OISD's J^l per selected layer l (``{l: (b, R)}``), or ``{}``.
         attn: OISD's K^l per selected layer (zeros on queries not kept), or ``[]``.
         attn_rescale: ``attention_query_rescale`` of the kept queries (1 without a stride).
         schedules: this step's scheduled weights, by metric name (``sched/beta``, ...).
@@ -70,6 +71,7 @@ class LossInputs:
     aggregate: Callable[[torch.Tensor], torch.Tensor]
     scale: torch.Tensor | float
     vocab: dict[str, torch.Tensor]
+    lens: dict[int, torch.Tensor] = field(default_factory=dict)
     attn: list[torch.Tensor] = field(default_factory=list)
     attn_rescale: torch.Tensor | float = 1.0
     schedules: dict[str, float] = field(default_factory=dict)
@@ -123,12 +125,12 @@ def oisd_terms(x: LossInputs) -> Terms:
     c, g = x.cfg.oisd, x.cfg.grpo
     w = obj.oisd_weights(x.advantages, c.weight)
     terms = {}
-    think = [x.vocab[k] for k in sorted(x.vocab) if k.startswith("think")]
+    think = [x.lens[l] for l in sorted(x.lens)]
     if think:
         terms["think"] = Term(c.lambda_logit,
-                              obj.oisd_loss(think, w, x.mask, g.loss_type, x.cfg.rollout.max_new_tokens) * x.scale)
+                              obj.oisd_layer_loss(think, w, x.mask, g.loss_type, x.cfg.rollout.max_new_tokens) * x.scale)
     if x.attn:
-        terms["attn"] = Term(c.lambda_attn, obj.oisd_loss(x.attn, w, x.mask, g.loss_type, x.cfg.rollout.max_new_tokens)
+        terms["attn"] = Term(c.lambda_attn, obj.oisd_layer_loss(x.attn, w, x.mask, g.loss_type, x.cfg.rollout.max_new_tokens)
                              * x.scale * x.attn_rescale)
     return terms
 
@@ -155,27 +157,27 @@ def sdpg_terms(x: LossInputs) -> Terms:
 # --------------------------------------------------------------------------- composers (one per method)
 
 
-def grpo_loss(x: LossInputs) -> Terms:
+def compose_grpo(x: LossInputs) -> Terms:
     """GRPO: ``L = L_GRPO``."""
     return grpo_terms(x)
 
 
-def oisd_loss(x: LossInputs) -> Terms:
+def compose_oisd(x: LossInputs) -> Terms:
     """OISD: ``L = L_GRPO + lambda_logit L_think + lambda_attn L_attn``."""
     return grpo_terms(x) | oisd_terms(x)
 
 
-def sdpg_loss(x: LossInputs) -> Terms:
+def compose_sdpg(x: LossInputs) -> Terms:
     """SDPG: ``L = L_GRPO + beta(k) L_OPD+ + alpha L_K``."""
     return grpo_terms(x) | sdpg_terms(x)
 
 
-def oisd_sdpg_loss(x: LossInputs) -> Terms:
+def compose_oisd_sdpg(x: LossInputs) -> Terms:
     """OISD + SDPG: ``L = L_GRPO + beta(k) L_OPD+ + alpha L_K + lambda_logit L_think + lambda_attn L_attn``."""
     return grpo_terms(x) | sdpg_terms(x) | oisd_terms(x)
 
 
-def rlsd_loss(x: LossInputs) -> Terms:
+def compose_rlsd(x: LossInputs) -> Terms:
     """RLSD (arXiv 2604.03128): ``L = L_GRPO`` with ``A_hat = A ((1-lambda) + lambda clip(exp(sign(A) Delta), 1 +- eps_w))``,
     ``Delta = SG[log P_T(y_t) - log P_S(y_t)]``, teacher = a frozen copy given the hint."""
     A_hat, w = obj.rlsd_token_advantages(x.advantages, x.vocab["teacher"], x.logp.detach(),
@@ -184,7 +186,7 @@ def rlsd_loss(x: LossInputs) -> Terms:
     return grpo_terms(x, A_hat)
 
 
-def opsd_loss(x: LossInputs) -> Terms:
+def compose_opsd(x: LossInputs) -> Terms:
     """OPSD (arXiv 2601.18734): ``L = agg(JSD_beta(SG[q], p))``, q = the initial model given the
     solution; no reward term."""
     return {"policy": Term(1.0, x.aggregate(x.vocab["teacher"]))} | reference_kl_terms(x)
@@ -250,9 +252,32 @@ class MethodSpec:
     def needs_hint(self) -> bool:
         return self.teacher != "none"
 
+    @property
+    def needs_frozen_copy(self) -> bool:
+        """The teacher is a frozen copy of the policy, re-synced every ``rlsd.sync_every`` steps."""
+        return self.teacher == "frozen_copy_hinted"
+
     def needs_reference(self, cfg) -> bool:
         """A frozen initial model is kept only when a term uses it."""
         return cfg.grpo.kl_coef > 0 or (self.sdpg and cfg.sdpg.alpha > 0) or self.teacher == "initial_hinted"
+
+    def uses_lens(self, cfg) -> bool:
+        """OISD's logit alignment is on: the selected blocks' hidden states are read out."""
+        return self.oisd and cfg.oisd.lambda_logit > 0
+
+    def uses_attention(self, cfg) -> bool:
+        """OISD's attention alignment is on: the selected blocks' (and the final block's)
+        attention rows are computed (``trainer.forward.enable_selective_attention``)."""
+        return self.oisd and cfg.oisd.lambda_attn > 0
+
+    def teacher_model(self, policy: torch.nn.Module, frozen_copy: torch.nn.Module | None,
+                      reference: torch.nn.Module | None) -> torch.nn.Module:
+        """The model that plays this method's teacher (given the hint)."""
+        model = {"current_hinted": policy, "frozen_copy_hinted": frozen_copy,
+                 "initial_hinted": reference}[self.teacher]
+        if model is None:
+            raise ValueError(f"method '{self.name}': its teacher ({self.teacher}) was not built")
+        return model
 
     def teacher_active(self, cfg, schedules: dict[str, float]) -> bool:
         """Whether this step needs the teacher forward (SDPG's teacher is idle while beta = 0)."""
@@ -262,14 +287,14 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     s.name: s
     for s in (
-        MethodSpec("grpo", grpo_loss),
-        MethodSpec("oisd", oisd_loss, oisd=True),
-        MethodSpec("sdpg", sdpg_loss, sdpg=True, teacher="current_hinted", teacher_term=_sdpg_teacher,
+        MethodSpec("grpo", compose_grpo),
+        MethodSpec("oisd", compose_oisd, oisd=True),
+        MethodSpec("sdpg", compose_sdpg, sdpg=True, teacher="current_hinted", teacher_term=_sdpg_teacher,
                    schedule=_sdpg_schedule),
-        MethodSpec("rlsd", rlsd_loss, teacher="frozen_copy_hinted", teacher_term=_rlsd_teacher,
+        MethodSpec("rlsd", compose_rlsd, teacher="frozen_copy_hinted", teacher_term=_rlsd_teacher,
                    schedule=_rlsd_schedule),
-        MethodSpec("opsd", opsd_loss, teacher="initial_hinted", needs_solution=True, teacher_term=_opsd_teacher),
-        MethodSpec("oisd+sdpg", oisd_sdpg_loss, oisd=True, sdpg=True, teacher="current_hinted",
+        MethodSpec("opsd", compose_opsd, teacher="initial_hinted", needs_solution=True, teacher_term=_opsd_teacher),
+        MethodSpec("oisd+sdpg", compose_oisd_sdpg, oisd=True, sdpg=True, teacher="current_hinted",
                    teacher_term=_sdpg_teacher, schedule=_sdpg_schedule),
     )
 }

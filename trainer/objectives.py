@@ -392,7 +392,7 @@ def oisd_attention_alignment(
     return js_divergence(_safe_log(student.mean(1)), _safe_log(teacher.mean(1)))
 
 
-def oisd_loss(
+def oisd_layer_loss(
     per_layer_divergence: torch.Tensor | Sequence[torch.Tensor],
     weights: torch.Tensor,
     mask: torch.Tensor,
@@ -417,7 +417,7 @@ def oisd_loss(
     """
     if not torch.is_tensor(per_layer_divergence):
         if len(per_layer_divergence) == 0:
-            raise ValueError("oisd_loss needs at least one layer")
+            raise ValueError("oisd_layer_loss needs at least one layer")
         per_layer_divergence = torch.stack(list(per_layer_divergence), dim=-1)
     if per_layer_divergence.dim() != 3:
         raise ValueError(
@@ -682,14 +682,14 @@ def sampled_token_logprobs(
     return selected, ent
 
 
-ChunkInputs = dict[str, torch.Tensor]
+ChunkInputs = dict[object, torch.Tensor]  # keyed by any hashable name
 
 
 def chunked_rows(
-    fn: Callable[[ChunkInputs], dict[str, torch.Tensor]],
+    fn: Callable[[ChunkInputs], ChunkInputs],
     inputs: ChunkInputs,
     chunk_size: int,
-) -> dict[str, torch.Tensor]:
+) -> ChunkInputs:
     """``fn(inputs)`` over row chunks, so that no ``(n, V)`` tensor is kept for backward.
 
     Every full-vocabulary term (the policy's log-probs, OISD's JSD, SDPG's reverse KL,

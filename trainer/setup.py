@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainSetup:
-    """Everything :func:`prepare` validated and loaded, for :class:`trainer.loop.Trainer`."""
+    """Everything :func:`prepare` validated and loaded, for either backend."""
 
     accelerator: object  # accelerate.Accelerator
     model: torch.nn.Module  # the policy (trainable)
@@ -34,7 +34,7 @@ class TrainSetup:
     num_layers: int  # L, decoder blocks
     oisd_layers: list[int]  # S, resolved block indices (empty unless OISD is on)
     run_dir: Path
-    probe_records: list[dict]  # the fixed probe set (workbench.probes.make_probe_set)
+    probe_records: list[dict]  # the fixed probe set (workbench.probe_runner.make_probe_set)
 
 
 def resolve_layers(spec: list, num_layers: int, key: str = "oisd.layers") -> list[int]:
@@ -133,8 +133,7 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> TrainSetup:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from trainer.forward import enable_selective_attention
-    from workbench.probes import make_probe_set
+    from workbench.probe_runner import make_probe_set
     from workbench.models import load_model_and_tokenizer, load_model_config
 
     hf_cfg = load_model_config(cfg.model.path)  # cheap: the folder is checked first
@@ -175,8 +174,6 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> TrainSetup:
         disable_dropout(model)
     model.to(accelerator.device)
     model.config.use_cache = False
-    if spec.oisd and cfg.oisd.lambda_attn > 0:
-        enable_selective_attention(model)
     probe_records = make_probe_set(task.test_examples(), tokenizer, cfg.probe.n_prompts)
     reference = None
     if spec.needs_reference(cfg):

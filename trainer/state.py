@@ -1,6 +1,6 @@
 """Trainer state inside a checkpoint, and loading it back for ``--resume``.
 
-A checkpoint folder (written atomically by :func:`workbench.runstore.write_checkpoint`,
+A checkpoint folder (written atomically by :func:`workbench.checkpoints.write_checkpoint`,
 manifest last) holds the HF model (``save_pretrained``: config + safetensors), the
 tokenizer, and ``trainer_state.pt``: optimizer, scheduler, step, RNG states, the data
 position, the non-finite counter, and RLSD's frozen teacher when there is one.
@@ -29,7 +29,7 @@ def save_checkpoint_fn(tr, step: int):
     """A ``save_fn(folder)`` for ``write_checkpoint`` that writes everything of ``tr``."""
 
     def save(folder: Path) -> None:
-        model = tr.s.accelerator.unwrap_model(tr.model)
+        model = tr.setup.accelerator.unwrap_model(tr.model)
         model.save_pretrained(folder, safe_serialization=True)
         tr.tok.save_pretrained(folder)
         state = {
@@ -46,8 +46,8 @@ def save_checkpoint_fn(tr, step: int):
             },
         }
         torch.save(state, folder / STATE_FILE)
-        if tr.frozen_teacher is not None:
-            sd = {k: v.detach().contiguous().cpu() for k, v in tr.frozen_teacher.state_dict().items()}
+        if tr.loss.frozen_teacher is not None:
+            sd = {k: v.detach().contiguous().cpu() for k, v in tr.loss.frozen_teacher.state_dict().items()}
             save_file(_untie(sd), str(folder / TEACHER_FILE))
 
     return save
@@ -104,7 +104,7 @@ def load_trainer_state(tr, folder: Path) -> int:
     Raises:
         CheckpointError: the checkpoint's weights do not fit the model.
     """
-    model = tr.s.accelerator.unwrap_model(tr.model)
+    model = tr.setup.accelerator.unwrap_model(tr.model)
     _load_weights(model, _load_tensors(folder / "model.safetensors", tr.device), folder)
     state = torch.load(folder / STATE_FILE, map_location=_plain_device(tr.device), weights_only=False)
     tr.optimizer.load_state_dict(state["optimizer"])
@@ -116,9 +116,9 @@ def load_trainer_state(tr, folder: Path) -> int:
     torch.set_rng_state(rng["torch"].cpu())
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    if tr.frozen_teacher is not None:
+    if tr.loss.frozen_teacher is not None:
         teacher = folder / TEACHER_FILE
         if not teacher.is_file():
             raise CheckpointError(f"checkpoint '{folder}' has no {TEACHER_FILE} (needed by the frozen teacher)")
-        _load_weights(tr.frozen_teacher, _load_tensors(teacher, tr.device), folder)
+        _load_weights(tr.loss.frozen_teacher, _load_tensors(teacher, tr.device), folder)
     return int(state["step"])

@@ -28,7 +28,6 @@ The dataset needs a ``teacher_prompt`` column for methods with a hinted teacher.
 
 from __future__ import annotations
 
-import copy
 import importlib.metadata
 import logging
 import re
@@ -38,7 +37,8 @@ import torch
 
 from trainer.batching import scored_positions
 from trainer.loss import LossComputer, StepBatch
-from trainer.methods import gradient_shares
+from trainer.recorder import RunRecorder
+from trainer.schedule import warmup_schedule
 from workbench.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -73,40 +73,22 @@ class SelfDistillGRPOTrainer(GRPOTrainer):
             reference is ``grpo.kl_coef``, computed by the composer).
     """
 
-    def __init__(self, *args, workbench_config, reference: torch.nn.Module | None = None, **kwargs):
+    def __init__(self, *args, workbench_config, reference: torch.nn.Module | None = None,
+                 oisd_layers: list[int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        from trainer.forward import enable_selective_attention, num_layers
-        from trainer.setup import resolve_layers
-
-        cfg = workbench_config
-        spec = cfg.spec
         if self.beta != 0.0:
             raise ConfigError("SelfDistillGRPOTrainer: set GRPOConfig.beta = 0 and grpo.kl_coef instead")
-        policy = self.accelerator.unwrap_model(self.model)
-        L = num_layers(policy)
-        layers = resolve_layers(cfg.oisd.layers, L) if spec.oisd else []
-        if spec.oisd and cfg.oisd.lambda_attn > 0:
-            enable_selective_attention(policy)
-        frozen = None
-        if spec.teacher == "frozen_copy_hinted":
-            frozen = copy.deepcopy(policy).requires_grad_(False).eval()
         if reference is not None:
             reference.to(self.accelerator.device).eval().requires_grad_(False)
-        vocab = policy.get_output_embeddings().weight.shape[0]
-        self.wb_cfg = cfg
-        self.num_layers, self.oisd_layers = L, layers
-        self.loss_computer = LossComputer(cfg, spec, self.model, self.processing_class, self.accelerator, layers, L,
-                                          self.accelerator.device, vocab, reference=reference, frozen_teacher=frozen)
-        self._synced_step = -1
-        self._shared_step = -1
+        self.workbench_config = workbench_config
+        self.loss_computer = LossComputer.build(workbench_config, self.model, self.processing_class, self.accelerator,
+                                                reference=reference, oisd_layers=oisd_layers)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """The built-in backend's warm-up (:func:`trainer.loop.warmup_schedule`), not HF's
+        """The built-in backend's warm-up (:func:`trainer.schedule.warmup_schedule`), not HF's
         ``constant_with_warmup``, whose first update runs at rate 0."""
-        from trainer.loop import warmup_schedule
-
         if self.lr_scheduler is None:
-            self.lr_scheduler = warmup_schedule(optimizer or self.optimizer, self.wb_cfg.optim.warmup_steps)
+            self.lr_scheduler = warmup_schedule(optimizer or self.optimizer, self.workbench_config.optim.warmup_steps)
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
@@ -129,12 +111,9 @@ class SelfDistillGRPOTrainer(GRPOTrainer):
         return {"tokens": tokens.to(device), "seqs": torch.tensor(float(batch * ga), device=device)}
 
     def _compute_loss(self, model, inputs):
-        cfg, lc = self.wb_cfg, self.loss_computer
+        lc = self.loss_computer
         step = self.state.global_step
-        if lc.frozen_teacher is not None and step % cfg.rlsd.sync_every == 0 and self._synced_step != step:
-            # RLSD: re-sync the frozen teacher from the policy (step 0: the initial model).
-            lc.frozen_teacher.load_state_dict(self.accelerator.unwrap_model(model).state_dict())
-            self._synced_step = step
+        lc.begin_step(step)
         inputs = _grouped_by_prompt(inputs)
         prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
         mask = inputs["completion_mask"]
@@ -148,21 +127,23 @@ class SelfDistillGRPOTrainer(GRPOTrainer):
         )
         rows = torch.arange(len(mask), device=mask.device)
         norm = self._normalisers(inputs, len(mask))
-        loss, logs, terms = lc.micro_loss(batch, rows, inputs.get("old_per_token_logps"), norm, step)
+        # Through `model` (the prepared DDP module or DeepSpeed engine): it reduces the gradients.
+        loss, logs, terms = lc.micro_loss(batch, rows, inputs.get("old_per_token_logps"), norm, step, engine=model)
         mode = "train" if self.model.training else "eval"
-        every = cfg.logging.grad_share_every
-        if mode == "train" and every and step % every == 0 and self._shared_step != step:
-            params = [p for p in model.parameters() if p.requires_grad]
-            for name, share in gradient_shares(terms, params).items():
-                self._metrics[mode][f"grad_share/{name}"].append(share)
-            self._shared_step = step
+        if mode == "train":
+            for name, share in lc.gradient_shares(terms, step).items():
+                self._metrics[mode][name].append(share)
+            for name, weight in lc.spec.schedule(lc.cfg, step).items():  # sched/beta, sched/lambda
+                self._metrics[mode][name].append(weight)
+        ga = self.current_gradient_accumulation_steps if mode == "train" else 1
         for name, value in logs.items():
-            # Each value is this micro-batch's share of a global mean: summed over processes,
-            # and TRL averages the list over the accumulation window, hence the ga factor.
-            total = self.accelerator.reduce(torch.as_tensor(value, device=mask.device).float().reshape(1),
-                                            reduction="sum")
-            ga = self.current_gradient_accumulation_steps if mode == "train" else 1
-            self._metrics[mode][name].append(float(total[0]) * ga)
+            # Each value is this micro-batch's share of a global mean times the process count
+            # (the normalisers are TRL's, per process, and DDP averages the gradients over
+            # processes): averaged over processes it is the share itself. TRL averages the
+            # list over the accumulation window, hence the ga factor.
+            mean = self.accelerator.reduce(torch.as_tensor(value, device=mask.device).float().reshape(1),
+                                           reduction="mean")
+            self._metrics[mode][name].append(float(mean[0]) * ga)
         return loss
 
 
@@ -225,100 +206,43 @@ def _metric_name(key: str) -> str | None:
 
 
 class RunFolderCallback(TrainerCallback):
-    """Writes the run folder (metrics, probes, evaluation, checkpoints) from inside TRL."""
+    """Hands TRL's steps to the :class:`~trainer.recorder.RunRecorder`: each logged step's
+    metrics under this project's names, evaluation and probes when due, and
+    ``checkpoints/step-N`` (HF model + tokenizer + manifest)."""
 
-    def __init__(self, cfg, setup, trainer_ref, resume_step: int | None):
-        self.cfg, self.s, self.trainer_ref = cfg, setup, trainer_ref
-        self.resume_step = resume_step
-        self.writer = None
-        self.test_examples = setup.task.test_examples()[: cfg.eval.n]
-        self.probe_examples = dict(enumerate(setup.task.test_examples()[: len(setup.probe_records)]))
+    def __init__(self, recorder: RunRecorder, trainer_ref, *, new_run: bool):
+        self.recorder, self.trainer_ref, self.new_run = recorder, trainer_ref, new_run
 
     def _model(self):
         trainer = self.trainer_ref()
         return trainer.accelerator.unwrap_model(trainer.model)
 
-    def _extras(self, step: int) -> dict:
-        """Evaluation and built-in probes due at ``step`` (the built-in backend's schedule)."""
-        from trainer.evaluate import evaluate
-        from trainer.loop import probe_summary
-        from workbench.probes import run_builtin_probes, sample_probe_completions
-
-        cfg, out = self.cfg, {}
-        last = step == cfg.steps
-        model, tok = self._model(), self.s.tokenizer
-        was_training = model.training
-        if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-            res = evaluate(model, tok, self.s.task, self.test_examples, k=cfg.eval.k, temperature=cfg.eval.temperature,
-                           max_new_tokens=cfg.rollout.max_new_tokens, batch_size=cfg.eval.batch_size, seed=cfg.seed)
-            out.update(res.as_metrics())
-        if cfg.probe_every and (step % cfg.probe_every == 0 or last):
-            records = self.s.probe_records
-            samples = None
-            if cfg.probe.samples_per_prompt:
-                def verify(record, ids):
-                    text = tok.decode(ids, skip_special_tokens=True)
-                    return self.s.task.reward(text, self.probe_examples[int(record["index"])]) > 0
-
-                samples = sample_probe_completions(model, tok, records, step=step, k=cfg.probe.samples_per_prompt,
-                                                   verify=verify, seed=cfg.seed,
-                                                   temperature=cfg.probe.sample_temperature,
-                                                   max_new_tokens=cfg.rollout.max_new_tokens)
-                self.writer.log_samples(samples)
-            df = run_builtin_probes(model, tok, records, run=self.s.run_dir.name, step=step, greedy=cfg.probe.greedy,
-                                    chunk_size=cfg.probe.chunk_size, max_new_tokens=cfg.rollout.max_new_tokens,
-                                    samples=samples)
-            self.writer.log_probes(df)
-            out.update(probe_summary(df, self.s.oisd_layers or [max(1, self.s.num_layers // 2)]))
-        model.train(was_training)
-        return out
-
     def on_train_begin(self, args, state, control, **kwargs):
-        from trainer.config import config_to_dict
-        from workbench.runstore import RunWriter
-
-        if not state.is_world_process_zero:
-            return
-        cfg = self.cfg
-        resume = self.resume_step is not None
-        self.writer = RunWriter(self.s.run_dir, config_to_dict(cfg), resume=resume,
-                                resume_step=self.resume_step if resume else None)
-        self.writer.write_probe_set(self.s.probe_records)
-        self.writer.record(backend="trl", trl_version=trl_version(), num_layers=self.s.num_layers,
-                           oisd_layers=self.s.oisd_layers, probe_max_new_tokens=cfg.rollout.max_new_tokens)
-        if not resume:
-            first = self._extras(0)
-            if first:
-                self.writer.log_metrics(0, first)
+        if self.new_run:
+            self.recorder.start(self._model())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        from workbench.runstore import write_checkpoint
-
         if not state.is_world_process_zero or not logs or "reward" not in logs:
             return  # the end-of-training summary carries no reward: not a step
         step = state.global_step
         values = {name: float(v) for k, v in logs.items()
                   if (name := _metric_name(k)) is not None and isinstance(v, (int, float))}
-        values.update(self._extras(step))
-        self.writer.log_metrics(step, values)
-        if step % self.cfg.checkpoint_every == 0 or step == self.cfg.steps:
-            model, tok = self._model(), self.s.tokenizer
+        values.update(self.recorder.extras(self._model(), step))
+        self.recorder.log(step, values)
+        if self.recorder.checkpoint_due(step):
+            model, tok = self._model(), self.recorder.setup.tokenizer
 
             def save(folder):
                 model.save_pretrained(folder)
                 tok.save_pretrained(folder)
 
-            write_checkpoint(self.s.run_dir, step, save, keep_last=self.cfg.keep_last)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.writer is not None:
-            self.writer.set_status("finished")
+            self.recorder.checkpoint(step, save)
 
 
-def train_trl(cfg, *, resume: bool = False) -> Path:
-    """Train ``cfg`` with TRL's ``GRPOTrainer`` into the same run folder as the built-in backend.
-
-    Everything is validated first (the built-in backend's checks, then TRL's batch shape).
+def train_trl(cfg, setup, *, resume: bool = False) -> Path:
+    """The TRL backend (``backend: trl``): train ``cfg`` with TRL's ``GRPOTrainer`` into the
+    same run folder as the built-in backend. Called by :func:`trainer.run.train` after
+    the shared validation; TRL's batch shape is checked here, before any work.
 
     Raises:
         WorkbenchError: bad input, before any work.
@@ -329,9 +253,8 @@ def train_trl(cfg, *, resume: bool = False) -> Path:
     from transformers import PrinterCallback
     from transformers.trainer_utils import get_last_checkpoint
 
-    from trainer.setup import prepare
+    from workbench.runstore import is_run_folder
 
-    setup = prepare(cfg, resume=resume)
     setup.model.config.use_cache = True  # TRL's generate decodes with a KV cache
     acc = setup.accelerator
     trl_dir = setup.run_dir / "trl"
@@ -359,25 +282,29 @@ def train_trl(cfg, *, resume: bool = False) -> Path:
             raise ConfigError("config key 'trl.lora_r': LoRA needs peft (pip install peft)") from None
         peft_config = LoraConfig(r=cfg.trl.lora_r, lora_alpha=cfg.trl.lora_alpha, lora_dropout=cfg.trl.lora_dropout,
                                  target_modules=cfg.trl.lora_target_modules, task_type="CAUSAL_LM")
-    resume_from, resume_step = None, None
+    resume_from, resume_step = None, -1
     if resume:
         resume_from = get_last_checkpoint(str(trl_dir)) if trl_dir.is_dir() else None
         if resume_from is not None:
             resume_step = int(re.search(r"checkpoint-(\d+)$", resume_from).group(1))
             log.info("resuming %s from TRL's %s (step %d)", setup.run_dir, Path(resume_from).name, resume_step)
-        else:
-            resume_step = -1 if (setup.run_dir / "run.json").is_file() else None
+        if resume_step >= cfg.steps:
+            if acc.is_main_process:
+                log.info("%s already finished its %d steps; nothing to train", setup.run_dir, cfg.steps)
+            return setup.run_dir
+    resume = resume and is_run_folder(setup.run_dir)  # --resume of nothing starts a new run
     trainer = SelfDistillGRPOTrainer(model=setup.model, reward_funcs=funcs, args=args, train_dataset=dataset,
                                      processing_class=setup.tokenizer, peft_config=peft_config,
-                                     workbench_config=cfg, reference=setup.reference)
+                                     workbench_config=cfg, reference=setup.reference, oisd_layers=setup.oisd_layers)
     trainer.remove_callback(PrinterCallback)
-    callback = RunFolderCallback(cfg, setup, weakref.ref(trainer), resume_step)
-    trainer.add_callback(callback)
+    recorder = RunRecorder(cfg, setup, resume=resume, resume_step=resume_step,
+                           facts={"backend": "trl", "trl_version": trl_version()})
+    trainer.add_callback(RunFolderCallback(recorder, weakref.ref(trainer), new_run=not resume))
     try:
         trainer.train(resume_from_checkpoint=resume_from)
+        recorder.finish(trainer.accelerator.unwrap_model(trainer.model))
     except BaseException as exc:
-        if callback.writer is not None:
-            callback.writer.set_status("failed", error=f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
+        recorder.fail(exc)
         raise
     if acc.is_main_process:
         print(f"run finished: {setup.run_dir}  (backend trl {trl_version()}; next: oisd probe {setup.run_dir})")

@@ -31,6 +31,7 @@ from trainer.presets import PRESETS, preset_config
 from trainer.tasks import ArithmeticTask
 from trainer.tokenizer import build_char_tokenizer
 from workbench.errors import ConfigError
+from workbench.runstore import RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def run_warmstart(cfg: WarmstartConfig) -> dict:
 
     out = Path(cfg.out)
     if out.exists() and not cfg.force:
-        if (out / "warmstart.json").is_file():
+        if RunPaths(out).warmstart.is_file():
             raise ConfigError(f"'{out}' already holds a warm start (use --force to overwrite)")
         if any(out.iterdir()):
             raise ConfigError(f"output folder '{out}' exists and is not empty (use --force to overwrite)")
@@ -202,7 +203,7 @@ def _save_atomically(model, tokenizer, out: Path, figures: dict, *, force: bool)
     tmp = out.parent / f".tmp-{out.name}-{random.getrandbits(32):08x}"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "warmstart.json").write_text(json.dumps(figures, indent=2))
+    RunPaths(tmp).warmstart.write_text(json.dumps(figures, indent=2))
     if out.exists():
         if not force:
             shutil.rmtree(tmp)

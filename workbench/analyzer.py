@@ -18,7 +18,7 @@ residual is ``blocks.{l-1}.hook_resid_post``, the read-out is the bridge's own
 logits. The read-out of the last block's residual is checked against those logits
 at every scored position before anything is written, so a model whose head does
 more than norm + unembedding (a logit soft-cap, a scale) is refused instead of
-producing a wrong lens. The batch is built by ``workbench.probes.probe_batch`` and the
+producing a wrong lens. The batch is built by ``workbench.probe_runner.probe_batch`` and the
 metrics by ``workbench.probing``: the same code as the trainer's built-in probes,
 which agree with this analyzer to 1e-4 (tested).
 
@@ -47,26 +47,25 @@ import pandas as pd
 import torch
 
 from workbench.errors import CheckpointError, ConfigError, DataError, WorkbenchError
-from workbench.models import DTYPES, first_line, is_local_path
-from workbench.probes import record_prompt_ids
-from workbench.runstore import (
-    MANIFEST_NAME,
-    Checkpoint,
-    Run,
-    atomic_write_parquet,
-    list_checkpoints,
-    probe_set_hash,
-    require_model_folder,
-    verify_checkpoint,
+from workbench.atomic import atomic_write_parquet
+from workbench.checkpoints import MANIFEST_NAME, list_checkpoints, verify_checkpoint
+from workbench.models import DTYPES, first_line, is_local_path, require_model_folder
+from workbench.probe_runner import record_prompt_ids
+from workbench.runstore import Run, probe_set_hash
+from workbench.schema import (
+    ATTN_COLUMNS,
+    CELL_COLUMNS,
+    DEFAULT_PROBE_MAX_NEW_TOKENS,
+    METRIC_COLUMNS,
+    OUTCOME_SPLITS,
+    TOPK_COLUMNS,
 )
-from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, OUTCOME_SPLITS, TOPK_COLUMNS
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["KINDS", "PROCESSING_MODE", "ProbeReport", "probe_checkpoint", "probe_run"]
 
 KINDS = ("metrics", "topk", "cells", "attn")
-DEFAULT_MAX_NEW_TOKENS = 64  # greedy length when the run does not say
 PROCESSING_MODE = "none (boot_transformers raw HF weights; no compatibility mode, no fold_ln)"
 # The read-out of the last block must reproduce the model's logits within this
 # tolerance (absolute, scaled by the logits' magnitude); half precisions round more.
@@ -160,7 +159,7 @@ def bridge_probe_inputs(bridge, batch: dict[str, torch.Tensor]):
 
     Args:
         bridge: a booted ``TransformerBridge`` in eval mode.
-        batch: from ``workbench.probes.probe_batch``.
+        batch: from ``workbench.probe_runner.probe_batch``.
 
     Returns:
         ``workbench.probing.ProbeInputs`` with ``hidden`` = ``blocks.{0..L-2}.hook_resid_post``
@@ -231,7 +230,7 @@ def probe_checkpoint(
     detail_prompts: int = 4,
     greedy: bool = True,
     chunk_size: int | None = None,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = DEFAULT_PROBE_MAX_NEW_TOKENS,
     samples: pd.DataFrame | None = None,
     decoder=None,
 ) -> dict[str, pd.DataFrame]:
@@ -255,7 +254,7 @@ def probe_checkpoint(
     Returns:
         ``{"metrics", "topk", "cells", "attn"}`` -> DataFrame (schema columns).
     """
-    from workbench.probes import greedy_responses, n_samples_frame, probe_batch, probe_splits, special_ids
+    from workbench.probe_runner import greedy_responses, n_samples_frame, probe_batch, probe_splits, special_ids
     from workbench.probing import attention_detail, compute_probe_metrics, per_position_detail
 
     pad_id, eos_id = special_ids(tokenizer)
@@ -374,7 +373,8 @@ def probe_run(
         progress: show a tqdm progress bar over checkpoints.
         greedy: also score the model's own greedy completions (split ``"greedy"``).
         max_new_tokens: longest greedy completion; None: the length the run's built-in
-            probes used (``probe_max_new_tokens`` in run.json), else 64.
+            probes used (``probe_max_new_tokens`` in run.json), else
+            :data:`~workbench.schema.DEFAULT_PROBE_MAX_NEW_TOKENS`.
         chunk_size: positions per logit-lens read-out chunk (None: about 4M floats per chunk).
 
     Returns:
@@ -394,7 +394,7 @@ def probe_run(
         raise DataError(f"{run.path} has no probe set (probe_set.jsonl is missing or empty)")
     digest = probe_set_hash(records)
     if max_new_tokens is None:
-        max_new_tokens = int(run.info.get("probe_max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+        max_new_tokens = int(run.info.get("probe_max_new_tokens") or DEFAULT_PROBE_MAX_NEW_TOKENS)
     all_samples = run.samples()
     report = ProbeReport(run_dir=run.path)
     targets = checkpoint_targets(run)

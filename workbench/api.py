@@ -2,17 +2,17 @@
 
 A thin layer over :mod:`workbench.runstore` for Jupyter::
 
-    from workbench.api import runs, metrics, probes, analysis, probe
+    from workbench.api import runs, metrics, probes, analyze, analysis
 
     runs("runs/")                                   # one row per run
     metrics("runs/oisd-tiny")                       # training curves
-    probes("runs/oisd-tiny", metric="lens_js")      # built-in probes (HF)
-    probe("runs/oisd-tiny")                         # run the TransformerLens analyzer
-    analysis("runs/oisd-tiny", kind="metrics")      # its tables
+    probes("runs/oisd-tiny", metric="lens_js")      # read the built-in probes (HF, probes.parquet)
+    analyze("runs/oisd-tiny")                       # run the TransformerLens analyzer (writes analysis/)
+    analysis("runs/oisd-tiny", kind="metrics")      # read its tables
     experiment("runs/demo", ["grpo", "oisd"], seeds=[0, 1])   # warm start + runs + probing
 
 Every function takes a :class:`~workbench.runstore.Run` or a path. Importing this
-module is cheap (no torch, no TransformerLens): :func:`probe` imports the analyzer
+module is cheap (no torch, no TransformerLens): :func:`analyze` imports the analyzer
 and :func:`experiment` the trainer when they are called (this module is an entry
 point, like the command line: the only place the analysis side reaches the trainer).
 """
@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from workbench.errors import WorkbenchError
-from workbench.runstore import BrokenRun, Run, is_run_folder, list_checkpoints, list_runs
+from workbench.runstore import BrokenRun, Run, RunPaths, is_run_folder, list_runs, run_summary
 
 if TYPE_CHECKING:
     from workbench.analyzer import ProbeReport
 
-__all__ = ["load_run", "runs", "metrics", "probes", "analysis", "probe", "experiment", "Experiment"]
+__all__ = ["load_run", "runs", "metrics", "probes", "analyze", "analysis", "experiment", "Experiment"]
 
 RunLike = Run | str | os.PathLike
 
@@ -53,43 +53,24 @@ def _run(run: RunLike) -> Run:
     return run if isinstance(run, Run) else Run.open(run)
 
 
-def _last(frame: pd.DataFrame, column: str) -> float | None:
-    if column not in frame.columns:
-        return None
-    values = frame[column].dropna()
-    return float(values.iloc[-1]) if len(values) else None
-
-
 def runs(root: str | os.PathLike) -> pd.DataFrame:
     """One row per run under ``root`` (``root`` itself if it is a run).
 
-    Columns: ``name, method, status, live, steps`` (logged steps), ``last_step``,
-    ``checkpoints`` (complete step folders, not hashed), ``last_accuracy``,
-    ``last_reward``, ``start_time``, ``path``, ``error`` (the one-line reason for
-    a run folder that cannot be opened; None otherwise).
+    Columns (from :func:`workbench.runstore.run_summary`, as the dashboard's Runs table):
+    ``name, method, status, live, steps`` (the last step the run reached: its last logged
+    step, or an analysis folder's last checkpoint), ``last_step`` (the last logged step;
+    None when nothing is logged), ``checkpoints`` (complete step folders, sizes checked,
+    or the checkpoints an analysis folder lists), ``last_accuracy``, ``last_reward``,
+    ``start_time``, ``path``, ``error`` (the one-line reason for a run folder that cannot
+    be opened; None otherwise).
     """
     rows = []
     for run in list_runs(root):
         if isinstance(run, BrokenRun):
             rows.append({"name": run.name, "path": str(run.path), "error": run.error})
             continue
-        history = run.metrics()
-        rows.append(
-            {
-                "name": run.name,
-                "method": run.method,
-                "status": run.status,
-                "live": run.is_live,
-                "steps": len(history),
-                "last_step": int(history["step"].iloc[-1]) if len(history) else None,
-                "checkpoints": len(list_checkpoints(run.path, verify=False)),
-                "last_accuracy": _last(history, "accuracy"),
-                "last_reward": _last(history, "reward"),
-                "start_time": run.info.get("start_time"),
-                "path": str(run.path),
-                "error": None,
-            }
-        )
+        row = run_summary(run)
+        rows.append({**row, "last_step": row["last_logged_step"], "error": None})
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
@@ -111,8 +92,9 @@ def analysis(run: RunLike, kind: str = "metrics") -> pd.DataFrame:
     return _run(run).analysis(kind)
 
 
-def probe(run: RunLike, **kwargs) -> ProbeReport:
-    """Run the TransformerLens analyzer on a run (see :func:`workbench.analyzer.probe_run`).
+def analyze(run: RunLike, **kwargs) -> ProbeReport:
+    """Run the TransformerLens analyzer on a run (:func:`workbench.analyzer.probe_run`, what
+    ``oisd probe`` does): writes ``analysis/``, which :func:`analysis` reads.
 
     Keyword arguments (``device``, ``dtype``, ``force``, ``detail_prompts``,
     ``progress``, ...) are passed through.
@@ -171,7 +153,7 @@ def _train_job(config: dict, resume: bool, threads: int) -> str:
     _quiet_transformers()
     logging.getLogger().setLevel(logging.WARNING)
     from trainer.config import validate_config
-    from trainer.loop import train
+    from trainer.run import train
 
     with contextlib.redirect_stdout(open(os.devnull, "w")):  # one bar per stage, from the parent
         return str(train(validate_config(config), resume=resume))
@@ -242,7 +224,7 @@ def experiment(
     exp = Experiment(root_p, ws, {key: cfg.resolved_run_dir() for key, cfg in configs.items()})
 
     t0 = time.time()
-    if not (ws / "warmstart.json").is_file():
+    if not RunPaths(ws).warmstart.is_file():
         run_warmstart(WarmstartConfig(**{"out": str(ws), "progress": progress, **(warmstart_options or {})}))
     exp.seconds["warmstart"] = time.time() - t0
 

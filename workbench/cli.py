@@ -1,6 +1,6 @@
 """The ``oisd`` command line.
 
-Subcommands (fixed spellings, docs/design.md "Command line"):
+Subcommands (fixed spellings, docs/design.md, section "CLI"):
 ``warmstart | train | probe | dashboard | demo | compare | eval``.
 
 Heavy imports (torch, transformers) happen inside each command so ``--help`` is instant.
@@ -16,6 +16,7 @@ import sys
 
 from workbench import __version__
 from workbench.errors import WorkbenchError
+from workbench.schema import DEFAULT_PROBE_MAX_NEW_TOKENS
 
 EPILOG = "Docs: README.md. Every subcommand has --help."
 
@@ -39,7 +40,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cfg.run_dir = args.run_dir
     if args.backend:
         cfg.backend = args.backend
-    from trainer.loop import train
+    from trainer.run import train
 
     train(cfg, resume=args.resume)
     return 0
@@ -65,7 +66,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         if source.kind == "run":
             folder, length = source.path, args.max_new_tokens
         else:
-            length = args.max_new_tokens or 64
+            length = args.max_new_tokens or DEFAULT_PROBE_MAX_NEW_TOKENS
             folder = prepare_analysis_folder(source, args.out, prompts, chat_template=args.chat_template,
                                              max_new_tokens=length)
         report = probe_run(folder, device=args.device, dtype=args.dtype, force=args.force,
@@ -162,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-analyse checkpoints already analysed")
     p.add_argument("--detail-prompts", type=int, default=4, help="probe prompts kept in per-prompt detail")
     p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="greedy completion length (default: a run's own; 64 for other inputs)")
+                   help="greedy completion length (default: a run's own; "
+                   f"{DEFAULT_PROBE_MAX_NEW_TOKENS} for other inputs)")
     p.set_defaults(func=_cmd_probe)
 
     p = sub.add_parser("dashboard", help="browse runs in a Streamlit web app",

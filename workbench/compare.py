@@ -38,7 +38,7 @@ from workbench.runstore import Run
 from workbench.schema import OUTCOME_SPLITS
 
 __all__ = ["ALIGNMENT_METRICS", "COLUMNS", "ENTROPY_WINDOW", "GAP_METRICS", "comparability_warnings",
-           "comparison_table", "outcome_gap", "print_comparison"]
+           "comparison_table", "outcome_gap", "print_comparison", "probe_summary", "report_layers"]
 
 ALIGNMENT_METRICS = ("top1_agree", "attn_js_final")
 GAP_METRICS = ("top1_agree", "lens_js", "attn_js_final")  # correct-minus-wrong gaps reported
@@ -110,9 +110,45 @@ def _num_layers(run: Run, rows: pd.DataFrame) -> int | None:
     return max(found) if found else None
 
 
-def _oisd_layer(run: Run) -> int | None:
-    """The first of the OISD layers the trainer recorded (None when OISD was off)."""
-    return run.oisd_layers[0] if run.oisd_layers else None
+def report_layers(oisd_layers: Sequence[int], num_layers: int | None) -> list[int]:
+    """The layers a run's alignment is reported at: its OISD layers, else the middle block
+    ``[max(1, L // 2)]``. The trainer's ``probe/...`` metrics and ``oisd compare`` use it.
+
+    Raises:
+        ValueError: no OISD layers and no layer count to take the middle of.
+    """
+    if oisd_layers:
+        return [int(x) for x in oisd_layers]
+    if num_layers is None:
+        raise ValueError("report_layers needs the OISD layers or the number of layers")
+    return [max(1, int(num_layers) // 2)]
+
+
+def probe_summary(df: pd.DataFrame, layers: Sequence[int]) -> dict[str, float]:
+    """The built-in probes of one step as scalars for metrics.jsonl.
+
+    ``probe/<metric>/layer<l>``: each of :data:`GAP_METRICS` at each of ``layers`` on the
+    reference split; ``probe/gap/<metric>/layer<l>``: its correct-minus-wrong gap
+    (:func:`outcome_gap`) where both outcome splits hold sequences. All heads
+    (``head = -1``), not pairwise (``ref_layer = -1``).
+
+    Args:
+        df: one step's probe rows (``METRIC_COLUMNS``).
+        layers: the layers to report (:func:`report_layers`).
+    """
+    base = df[(df["head"] == -1) & (df["ref_layer"] == -1)]  # df["head"]: df.head is a method
+    out: dict[str, float] = {}
+    for layer in layers:
+        at_layer = base[base["layer"] == layer]
+        for metric in GAP_METRICS:
+            rows = at_layer[at_layer["metric"] == metric]
+            reference = rows.loc[rows["split"] == "reference", "value"]
+            if len(reference):
+                out[f"probe/{metric}/layer{layer}"] = float(reference.iloc[0])
+            gap = outcome_gap(rows)
+            if len(gap):
+                out[f"probe/gap/{metric}/layer{layer}"] = float(gap.iloc[0])
+    return out
 
 
 def _last_value(frame: pd.DataFrame, column: str) -> float:
@@ -125,7 +161,7 @@ def _last_value(frame: pd.DataFrame, column: str) -> float:
 def _run_row(run: Run, rows: pd.DataFrame, layer: int | None) -> dict:
     """The comparison row of one run, read at ``layer``."""
     history = run.metrics()
-    steps = int(history["step"].max()) if len(history) else 0
+    steps = run.last_step(history)
     if "eval/accuracy" in history.columns:
         evals = history[history["eval/accuracy"].notna()]
     else:
@@ -237,14 +273,12 @@ def comparison_table(
                 )
         layers = [layer] * len(runs)
     else:
-        own = [_oisd_layer(run) for run in runs]
-        shared = next((x for x in own if x is not None), None)
-        layers = [
-            mine if mine is not None
-            else shared if shared is not None
-            else (max(1, L // 2) if L is not None else None)
-            for mine, L in zip(own, depth)
-        ]
+        # An OISD run is read at its own layer; the others at the first OISD run's layer.
+        shared = next((run.oisd_layers for run in runs if run.oisd_layers), [])
+        layers = []
+        for run, L in zip(runs, depth):
+            chosen = run.oisd_layers or shared
+            layers.append(report_layers(chosen, L)[0] if chosen or L is not None else None)
 
     records = [_run_row(run, rows, lay) for run, rows, lay in zip(runs, alignment, layers)]
     table = pd.DataFrame(records, columns=COLUMNS)
@@ -267,10 +301,6 @@ def comparability_warnings(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
         model = run.config.get("model")
         return str(model.get("path")) if isinstance(model, dict) else "?"
 
-    def steps(run: Run) -> int:
-        history = run.metrics()
-        return int(history["step"].max()) if len(history) else 0
-
     out = []
     by_method: dict[str, list[Run]] = {}
     for run in runs:
@@ -282,7 +312,7 @@ def comparability_warnings(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
         if len(starts) > 1:
             out.append(f"{method}: runs start from different models ({', '.join(starts)}); "
                        "their spread is not a seed spread")
-        counts = sorted({steps(r) for r in group})
+        counts = sorted({r.last_step() for r in group})
         if len(counts) > 1:
             out.append(f"{method}: runs reached different steps ({', '.join(map(str, counts))})")
         seen: dict[object, str] = {}

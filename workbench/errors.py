@@ -23,3 +23,13 @@ class DataError(WorkbenchError):
 
 class CheckpointError(WorkbenchError):
     """A folder that is not a model, or a checkpoint that fails its manifest."""
+
+
+def warn(message: str, stacklevel: int = 3, logger: str = "workbench") -> None:
+    """A problem a reader works around (a skipped checkpoint, an unreadable table): a Python
+    warning (the dashboard collects them) and a log line."""
+    import logging
+    import warnings
+
+    warnings.warn(message, stacklevel=stacklevel)
+    logging.getLogger(logger).warning(message)

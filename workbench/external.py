@@ -26,8 +26,10 @@ from pathlib import Path
 
 from workbench.errors import ConfigError, DataError, WorkbenchError
 from workbench.jsonl import read_json_objects
-from workbench.models import is_local_path
-from workbench.runstore import RunWriter, is_model_folder, is_run_folder, probe_set_hash
+from workbench.models import is_local_path, is_model_folder
+from workbench.runstore import Run, is_run_folder, probe_set_hash
+from workbench.runwriter import RunWriter
+from workbench.schema import DEFAULT_PROBE_MAX_NEW_TOKENS
 
 KINDS = ("run", "model", "hub", "trainer", "verl")
 ACCEPTED = ("a run folder (run.json), an HF model folder (config.json + weights) or hub name, a TRL / HF "
@@ -137,7 +139,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def prepare_analysis_folder(source: Source, out: str | os.PathLike, prompts: list[dict], *,
-                            chat_template: bool = False, max_new_tokens: int = 64) -> Path:
+                            chat_template: bool = False,
+                            max_new_tokens: int = DEFAULT_PROBE_MAX_NEW_TOKENS) -> Path:
     """Create (or reuse) ``out/<name>`` for a non-run input: run.json listing its
     checkpoints, and the probe set tokenised with the first checkpoint's tokenizer.
 
@@ -148,7 +151,7 @@ def prepare_analysis_folder(source: Source, out: str | os.PathLike, prompts: lis
     from transformers import AutoTokenizer
 
     from workbench.models import first_line
-    from workbench.probes import prompt_records
+    from workbench.probe_runner import prompt_records
 
     folder = Path(out) / source.name
     first = source.checkpoints[0][1]
@@ -159,11 +162,11 @@ def prepare_analysis_folder(source: Source, out: str | os.PathLike, prompts: lis
     records = prompt_records(prompts, tokenizer, chat_template=chat_template)
     info = {"method": None, "source": source.path, "kind": source.kind}
     if is_run_folder(folder):
-        existing = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        existing = Run.open(folder).info
         if existing.get("external", {}).get("source") != source.path:
             raise WorkbenchError(f"{folder} holds the analysis of {existing.get('external', {}).get('source')}, "
                                  f"not {source.path}; choose another --out")
-        writer = RunWriter(folder, info, resume=True, resume_step=10**12)
+        writer = RunWriter(folder, info, resume=True, append=True)  # nothing of it is dropped
     else:
         writer = RunWriter(folder, info, resume=False)
     if writer.info.get("probe_set_hash") not in (None, probe_set_hash(records)):

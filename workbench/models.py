@@ -1,7 +1,8 @@
-"""Loading models and tokenizers: any local HF folder or hub name, the same way.
+"""Model folders and loading: any local HF folder or hub name, the same way.
 
-One place decides how a model is loaded, so the trainer, the evaluator and the
-analyzer's provenance agree on it.
+One place decides what a model folder is (:func:`is_model_folder`,
+:func:`require_model_folder`) and how a model is loaded, so the trainer, the
+evaluator and the analyzer's provenance agree on it.
 """
 
 from __future__ import annotations
@@ -12,9 +13,36 @@ from pathlib import Path
 import torch
 
 from workbench.errors import CheckpointError
-from workbench.runstore import require_model_folder
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a ``config.json`` and model weights (safetensors or .bin,
+    single-file, sharded with an index, or any ``*.safetensors`` / ``*.bin``)."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        return False
+    return (any((folder / w).is_file() for w in _WEIGHT_FILES) or any(folder.glob("*.safetensors"))
+            or any(folder.glob("*.bin")))
+
+
+def require_model_folder(path: str | os.PathLike) -> Path:
+    """Return ``path`` if it is a model folder, else raise a one-line CheckpointError."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise CheckpointError(f"model folder '{folder}' does not exist")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is not a model folder (not a folder)")
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder} is not a model folder (no config.json)")
+    if not is_model_folder(folder):
+        raise CheckpointError(
+            f"{folder} is not a model folder (no *.safetensors or pytorch_model.bin weights)"
+        )
+    return folder
 
 
 def is_local_path(name: str | os.PathLike) -> bool:

@@ -11,7 +11,13 @@ Every metric table is *tidy*: one row per value, keyed by
   ``"greedy"`` (the model's own greedy completions), ``"sampled_correct"`` and
   ``"sampled_wrong"`` (k sampled completions per probe prompt, split by the verifier).
 - ``source``: ``"probe"`` (trainer's built-in, HF) or ``"analyzer"`` (TransformerLens).
+
+Also the probes' one default that every entry point shares (:data:`DEFAULT_PROBE_MAX_NEW_TOKENS`).
 """
+
+# Greedy (and sampled) probe completion length when nothing says otherwise: a run records
+# its own in run.json (``probe_max_new_tokens``); this is for everything else.
+DEFAULT_PROBE_MAX_NEW_TOKENS = 64
 
 METRIC_COLUMNS = ["run", "step", "layer", "head", "ref_layer", "metric", "value", "split", "source"]
 

@@ -20,7 +20,9 @@ import pytest
 import streamlit as st
 
 from workbench.probing import LENS_STAT_NAMES, ProbeResult
-from workbench.runstore import RunWriter, atomic_write_parquet, write_checkpoint
+from workbench.atomic import atomic_write_parquet
+from workbench.checkpoints import write_checkpoint
+from workbench.runwriter import RunWriter
 
 N_LAYERS = 4
 N_HEADS = 2

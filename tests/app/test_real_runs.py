@@ -20,7 +20,7 @@ L = 4  # blocks of the tiny preset
 def real_root(tmp_path_factory) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from trainer.loop import train
+    from trainer.run import train
     from trainer.presets import preset_config
     from trainer.tokenizer import build_char_tokenizer
     from workbench.analyzer import probe_run

@@ -21,13 +21,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import trainer.objectives as objectives
-from trainer.loop import NonFiniteError, Trainer, train
+from trainer.loop import NonFiniteError, Trainer
+from trainer.run import train
 from trainer.setup import check_batch, prepare, resolve_layers
 from workbench.cli import main as cli_main
 from trainer.config import load_config
 from trainer.methods import spec_of
 from workbench.errors import ConfigError
-from workbench.runstore import write_checkpoint
+from workbench.checkpoints import write_checkpoint
 
 METHODS = ("grpo", "oisd", "sdpg", "rlsd", "opsd", "oisd+sdpg")
 # Names every training step logs, and those each method adds (docs/objectives.md, "Per-step metrics").
@@ -507,7 +508,7 @@ def test_bf16_autocast_loss_is_close_to_float32(coin_model_dir, coin_data, coin_
     try:
         bf16 = _trainer(coin_model_dir, tmp_path / "b", run_overrides, coin_data, "oisd+sdpg",
                         precision__mixed="bf16", **keys)
-        assert bf16.s.accelerator.mixed_precision == "bf16"
+        assert bf16.setup.accelerator.mixed_precision == "bf16"
         rows = torch.arange(coin_batch.input_ids.shape[0])
         loss_16, logs, _ = bf16.micro_loss(coin_batch, rows, None, bf16.normalisers(coin_batch, rows))
         loss_16.backward()

@@ -228,16 +228,16 @@ def test_oisd_attention_alignment_masked_keys():
     close(student.grad[0, 0, 2], 0.0)
 
 
-def test_oisd_loss_uses_the_grpo_normaliser():
+def test_oisd_layer_loss_uses_the_grpo_normaliser():
     # J for two layers, averaged: [[1, 2], [3, x]] with the second sequence's last token padded.
     j = torch.tensor([[[1.0, 3.0], [2.0, 2.0]], [[3.0, 3.0], [9.0, 9.0]]])  # (B=2, T=2, |S|=2)
     weights = torch.tensor([2.0, -1.0])
     mask = torch.tensor([[1, 1], [1, 0]])
     # per token w * mean_l J: [[4, 4], [-3, pad]]; token mean = 5 / 3
-    close(obj.oisd_loss(j, weights, mask), 5 / 3)
-    close(obj.oisd_loss([j[..., 0], j[..., 1]], weights, mask), 5 / 3)
-    close(obj.oisd_loss(j, weights, mask, "seq_mean_token_mean"), (4 + -3) / 2)
-    close(obj.oisd_loss(j, weights, mask, "seq_mean_token_sum_norm"), (8 / 2 - 3 / 2) / 2)
+    close(obj.oisd_layer_loss(j, weights, mask), 5 / 3)
+    close(obj.oisd_layer_loss([j[..., 0], j[..., 1]], weights, mask), 5 / 3)
+    close(obj.oisd_layer_loss(j, weights, mask, "seq_mean_token_mean"), (4 + -3) / 2)
+    close(obj.oisd_layer_loss(j, weights, mask, "seq_mean_token_sum_norm"), (8 / 2 - 3 / 2) / 2)
 
 
 # --------------------------------------------------------------------------- SDPG
@@ -379,7 +379,7 @@ def test_zero_coefficients_reproduce_grpo_exactly():
         total = obj.aggregate(per_token, mask)
         final_logits, mid_logits = head(hidden), head(hidden_mid)
         j = obj.oisd_logit_alignment(mid_logits, final_logits)  # (B, T)
-        think = obj.oisd_loss(j.unsqueeze(-1), obj.oisd_weights(advantages), mask)
+        think = obj.oisd_layer_loss(j.unsqueeze(-1), obj.oisd_weights(advantages), mask)
         opd = obj.aggregate(
             obj.sdpg_gate(advantages)[:, None] * obj.sdpg_reverse_kl(final_logits, mid_logits), mask
         )

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from trainer.presets import preset_config
-from workbench.probes import (
+from workbench.probe_runner import (
     eager_attention,
     find_readout,
     hf_probe_inputs,

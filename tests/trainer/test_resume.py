@@ -111,7 +111,7 @@ def test_resume_of_a_finished_run_says_so_and_changes_nothing(tiny_qwen3_dir, tm
     import logging
 
     from trainer.config import load_config
-    from trainer.loop import train
+    from trainer.run import train
 
     run_dir = tmp_path / "r"
     cfg = load_config("grpo", run_overrides(tiny_qwen3_dir, run_dir, steps=1, probe_every=0, eval_every=0,

@@ -9,12 +9,15 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from trainer.presets import preset_config
-from workbench.probes import make_probe_set, probe_batch, run_builtin_probes
+from workbench.probe_runner import make_probe_set, probe_batch, run_builtin_probes
 from trainer.tasks import ArithmeticTask
 from trainer.tokenizer import build_char_tokenizer
 from workbench.analyzer import PROCESSING_MODE, bridge_probe_inputs, probe_run
 from workbench.errors import WorkbenchError
-from workbench.runstore import Run, RunWriter, read_provenance, write_checkpoint
+from workbench.atomic import read_provenance
+from workbench.checkpoints import write_checkpoint
+from workbench.runstore import Run
+from workbench.runwriter import RunWriter
 from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, TOPK_COLUMNS
 
 KEYS = ["step", "layer", "head", "ref_layer", "metric", "split"]
@@ -198,14 +201,14 @@ def test_notebook_api(tmp_path, tokenizer, records):
     assert table["name"].tolist() == ["run"]
     row = table.iloc[0]
     assert (row.method, row.status, row.steps, row.last_step, row.checkpoints) == (
-        "grpo", "training", 2, 5, 1
+        "grpo", "training", 5, 5, 1  # steps: the last step reached, as in the dashboard's Runs table
     )
     assert row.last_accuracy == 0.75 and row.last_reward == 1.0
     assert api.metrics(run_dir)["accuracy"].tolist() == [0.25, 0.75]
     assert api.probes(run_dir, metric="entropy")["value"].tolist() == [2.0]
 
     run = api.load_run(run_dir)
-    report = api.probe(run, progress=False, greedy=False, detail_prompts=1)
+    report = api.analyze(run, progress=False, greedy=False, detail_prompts=1)
     assert report.analysed == [5]
     assert set(api.analysis(run)["step"]) == {5}
     assert set(api.analysis(run_dir, kind="attn")["prompt"]) == {0}
@@ -215,7 +218,7 @@ def test_analyzer_agrees_on_sampled_splits_and_long_greedy(tmp_path, tokenizer, 
     """The stored sampled completions, split by the verifier's verdict, and greedy
     completions of up to 60 tokens (the run's length, from run.json) score the same through
     TransformerLens as through the built-in probes, to 1e-4."""
-    from workbench.probes import sample_probe_completions
+    from workbench.probe_runner import sample_probe_completions
 
     model = _model(_configs(tokenizer)["qwen3"])
     run_dir = _make_run(tmp_path, tokenizer, records, {10: model})

@@ -14,7 +14,9 @@ from trainer.setup import resolve_layers
 from workbench.compare import (COLUMNS, ENTROPY_WINDOW, comparability_warnings, comparison_table, method_summary,
                                print_comparison, summary_lines)
 from workbench.errors import WorkbenchError
-from workbench.runstore import Run, RunWriter, atomic_write_parquet
+from workbench.atomic import atomic_write_parquet
+from workbench.runstore import Run
+from workbench.runwriter import RunWriter
 from workbench.schema import METRIC_COLUMNS
 
 

@@ -12,25 +12,17 @@ import pytest
 
 from workbench import __version__
 from workbench.errors import CheckpointError, ConfigError, DataError, WorkbenchError
-from workbench.runstore import (
-    BrokenRun,
-    Run,
-    RunWriter,
+from workbench.atomic import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_parquet,
     atomic_write_text,
-    is_model_folder,
-    latest_checkpoint,
-    list_checkpoints,
-    list_runs,
-    probe_set_hash,
     read_provenance,
-    require_model_folder,
-    safe_join,
-    verify_checkpoint,
-    write_checkpoint,
 )
+from workbench.checkpoints import latest_checkpoint, list_checkpoints, verify_checkpoint, write_checkpoint
+from workbench.models import is_model_folder, require_model_folder
+from workbench.runstore import BrokenRun, Run, list_runs, probe_set_hash, safe_join
+from workbench.runwriter import RunWriter
 from workbench.schema import METRIC_COLUMNS, TOPK_COLUMNS
 
 

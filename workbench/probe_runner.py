@@ -1,4 +1,5 @@
-"""Probe plumbing shared by the trainer's built-in probes and the analyzer.
+"""The probe runner: probe plumbing shared by the trainer's built-in probes and the analyzer
+(the metrics themselves are :mod:`workbench.probing`).
 
 The metric set of docs/metrics.md from HF internals: the trainer calls
 :func:`run_builtin_probes` every ``probe_every`` steps on a fixed probe set
@@ -35,7 +36,13 @@ from torch import nn
 from workbench.generation import position_ids_from_mask, sample
 from workbench.errors import CheckpointError, ConfigError, DataError
 from workbench.probing import ProbeInputs, compute_probe_metrics
-from workbench.schema import METRIC_COLUMNS, N_SAMPLES, OUTCOME_SPLITS, SAMPLE_COLUMNS
+from workbench.schema import (
+    DEFAULT_PROBE_MAX_NEW_TOKENS,
+    METRIC_COLUMNS,
+    N_SAMPLES,
+    OUTCOME_SPLITS,
+    SAMPLE_COLUMNS,
+)
 
 __all__ = [
     "make_probe_set",
@@ -202,34 +209,36 @@ def probe_batch(
 
 
 def find_readout(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The model's final norm and unembedding (the logit-lens read-out).
+    """The model's final norm and unembedding (the logit-lens read-out): the one lookup,
+    used by the built-in probes and by the trainer's OISD loss (``trainer.forward.readout``).
 
     Generic over HF causal LMs: the unembedding is ``get_output_embeddings()``
-    (``lm_head``); the final norm is looked up on the decoder stack
-    (``model.model.norm`` for Llama/Qwen, ``model.transformer.ln_f`` for GPT-2, ...).
+    (``lm_head``); the final norm is the first of :data:`FINAL_NORM_NAMES` found on the
+    decoder stack (``get_decoder()``, else the base model: ``model.model.norm`` for
+    Llama/Qwen, ``model.transformer.ln_f`` for GPT-2, ...).
 
     Returns:
         ``(final_norm, lm_head)``.
 
     Raises:
-        CheckpointError: either module cannot be found.
+        CheckpointError: either module cannot be found (one line naming what was looked for).
     """
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if base is None and hasattr(model, "get_decoder"):
-        base = model.get_decoder()
-    norm = None
-    for name in FINAL_NORM_NAMES:
-        candidate = getattr(base, name, None) if base is not None else None
-        if isinstance(candidate, nn.Module):
-            norm = candidate
-            break
-    if lm_head is None or norm is None:
-        raise CheckpointError(
-            f"cannot find the final norm and unembedding of {type(model).__name__} "
-            "for the logit lens"
-        )
-    return norm, lm_head
+    if lm_head is None:
+        raise CheckpointError(f"{type(model).__name__} has no output embeddings (lm_head) for the logit lens")
+    stacks = []
+    if hasattr(model, "get_decoder"):
+        stacks.append(model.get_decoder())
+    stacks.append(getattr(model, "base_model", None))
+    for stack in stacks:
+        for name in FINAL_NORM_NAMES:
+            candidate = getattr(stack, name, None) if stack is not None else None
+            if isinstance(candidate, nn.Module):
+                return candidate, lm_head
+    raise CheckpointError(
+        f"cannot find the final norm of {type(model).__name__} for the logit lens "
+        f"(looked for {', '.join(FINAL_NORM_NAMES)} on its decoder stack)"
+    )
 
 
 @contextmanager
@@ -346,7 +355,7 @@ def sample_probe_completions(
     verify: Callable[[dict, list[int]], bool],
     seed: int = 0,
     temperature: float = 1.0,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = DEFAULT_PROBE_MAX_NEW_TOKENS,
 ) -> pd.DataFrame:
     """``k`` sampled completions per probe prompt, verified: the outcome-conditioned probe set.
 
@@ -430,7 +439,7 @@ def run_builtin_probes(
     step: int,
     greedy: bool = True,
     chunk_size: int | None = None,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = DEFAULT_PROBE_MAX_NEW_TOKENS,
     samples: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """The built-in probe table of one training step.

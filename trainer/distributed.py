@@ -1,0 +1,57 @@
+"""Collectives shared by both backends, and the check that processes hold the same weights.
+
+In data-parallel training every process must end every step with identical weights;
+a process that skips the gradient all-reduce drifts silently, trains on its own
+prompts, and only rank 0's weights get saved. :func:`weight_spread` measures it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over processes (``t`` itself on one process)."""
+    if distributed():
+        t = t.clone()
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """``t`` of every process, concatenated along dim 0 in process order."""
+    if not distributed():
+        return t
+    parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def weight_fingerprint(model: torch.nn.Module) -> torch.Tensor:
+    """One float64 number per parameter: its dot product with a fixed pseudo-random vector
+    (seed 0, the same on every process). Two processes' fingerprints of a parameter differ
+    whenever their values differ (except on a measure-zero set); the cost is one pass over
+    the weights, and only ``(n_parameters,)`` numbers travel."""
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    for p in model.parameters():
+        full = p.detach().flatten().to("cpu", torch.float64)
+        probe = torch.rand(full.numel(), generator=gen, dtype=torch.float64) - 0.5
+        out.append(torch.dot(full, probe))
+    return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
+
+
+def weight_spread(model: torch.nn.Module, device: torch.device | str = "cpu") -> float:
+    """The largest difference of any parameter's fingerprint between two processes
+    (:func:`weight_fingerprint`): 0.0 when every process holds the same weights, and on
+    one process. Every process must call it (a collective)."""
+    fp = weight_fingerprint(model).to(device)
+    if not distributed():
+        return 0.0
+    every = all_gather_cat(fp[None])  # (world, n_parameters)
+    return float((every.max(dim=0).values - every.min(dim=0).values).abs().max()) if fp.numel() else 0.0

@@ -1,0 +1,234 @@
+"""Writing a run folder: :class:`RunWriter` (run.json, metrics, probe set, probes, samples).
+
+Every file is written atomically (:mod:`workbench.atomic`) except ``metrics.jsonl``,
+which is appended one fsynced line at a time so a kill loses at most the line being
+written. Checkpoints are written by :func:`workbench.checkpoints.write_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from workbench.atomic import atomic_write_json, atomic_write_parquet, atomic_write_text, json_default
+from workbench.checkpoints import latest_checkpoint
+from workbench.errors import DataError, WorkbenchError
+from workbench.runstore import STATUSES, RunPaths, load_run_json, probe_set_hash, read_metrics_lines
+from workbench.schema import METRIC_COLUMNS, SAMPLE_COLUMNS
+
+__all__ = ["RunWriter"]
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _versions() -> dict[str, str | None]:
+    """Versions of the libraries that decide the numbers (from metadata, no imports)."""
+    from workbench import __version__
+
+    def dist(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "python": platform.python_version(),
+        "torch": dist("torch"),
+        "transformers": dist("transformers"),
+        "transformer_lens": dist("transformer-lens"),
+        "workbench": __version__,
+    }
+
+
+class RunWriter:
+    """Writes one run folder: run.json, metrics, probe set, probes.
+
+    Only the main process of a distributed run should hold a RunWriter.
+
+    Args:
+        run_dir: The run folder (created if needed).
+        config: The run's resolved config (a JSON-serialisable dict); ``config["seed"]``
+            is recorded as the seed.
+        resume: Continue the run in ``run_dir``. Metrics and probe rows with a step
+            after ``resume_step`` are dropped so the run's tables match an
+            uninterrupted run. Without ``resume``, a folder that already has a
+            ``run.json`` is refused.
+        resume_step: The step of the checkpoint the trainer resumed from. ``None``
+            means the latest complete checkpoint, or, when there is none, a restart
+            from scratch (all metrics and probe rows dropped).
+        append: With ``resume``, continue the folder as it is and drop nothing (an
+            analysis folder, which has no checkpoints of its own to resume from);
+            the ``resumes`` entry then has ``step: null``. Excludes ``resume_step``.
+
+    Raises:
+        WorkbenchError: ``run_dir`` already holds a run and ``resume`` is False, or its
+            run.json is unreadable.
+        ValueError: ``append`` without ``resume``, or with a ``resume_step``.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        config: dict,
+        *,
+        resume: bool,
+        resume_step: int | None = None,
+        append: bool = False,
+    ):
+        if append and (not resume or resume_step is not None):
+            raise ValueError("RunWriter(append=True) needs resume=True and no resume_step")
+        self.run_dir = Path(run_dir)
+        self.paths = RunPaths(self.run_dir)
+        self.run_json = self.paths.run_json
+        self.metrics_path = self.paths.metrics
+        self.probes_path = self.paths.probes
+        self.probe_set_path = self.paths.probe_set
+        self.samples_path = self.paths.samples
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        here = {"host": socket.gethostname(), "pid": os.getpid()}
+
+        if self.run_json.exists() and not resume:
+            raise WorkbenchError(
+                f"{self.run_dir} already holds a run ({RunPaths.RUN_JSON}); "
+                "resume it or choose another run_dir"
+            )
+        if self.run_json.exists():
+            self.info = load_run_json(self.run_dir)
+            if not append:
+                if resume_step is None:
+                    latest = latest_checkpoint(self.run_dir)
+                    resume_step = latest.step if latest is not None else -1
+                self._truncate_after(resume_step)
+            self.info.setdefault("resumes", []).append(
+                {"time": _now_iso(), "step": resume_step, "versions": _versions(),
+                 "config_changed": self.info.get("config") != config, **here}
+            )
+            self.info.update(config=config, status="training", **here)
+        else:
+            self.info = {
+                "config": config,
+                "seed": config.get("seed"),
+                "start_time": _now_iso(),
+                "versions": _versions(),
+                "status": "training",
+                **here,
+            }
+        atomic_write_json(self.run_json, self.info)
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # A crash (or Ctrl-C) marks the run failed; success is marked by the caller.
+        if exc_type is not None:
+            self.set_status("failed", error=f"{exc_type.__name__}: {exc}")
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop metrics lines and probe rows with a step after ``step``."""
+        if self.metrics_path.exists():
+            records, bad = read_metrics_lines(self.metrics_path)
+            kept = [r for r in records if r["step"] <= step]
+            if bad or len(kept) != len(records):
+                atomic_write_text(
+                    self.metrics_path,
+                    "".join(json.dumps(r, default=json_default) + "\n" for r in kept),
+                )
+        for path in (self.probes_path, self.samples_path):
+            if path.exists():
+                table = pd.read_parquet(path)
+                if (table["step"] > step).any():
+                    atomic_write_parquet(path, table[table["step"] <= step])
+
+    def log_metrics(self, step: int, values: dict) -> None:
+        """Append one line ``{"step", "time", **values}`` to metrics.jsonl, fsynced.
+
+        Args:
+            step: Training step.
+            values: Metric name -> number (names in docs/objectives.md); numpy/torch scalars are fine.
+        """
+        clash = {"step", "time"} & values.keys()
+        if clash:
+            raise ValueError(f"metric names {sorted(clash)} are reserved")
+        line = json.dumps({"step": int(step), "time": time.time(), **values}, default=json_default)
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write_probe_set(self, records: list[dict]) -> str:
+        """Write the probe set (atomically) and record its hash in run.json.
+
+        Returns:
+            The probe set hash (:func:`probe_set_hash`).
+
+        Raises:
+            DataError: On resume, the probe set differs from the one the run started
+                with (numbers would no longer be comparable across steps).
+        """
+        digest = probe_set_hash(records)
+        previous = self.info.get("probe_set_hash")
+        if previous is not None and previous != digest and self.probe_set_path.exists():
+            raise DataError(
+                f"probe set of {self.run_dir} changed since the run started "
+                f"(hash {previous[:12]} != {digest[:12]})"
+            )
+        lines = (json.dumps(r, ensure_ascii=False, default=json_default) for r in records)
+        atomic_write_text(self.probe_set_path, "".join(line + "\n" for line in lines))
+        self.info["probe_set_hash"] = digest
+        atomic_write_json(self.run_json, self.info)
+        return digest
+
+    def log_probes(self, df: pd.DataFrame) -> None:
+        """Append probe rows (METRIC_COLUMNS) to probes.parquet.
+
+        Read-modify-write with an atomic replace: the table stays small (steps x
+        layers x metrics), and one file is what every reader expects.
+        """
+        missing = [c for c in METRIC_COLUMNS if c not in df.columns]
+        if missing:
+            raise ValueError(f"probe rows lack columns {missing}")
+        new = df[METRIC_COLUMNS]
+        if self.probes_path.exists():
+            new = pd.concat([pd.read_parquet(self.probes_path), new], ignore_index=True)
+        atomic_write_parquet(self.probes_path, new)
+
+    def log_samples(self, df: pd.DataFrame) -> None:
+        """Append sampled probe completions (SAMPLE_COLUMNS) to probe_samples.parquet.
+
+        One row per sampled sequence: ``step, prompt, sample, response_ids, correct``.
+        The analyzer re-scores exactly these token ids (splits ``sampled_correct`` and
+        ``sampled_wrong``), so it needs no sampler and no verifier of its own.
+        """
+        missing = [c for c in SAMPLE_COLUMNS if c not in df.columns]
+        if missing:
+            raise ValueError(f"sample rows lack columns {missing}")
+        new = df[SAMPLE_COLUMNS]
+        if self.samples_path.exists():
+            new = pd.concat([pd.read_parquet(self.samples_path), new], ignore_index=True)
+        atomic_write_parquet(self.samples_path, new)
+
+    def record(self, **facts: Any) -> None:
+        """Write resolved facts of the run into run.json (e.g. ``num_layers``, ``oisd_layers``),
+        so that readers never re-derive them from the config."""
+        self.info.update(facts)
+        atomic_write_json(self.run_json, self.info)
+
+    def set_status(self, status: str, **extra: Any) -> None:
+        """Set ``status`` ("training" | "finished" | "failed") plus extra fields in run.json."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
+        self.info.update(status=status, **extra)
+        if status != "training":
+            self.info["end_time"] = _now_iso()
+        atomic_write_json(self.run_json, self.info)
