@@ -56,6 +56,9 @@ def test_two_processes_match_one(coin_model_dir, coin_data, tmp_path, run_overri
     assert single.returncode == 0, err[-2000:]
     assert double.returncode == 0, double.stderr[-3000:]
     assert "on 2 process(es)" in double.stderr and "on 1 process(es)" in err
+    # Every process ended with the same weights (run.json's fingerprint spread over ranks).
+    info = json.loads((two / "run.json").read_text())
+    assert info["distributed"] == {"type": "multi_cpu", "processes": 2, "weight_spread": 0.0}
 
     final = f"checkpoints/step-{STEPS:06d}/model.safetensors"
     a, b = load_file(one / final), load_file(two / final)

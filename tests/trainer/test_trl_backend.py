@@ -118,7 +118,7 @@ def test_each_method_trains_into_a_run_folder_that_probes(method, tiny_qwen3_dir
     from workbench.analyzer import probe_run
     from workbench.runstore import Run
 
-    from trainer.loop import train
+    from trainer.run import train
 
     run_dir = tmp_path / "run"
     cfg = _cfg(method, tiny_qwen3_dir, run_dir, run_overrides, **SMALL, backend="trl", steps=2, checkpoint_every=2,
@@ -141,7 +141,7 @@ def test_each_method_trains_into_a_run_folder_that_probes(method, tiny_qwen3_dir
 
 
 def test_resume_continues_through_trl(tiny_qwen3_dir, tmp_path, run_overrides):
-    from trainer.loop import train
+    from trainer.run import train
 
     run_dir = tmp_path / "run"
     keys = dict(**SMALL, backend="trl", checkpoint_every=1, probe_every=0, eval_every=0, optim__warmup_steps=4)
@@ -163,24 +163,33 @@ def test_resume_continues_through_trl(tiny_qwen3_dir, tmp_path, run_overrides):
     assert info["status"] == "finished" and info["resumes"][-1]["step"] == 2
 
 
-def test_two_processes(tiny_qwen3_dir, tmp_path, run_overrides, cli_env):
-    import socket
+def test_resume_of_a_finished_run_trains_nothing(tiny_qwen3_dir, tmp_path, run_overrides, caplog):
+    """TRL would run one step more (HF's Trainer does not check before the step); the backend says so instead."""
+    import logging
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    sets = []
-    for item in run_overrides(tiny_qwen3_dir, tmp_path / "unused", **SMALL, steps=2, checkpoint_every=2,
-                              probe_every=2, eval_every=0, rollout__prompts_per_step=4):
-        if not item.startswith("run_dir="):
-            sets += ["--set", item]
-    accelerate = Path(sys.executable).with_name("accelerate")
-    command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-               "-m", "workbench.cli", "train", "--backend", "trl", "--config", "oisd", *sets,
-               "--run-dir", str(tmp_path / "two")]
-    result = subprocess.run(command, cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1, 2]
-    assert (tmp_path / "two" / "checkpoints" / "step-000002" / "manifest.json").is_file()
+    from trainer.run import train
+
+    run_dir = tmp_path / "done"
+    cfg = _cfg("grpo", tiny_qwen3_dir, run_dir, run_overrides, steps=2, probe_every=0, eval_every=0,
+               backend="trl", **SMALL)
+    train(cfg)
+    before = (run_dir / "metrics.jsonl").read_text()
+    with caplog.at_level(logging.INFO, logger="trainer.trl_backend"):
+        train(cfg, resume=True)
+    assert any("already finished its 2 steps; nothing to train" in r.getMessage() for r in caplog.records)
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    assert sorted(p.name for p in (run_dir / "trl").iterdir() if p.name.startswith("checkpoint-")) == [
+        "checkpoint-1", "checkpoint-2"]
+
+
+@pytest.mark.parametrize("variable, name", [("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")])
+def test_builtin_backend_refuses_a_sharded_launch(variable, name, tiny_qwen3_dir, tmp_path, run_overrides, cli_env):
+    run_dir = tmp_path / "run"
+    sets = [x for item in run_overrides(tiny_qwen3_dir, run_dir) for x in ("--set", item)]
+    result = subprocess.run([sys.executable, "-m", "workbench.cli", "train", "--config", "grpo", *sets],
+                            cwd=REPO, env={**cli_env, variable: "true"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: backend 'builtin' runs plain data parallel only; this {name} launch needs --backend trl "
+        "(TRL's trainer shards the model)")
+    assert not run_dir.exists()

@@ -1,0 +1,70 @@
+"""Run by ``tests/trainer/test_trl_distributed.py`` under ``accelerate launch`` (or plain python):
+the TRL backend's trainer on rollouts that do not depend on the process count, so that a
+2-process run and a 1-process run see the same global batch.
+
+Each row's sampling noise is keyed by its global row (process index x rows per process +
+its index), which is its position in TRL's generation batch whatever the process count
+(the batch sampler hands process r the r-th contiguous slice). After training, every
+process writes its own weights (``rank<r>.safetensors``) and log history (``rank<r>.json``).
+
+    python tests/trainer/trl_ranks.py CONFIG OUT_DIR key=value ...
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def main(config: str, out: Path, overrides: list[str]) -> None:
+    from datasets import Dataset
+
+    from trainer.batching import derive_seed
+    from trainer.config import load_config
+    from trainer.setup import prepare
+    from trainer.trl_backend import SelfDistillGRPOTrainer, build_grpo_config
+    from workbench.generation import sample
+
+    cfg = load_config(config, overrides)
+    setup = prepare(cfg)
+    setup.model.config.use_cache = True
+    examples = setup.task.train_examples()
+    dataset = Dataset.from_list([{"prompt": e.prompt, "teacher_prompt": e.teacher_prompt, "example": i}
+                                 for i, e in enumerate(examples)])
+    tok = setup.tokenizer
+
+    def accuracy(prompts, completions, example, **kwargs):
+        return [float(setup.task.reward(c, examples[int(i)])) for c, i in zip(completions, example)]
+
+    def rollouts(prompts, trainer):
+        rank, n = trainer.accelerator.process_index, len(prompts)
+        step, width = trainer.state.global_step, cfg.rollout.max_new_tokens
+        ids = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts]
+        noise = torch.stack([torch.rand(width, generator=torch.Generator().manual_seed(
+            derive_seed(cfg.seed, "rank-free", step, rank * n + i))) for i in range(n)])
+        out = sample(trainer.accelerator.unwrap_model(trainer.model), ids, pad_id=tok.pad_token_id,
+                     eos_id=tok.eos_token_id, max_new_tokens=width, temperature=cfg.rollout.temperature, noise=noise)
+        lengths = out.lengths.tolist()
+        return {"prompt_ids": ids,
+                "completion_ids": [r[:k].tolist() for r, k in zip(out.responses, lengths)],
+                "logprobs": [lp[:k].tolist() for lp, k in zip(out.logprobs, lengths)]}
+
+    args = build_grpo_config(cfg, out / "trl", setup.accelerator.num_processes)
+    args.save_strategy = "no"
+    trainer = SelfDistillGRPOTrainer(model=setup.model, reward_funcs=[accuracy], args=args, train_dataset=dataset,
+                                     processing_class=tok, rollout_func=rollouts, workbench_config=cfg,
+                                     reference=setup.reference, oisd_layers=setup.oisd_layers)
+    trainer.train()
+    rank = trainer.accelerator.process_index
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
+              str(out / f"rank{rank}.safetensors"))
+    (out / f"rank{rank}.json").write_text(json.dumps(trainer.state.log_history))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]), sys.argv[3:])
