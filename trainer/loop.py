@@ -39,7 +39,6 @@ from tqdm.auto import tqdm
 
 from trainer import objectives as obj
 from trainer.batching import PromptStream, group_noise, replacement_stream, scored_positions
-from trainer.evaluate import evaluate
 from trainer.config import TrainConfig
 from trainer.distributed import all_gather_cat, all_sum, distributed
 from trainer.loss import LossComputer, StepBatch
@@ -244,7 +243,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One rollout batch and its ``optim.mini_batches`` updates; returns the step's logs."""
-        cfg, acc = self.cfg, self.setup.accelerator
+        cfg = self.cfg
         t0 = time.time()
         self.model.train()
         self.loss.begin_step(self.step)
