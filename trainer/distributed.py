@@ -49,9 +49,45 @@ def weight_fingerprint(model: torch.nn.Module) -> torch.Tensor:
 def weight_spread(model: torch.nn.Module, device: torch.device | str = "cpu") -> float:
     """The largest difference of any parameter's fingerprint between two processes
     (:func:`weight_fingerprint`): 0.0 when every process holds the same weights, and on
-    one process. Every process must call it (a collective)."""
-    fp = weight_fingerprint(model).to(device)
+    one process. Every process must call it (a collective). Under ZeRO-3 the processes
+    hold one sharded copy, gathered here: the spread is 0.0 by construction."""
+    with full_parameters(model.parameters()):
+        fp = weight_fingerprint(model).to(device)
     if not distributed():
         return 0.0
     every = all_gather_cat(fp[None])  # (world, n_parameters)
     return float((every.max(dim=0).values - every.min(dim=0).values).abs().max()) if fp.numel() else 0.0
+
+
+# ---------------------------------------------------------------------------
+# DeepSpeed ZeRO-3: parameters sharded to 0-element tensors outside their forward
+# ---------------------------------------------------------------------------
+
+
+def is_zero3(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s parameters are DeepSpeed ZeRO-3 partitions (each rank holds a
+    shard; the tensor itself has 0 elements outside the module's forward)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+def full_parameters(params):
+    """A context in which the ZeRO-3 partitioned ``params`` hold their full values
+    (read-only: changes are not written back); a null context when none is partitioned or
+    all are already gathered. A collective under ZeRO-3: every process must enter it."""
+    from contextlib import nullcontext
+
+    todo = {}
+    for p in params:
+        status = getattr(p, "ds_status", None)
+        if status is not None and status.name == "NOT_AVAILABLE":
+            todo[id(p)] = p  # by identity: tied weights once, never an AVAILABLE one re-partitioned
+    if not todo:
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(todo.values()))
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    """The shape of parameter ``p`` (its full shape under ZeRO-3, where ``p.shape`` is (0,))."""
+    return getattr(p, "ds_shape", p.shape)

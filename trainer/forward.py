@@ -143,15 +143,26 @@ def readout(model: nn.Module, detach: bool = False) -> Callable[[Tensor], Tensor
     if not detach:
         return lambda hidden: head(norm(hidden))
 
+    norm_params, head_params = dict(norm.named_parameters()), dict(head.named_parameters())
+    if any(hasattr(p, "ds_id") for p in (*norm_params.values(), *head_params.values())):
+        # DeepSpeed ZeRO-3: the parameters are 0-element shards outside their module's
+        # forward. Gather them once (every process builds the readout at the same point
+        # of its forward) and keep detached copies: the gathered storage is freed on exit.
+        from trainer.distributed import full_parameters
+
+        with torch.no_grad(), full_parameters([*norm_params.values(), *head_params.values()]):
+            norm_params = {name: p.detach().clone() for name, p in norm_params.items()}
+            head_params = {name: p.detach().clone() for name, p in head_params.items()}
+
     def detached_readout(hidden: Tensor) -> Tensor:
         # functional_call runs the modules' own forward with substituted
         # parameters, so the detached readout is the same computation (bias,
         # eps, weight offsets...) without a path to the real weights.
         normed = torch.func.functional_call(
-            norm, {name: p.detach() for name, p in norm.named_parameters()}, (hidden,)
+            norm, {name: p.detach() for name, p in norm_params.items()}, (hidden,)
         )
         return torch.func.functional_call(
-            head, {name: p.detach() for name, p in head.named_parameters()}, (normed,)
+            head, {name: p.detach() for name, p in head_params.items()}, (normed,)
         )
 
     return detached_readout

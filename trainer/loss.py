@@ -11,14 +11,18 @@ implementation of every term.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from trainer import objectives as obj
 from trainer.batching import teacher_prompts, to_grid
+from trainer.distributed import full_parameters, full_shape, is_zero3
 from trainer.forward import policy_forward, readout, shared_prompt_hidden, unique_prompts
 from trainer.methods import LossInputs, MethodSpec, Terms, gradient_shares
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,6 +67,7 @@ class LossComputer:
     frozen_teacher: torch.nn.Module | None = None
     _synced_step: int = -1
     _shared_step: int = -1
+    _zero3_noted: bool = False
 
     @classmethod
     def build(cls, cfg, model: torch.nn.Module, tokenizer, accelerator, *, reference: torch.nn.Module | None = None,
@@ -84,7 +89,7 @@ class LossComputer:
         if spec.uses_attention(cfg):
             enable_selective_attention(policy)
         frozen = copy.deepcopy(policy).requires_grad_(False).eval() if spec.needs_frozen_copy else None
-        vocab = policy.get_output_embeddings().weight.shape[0]
+        vocab = full_shape(policy.get_output_embeddings().weight)[0]  # ZeRO-3: the tensor is a 0-element shard
         return cls(cfg, spec, model, tokenizer, accelerator, list(oisd_layers), L, accelerator.device, vocab,
                    reference=reference, frozen_teacher=frozen)
 
@@ -95,7 +100,16 @@ class LossComputer:
         if self.frozen_teacher is None or step == self._synced_step:
             return
         if step % self.cfg.rlsd.sync_every == 0:
-            self.frozen_teacher.load_state_dict(self.accelerator.unwrap_model(self.model).state_dict())
+            policy = self.accelerator.unwrap_model(self.model)
+            if is_zero3(policy):
+                # The copy is a full replica (made before DeepSpeed partitioned the policy);
+                # the policy's shards are gathered on every process and copied in.
+                source = dict(policy.named_parameters())
+                with torch.no_grad(), full_parameters(source.values()):
+                    for name, p in self.frozen_teacher.named_parameters():
+                        p.copy_(source[name].data)
+            else:
+                self.frozen_teacher.load_state_dict(policy.state_dict())
         self._synced_step = step
 
     def gradient_shares(self, terms: Terms, step: int) -> dict[str, float]:
@@ -107,6 +121,11 @@ class LossComputer:
             return {}
         self._shared_step = step
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if any(hasattr(p, "ds_id") for p in params):
+            if not self._zero3_noted:
+                log.info("grad_share/* is not measured under DeepSpeed ZeRO-3 (its parameters are shards)")
+                self._zero3_noted = True
+            return {}
         return {f"grad_share/{name}": share for name, share in gradient_shares(terms, params).items()}
 
     def _frozen_hidden(self, model, sb: StepBatch, rows: torch.Tensor, hinted: bool) -> torch.Tensor:

@@ -47,6 +47,8 @@ class RunRecorder:
         self.main = setup.accelerator.is_main_process
         self.writer = None
         self.tensorboard = None
+        self._test_examples = setup.task.test_examples()[: cfg.eval.n]
+        self._probe_examples = dict(enumerate(setup.task.test_examples()[: len(setup.probe_records)]))
         if not self.main:
             return
         self.writer = RunWriter(setup.run_dir, config_to_dict(cfg), resume=resume, resume_step=resume_step)
@@ -58,8 +60,6 @@ class RunRecorder:
                            distributed={"type": acc.distributed_type.value.lower(),
                                         "processes": acc.num_processes}, **facts)
         self.tensorboard = _tensorboard(cfg, setup.run_dir)
-        self._test_examples = setup.task.test_examples()[: cfg.eval.n]
-        self._probe_examples = dict(enumerate(setup.task.test_examples()[: len(setup.probe_records)]))
 
     # ---------------------------------------------------------------- schedule
     def _due(self, every: int, step: int) -> bool:
@@ -68,13 +68,21 @@ class RunRecorder:
     def checkpoint_due(self, step: int) -> bool:
         return self._due(self.cfg.checkpoint_every, step)
 
+    def extras_due(self, step: int) -> bool:
+        """Whether :meth:`extras` evaluates or probes at ``step`` (the same on every process)."""
+        return self._due(self.cfg.eval_every, step) or self._due(self.cfg.probe_every, step)
+
     # ---------------------------------------------------------------- evaluation and probes
-    def extras(self, model: torch.nn.Module, step: int) -> dict:
+    def extras(self, model: torch.nn.Module, step: int, *, every_process: bool = False) -> dict:
         """Held-out evaluation and the built-in probes due at ``step`` (every ``eval_every``
         and ``probe_every`` steps, and at the last step), on the unwrapped policy ``model``.
         Probe rows and samples go to the run folder; the returned metrics
-        (``eval/*``, ``probe/*`` at the report layers) go into the step's row."""
-        if not self.main:
+        (``eval/*``, ``probe/*`` at the report layers) go into the step's row.
+
+        ``every_process``: every process runs the same forwards (DeepSpeed ZeRO-3, whose
+        engine keeps a collective at the start of each forward of the model, even with its
+        weights gathered); only the main process writes and gets the metrics."""
+        if not self.main and not every_process:
             return {}
         from trainer.evaluate import evaluate
         from workbench.compare import probe_summary, report_layers
@@ -98,18 +106,20 @@ class RunRecorder:
                 samples = sample_probe_completions(
                     model, tok, records, step=step, k=cfg.probe.samples_per_prompt, verify=verify, seed=cfg.seed,
                     temperature=cfg.probe.sample_temperature, max_new_tokens=cfg.rollout.max_new_tokens)
-                self.writer.log_samples(samples)
+                if self.main:
+                    self.writer.log_samples(samples)
             df = run_builtin_probes(model, tok, records, run=s.run_dir.name, step=step, greedy=cfg.probe.greedy,
                                     chunk_size=cfg.probe.chunk_size, max_new_tokens=cfg.rollout.max_new_tokens,
                                     samples=samples)
-            self.writer.log_probes(df)
-            out.update(probe_summary(df, report_layers(s.oisd_layers, s.num_layers)))
+            if self.main:
+                self.writer.log_probes(df)
+                out.update(probe_summary(df, report_layers(s.oisd_layers, s.num_layers)))
         model.train(was_training)
-        return out
+        return out if self.main else {}
 
-    def start(self, model: torch.nn.Module) -> None:
+    def start(self, model: torch.nn.Module, *, every_process: bool = False) -> None:
         """Before the first step of a new run: evaluation and probes of the initial model (step 0)."""
-        first = self.extras(model, 0)
+        first = self.extras(model, 0, every_process=every_process)
         if first:
             self.log(0, first)
 

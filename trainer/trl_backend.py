@@ -217,26 +217,62 @@ class RunFolderCallback(TrainerCallback):
         trainer = self.trainer_ref()
         return trainer.accelerator.unwrap_model(trainer.model)
 
+    def _sharded(self) -> bool:
+        from trainer.distributed import is_zero3
+
+        return is_zero3(self._model())
+
+    def _full_model(self):
+        """A context yielding the unwrapped policy with its full weights. Under DeepSpeed
+        ZeRO-3 every process must enter it (it gathers the shards and lifts ZeRO's hooks,
+        as TRL does for generation); otherwise it is the policy as it is."""
+        from contextlib import nullcontext
+
+        from trainer.distributed import is_zero3
+
+        trainer = self.trainer_ref()
+        model = self._model()
+        if not is_zero3(model):
+            return nullcontext(model)
+        from trl.models.utils import unwrap_model_for_generation
+
+        return unwrap_model_for_generation(trainer.model_wrapped, trainer.accelerator)
+
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.new_run:
-            self.recorder.start(self._model())
+        if self.new_run and self.recorder.extras_due(0):
+            with self._full_model() as model:  # every process: a collective under ZeRO-3
+                self.recorder.start(model, every_process=self._sharded())
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs or "reward" not in logs:
+        # Every process gets here; only the main one writes. Under ZeRO-3 the others take
+        # part in gathering the weights for evaluation, probes and checkpoints.
+        if not logs or "reward" not in logs:
             return  # the end-of-training summary carries no reward: not a step
         step = state.global_step
         values = {name: float(v) for k, v in logs.items()
                   if (name := _metric_name(k)) is not None and isinstance(v, (int, float))}
-        values.update(self.recorder.extras(self._model(), step))
+        if self.recorder.extras_due(step):
+            with self._full_model() as model:
+                values.update(self.recorder.extras(model, step, every_process=self._sharded()))
         self.recorder.log(step, values)
         if self.recorder.checkpoint_due(step):
-            model, tok = self._model(), self.recorder.setup.tokenizer
+            self._checkpoint(step)
 
-            def save(folder):
-                model.save_pretrained(folder)
-                tok.save_pretrained(folder)
+    def _checkpoint(self, step: int) -> None:
+        """``checkpoints/step-N``: full HF weights. Under ZeRO-3 every process takes part
+        in ``accelerator.get_state_dict`` (it gathers the shards; only the main process
+        receives them) and the main process writes them."""
+        from trainer.distributed import is_zero3
 
-            self.recorder.checkpoint(step, save)
+        trainer = self.trainer_ref()
+        model, tok = self._model(), self.recorder.setup.tokenizer
+        state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if is_zero3(model) else None
+
+        def save(folder):
+            model.save_pretrained(folder, state_dict=state_dict)
+            tok.save_pretrained(folder)
+
+        self.recorder.checkpoint(step, save)
 
 
 def train_trl(cfg, setup, *, resume: bool = False) -> Path:
