@@ -104,3 +104,19 @@ def test_oisd_train_under_zero3_and_probe_the_checkpoint(coin_model_dir, coin_da
     probe = subprocess.run([sys.executable, "-m", "workbench.cli", "probe", str(run_dir)], cwd=REPO, env=cli_env,
                            capture_output=True, text=True, timeout=600)
     assert probe.returncode == 0, probe.stderr[-3000:]
+
+
+def test_rlsd_resyncs_its_frozen_copy_under_zero3(coin_model_dir, coin_data, tmp_path, run_overrides, ds_env):
+    """RLSD's frozen teacher is a full replica made before DeepSpeed partitions the policy;
+    re-syncing it (every step here) gathers the policy's shards on every process."""
+    run_dir = tmp_path / "rlsd"
+    keys = run_overrides(coin_model_dir, run_dir, data=coin_data, steps=STEPS, rollout__prompts_per_step=4,
+                         optim__lr=1e-3, rlsd__sync_every=1, checkpoint_every=STEPS, probe_every=0, eval_every=0)
+    sets = [x for item in keys for x in ("--set", item)]
+    command = [*_zero3_launch(), "-m", "workbench.cli", "train", "--backend", "trl", "--config", "rlsd", *sets]
+    result = subprocess.run(command, cwd=REPO, env=ds_env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "finished" and info["distributed"]["type"] == "deepspeed"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["grad_norm"] > 0 for r in rows)
