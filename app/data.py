@@ -191,29 +191,74 @@ def analysed_steps(run: Run, kind: str) -> list[int]:
 
 
 @st.cache_data(show_spinner=False, max_entries=128)
-def _detail(path: str, step: int, kind: str, prompt: int | None, file_key: tuple) -> tuple[pd.DataFrame, list[str]]:
+def _detail(path: str, step: int, kind: str, prompt: int | None, layers: tuple[int, ...] | None,
+            file_key: tuple) -> tuple[pd.DataFrame, list[str]]:
     file = Run(Path(path), {}).analysis_path(step, kind)
     if not file.is_file():
         return pd.DataFrame(columns=DETAIL_COLUMNS[kind]), []
     try:
-        # Only the rows of one prompt: a per-checkpoint attention table holds every
-        # (layer, head, query, key) of several prompts.
-        filters = None if prompt is None else [("prompt", "==", prompt)]
-        return pd.read_parquet(file, filters=filters), []
+        # Only the rows asked for: a per-checkpoint attention table holds every (layer, head,
+        # query, key) of several prompts, sorted so that the filter skips whole row groups.
+        filters = [] if prompt is None else [("prompt", "==", prompt)]
+        if layers is not None:
+            filters.append(("layer", "in", list(layers)))
+        return pd.read_parquet(file, filters=filters or None), []
     except Exception as exc:  # a corrupt file shows a message, not a traceback
         return pd.DataFrame(columns=DETAIL_COLUMNS[kind]), [f"{file} is unreadable: {exc}"]
 
 
-def detail(run: Run, step: int, kind: str, prompt: int | None = None) -> tuple[pd.DataFrame, list[str]]:
+def detail(run: Run, step: int, kind: str, prompt: int | None = None,
+           layers: list[int] | None = None) -> tuple[pd.DataFrame, list[str]]:
     """One checkpoint's drill-down table of ``kind`` ("topk", "cells" or "attn").
 
-    Reads only ``analysis/step-NNNNNN-{kind}.parquet`` of that step, and only the
-    rows of ``prompt`` when it is given.
+    Reads only ``analysis/step-NNNNNN-{kind}.parquet`` of that step, and only the rows of
+    ``prompt`` and of ``layers`` when they are given.
     """
     if kind not in DETAIL_COLUMNS:
         raise WorkbenchError(f"unknown detail kind {kind!r}; expected one of {sorted(DETAIL_COLUMNS)}")
     file = run.analysis_path(int(step), kind)
-    return _detail(str(run.path), int(step), kind, prompt, signature(file))
+    chosen = None if layers is None else tuple(sorted({int(x) for x in layers}))
+    return _detail(str(run.path), int(step), kind, prompt, chosen, signature(file))
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """What one checkpoint's attention table holds: its layers and heads, and how many keys
+    each query kept (``top_k`` None: all) with the weight they hold on average."""
+
+    layers: list[int]
+    heads: list[int]
+    top_k: int | None
+    mass_kept: float
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def _attention_shape(path: str, step: int, prompt: int, file_key: tuple) -> AttentionShape | None:
+    from workbench.atomic import read_provenance
+
+    file = Run(Path(path), {}).analysis_path(step, "attn")
+    if not file.is_file():
+        return None
+    try:
+        info = read_provenance(file)
+        if info.get("n_layers") and info.get("n_heads"):  # the footer says it: no rows read
+            layers, heads = list(range(1, int(info["n_layers"]) + 1)), list(range(int(info["n_heads"])))
+        else:
+            frame = pd.read_parquet(file, columns=["layer", "head"], filters=[("prompt", "==", prompt)])
+            layers = sorted(int(x) for x in frame["layer"].unique())
+            heads = sorted(int(h) for h in frame["head"].unique() if h >= 0)
+    except Exception:  # an unreadable file: detail() reports it
+        return None
+    if not layers:
+        return None
+    return AttentionShape(layers, heads, info.get("attn_top_k"), float(info.get("attn_mass_kept", 1.0)))
+
+
+def attention_shape(run: Run, step: int, prompt: int) -> AttentionShape | None:
+    """Layers, heads and top-k of a checkpoint's attention table (None when it has none);
+    from the file's footer, so the table's rows are not read."""
+    file = run.analysis_path(int(step), "attn")
+    return _attention_shape(str(run.path), int(step), int(prompt), signature(file))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)

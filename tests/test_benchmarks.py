@@ -46,3 +46,18 @@ def test_bench_trl_backend_times_every_variant():
     medians = bench_trl_backend.main(["--steps", "3"])
     assert set(medians) == set(bench_trl_backend.VARIANTS)
     assert all(m > 0 for m in medians.values())
+
+
+def test_bench_probe_depth_reports_time_memory_and_bytes(tmp_path):
+    import json
+    import subprocess
+
+    out = tmp_path / "depth.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_probe_depth.py"
+    subprocess.run([sys.executable, str(script), "--layers", "3", "--heads", "4", "--kv-heads", "2",
+                    "--hidden", "64", "--tokens", "96", "--json", str(out)], check=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert report["seconds"] > 0 and report["peak_rss_mb"] > report["weights_mb"] > 0
+    assert set(report["files_mb"]) == {f"step-000000-{k}.parquet" for k in ("attn", "cells", "metrics", "topk")}
+    # A small model keeps every visible (query, key) pair, well inside the budget.
+    assert report["attn_top_k"] is None and report["attn_mass_kept"] == 1.0 and report["within_budget"]

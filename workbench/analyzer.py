@@ -67,6 +67,16 @@ __all__ = ["KINDS", "PROCESSING_MODE", "ProbeReport", "probe_checkpoint", "probe
 
 KINDS = ("metrics", "topk", "cells", "attn")
 PROCESSING_MODE = "none (boot_transformers raw HF weights; no compatibility mode, no fold_ln)"
+#: Rows the drill-down attention table of one checkpoint may hold. Every visible (query,
+#: key) pair of every layer and head is kept while the table fits; beyond, each query keeps
+#: its top-k keys with k as large as fits (recorded as ``attn_top_k``, with the weight kept,
+#: in the file's provenance). Stored compactly (float16 weights, int16 positions) a row costs
+#: about 3 bytes: Qwen3-4B's 36 layers x 32 heads on four 512-token references keep k = 7
+#: keys per query in a 50 MB file (benchmarks/bench_probe_depth.py; benchmarks/README.md).
+ATTN_DETAIL_ROWS = 16_000_000
+#: Rows per parquet row group of the attention table (sorted by prompt, layer, head): the
+#: dashboard reads one (prompt, layer) at a time and skips the other groups.
+ATTN_ROW_GROUP = 1 << 16
 # The read-out of the last block must reproduce the model's logits within this
 # tolerance (absolute, scaled by the logits' magnitude); half precisions round more.
 _READOUT_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
@@ -233,6 +243,7 @@ def probe_checkpoint(
     max_new_tokens: int = DEFAULT_PROBE_MAX_NEW_TOKENS,
     samples: pd.DataFrame | None = None,
     decoder=None,
+    attn_rows: int | None = None,
 ) -> dict[str, pd.DataFrame]:
     """All analyzer tables of one booted checkpoint.
 
@@ -250,6 +261,9 @@ def probe_checkpoint(
             as splits ``sampled_correct`` / ``sampled_wrong``; None: no sampled splits.
         decoder: the HF model that decodes the greedy split (:func:`load_decoder`); None:
             the model the bridge wraps.
+        attn_rows: the most rows of the drill-down attention table (None:
+            :data:`ATTN_DETAIL_ROWS`); beyond it each query keeps its top-k keys
+            (:func:`attention_top_k`).
 
     Returns:
         ``{"metrics", "topk", "cells", "attn"}`` -> DataFrame (schema columns).
@@ -271,6 +285,7 @@ def probe_checkpoint(
         )
 
     metric_frames, topk_frames, cell_frames, attn_frames = [], [], [], []
+    attn_top_k = None
     # The drill-down tables follow the teacher-forced references; free prompts without
     # references use the model's own greedy completions.
     detail_split = "reference" if all(r.get("reference_ids") for r in records) else "greedy"
@@ -285,7 +300,10 @@ def probe_checkpoint(
         result = compute_probe_metrics(inputs, chunk_size=chunk_size)
         metric_frames.append(result.to_frame(run, step, split, "analyzer"))
         if split == detail_split:
-            for prompt in range(min(detail_prompts, len(records))):
+            shown = range(min(detail_prompts, len(records)))
+            if inputs.attentions is not None and len(shown):
+                attn_top_k = attention_top_k(inputs, shown, ATTN_DETAIL_ROWS if attn_rows is None else attn_rows)
+            for prompt in shown:
                 topk, cells = per_position_detail(
                     inputs, prompt, chunk_size=chunk_size, decode=decode
                 )
@@ -297,6 +315,8 @@ def probe_checkpoint(
                         prompt,
                         query_mask=inputs.mask[prompt],
                         attention_mask=inputs.attention_mask[prompt],
+                        top_k=attn_top_k,
+                        with_mass=True,
                     )
                 )
         del inputs
@@ -309,12 +329,35 @@ def probe_checkpoint(
         frame["step"] = step
         return frame[columns]
 
-    return {
+    attn = tidy(attn_frames, ATTN_COLUMNS + ["mass"])
+    # The weight the kept keys hold, averaged over every (prompt, layer, head, query) row.
+    mass_kept = float(attn.drop_duplicates(["prompt", "layer", "head", "query"])["mass"].mean()) if len(attn) else 1.0
+    # Compact: a float16 weight (the maps show 3 decimals), int16 positions, one run string.
+    attn = attn[ATTN_COLUMNS].astype({"step": "int32", "prompt": "int16", "layer": "int16", "head": "int16",
+                                      "query": "int16", "key": "int16", "weight": "float16"})
+    attn["run"] = attn["run"].astype("category")
+    tables = {
         "metrics": pd.concat(metric_frames, ignore_index=True)[METRIC_COLUMNS],
         "topk": tidy(topk_frames, TOPK_COLUMNS),
         "cells": tidy(cell_frames, CELL_COLUMNS),
-        "attn": tidy(attn_frames, ATTN_COLUMNS),
+        "attn": attn,
     }
+    tables["attn"].attrs.update(attn_top_k=attn_top_k, attn_mass_kept=mass_kept)
+    return tables
+
+
+def attention_top_k(inputs, prompts, budget: int) -> int | None:
+    """Keys per query for the drill-down attention table of ``prompts``: None (every visible
+    key) when the full table has at most ``budget`` rows, else the largest k that fits."""
+    from workbench.probing import attention_visible_pairs
+
+    n_layers, n_heads, seq_len = len(inputs.attentions), inputs.attentions[0].shape[1], inputs.mask.shape[1]
+    per_pair = n_layers * (n_heads + 1)  # the mean over heads is a row too
+    full = sum(attention_visible_pairs(inputs.mask[p], inputs.attention_mask[p], seq_len) for p in prompts)
+    if full * per_pair <= budget:
+        return None
+    queries = sum(int(inputs.mask[p].sum()) for p in prompts)
+    return max(1, budget // (per_pair * max(1, queries)))
 
 
 def _provenance(bridge, folder: Path, digest: str, device: str, dtype: str, step: int) -> dict:
@@ -331,6 +374,7 @@ def _provenance(bridge, folder: Path, digest: str, device: str, dtype: str, step
         "architecture": getattr(bridge.cfg, "architecture", None),
         "model_class": type(model).__name__,
         "n_layers": int(bridge.cfg.n_layers),
+        "n_heads": int(bridge.cfg.n_heads),
         "processing_mode": PROCESSING_MODE,
         "hooks": "blocks.{i}.hook_resid_post, blocks.{i}.attn.hook_pattern",
         "readout": "unembed(ln_final(resid_post)); layer L = model logits",
@@ -431,9 +475,12 @@ def probe_run(
             report.skipped.append((target.step, str(exc)))
             continue
         # metrics last: its presence with this hash is what marks the step analysed.
+        provenance["attn_top_k"] = tables["attn"].attrs.get("attn_top_k")
+        provenance["attn_mass_kept"] = tables["attn"].attrs.get("attn_mass_kept", 1.0)
         for kind in ("topk", "cells", "attn", "metrics"):
             path = run.analysis_path(target.step, kind)
-            atomic_write_parquet(path, tables[kind], metadata={**provenance, "kind": kind})
+            atomic_write_parquet(path, tables[kind], metadata={**provenance, "kind": kind},
+                                 row_group_size=ATTN_ROW_GROUP if kind == "attn" else None)
             report.files.append(path)
         report.analysed.append(target.step)
     return report

@@ -90,7 +90,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_write_parquet(
-    path: str | os.PathLike, df: pd.DataFrame, *, metadata: dict | None = None
+    path: str | os.PathLike, df: pd.DataFrame, *, metadata: dict | None = None,
+    row_group_size: int | None = None,
 ) -> None:
     """Write ``df`` (without its index) to a parquet file atomically.
 
@@ -99,13 +100,15 @@ def atomic_write_parquet(
         df: The table.
         metadata: Optional provenance (JSON-serialisable dict), stored in the parquet
             schema metadata and read back by :func:`read_provenance`.
+        row_group_size: rows per row group (pyarrow's default when None); smaller groups
+            of a sorted table let a filtered read skip most of the file.
     """
     table = pa.Table.from_pandas(df, preserve_index=False)
     if metadata is not None:
         merged = dict(table.schema.metadata or {})
         merged[PROVENANCE_KEY] = json.dumps(metadata, default=json_default).encode("utf-8")
         table = table.replace_schema_metadata(merged)
-    _atomic_write(path, lambda f: pq.write_table(table, f))
+    _atomic_write(path, lambda f: pq.write_table(table, f, row_group_size=row_group_size))
 
 
 def read_provenance(path: str | os.PathLike) -> dict:

@@ -54,6 +54,7 @@ __all__ = [
     "compute_probe_metrics",
     "per_position_detail",
     "attention_detail",
+    "attention_visible_pairs",
 ]
 
 # Default logit-lens chunk: positions such that chunk x V is about this many floats
@@ -533,30 +534,50 @@ def per_position_detail(
 
 
 @torch.no_grad()
+def attention_visible_pairs(query_mask: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                            seq_len: int) -> int:
+    """How many (query, key) pairs :func:`attention_detail` emits per layer and head row of one
+    sequence when it keeps every visible key (``key <= query``, not padding)."""
+    queries = (torch.arange(seq_len) if query_mask is None
+               else query_mask.cpu().to(torch.bool).nonzero().squeeze(1))
+    key_valid = None if attention_mask is None else attention_mask.cpu()
+    return int(metrics.causal_key_mask(queries, seq_len, key_valid).sum())
+
+
 def attention_detail(
     attentions: Sequence[torch.Tensor],
     prompt_index: int,
     *,
     query_mask: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
+    top_k: int | None = None,
+    with_mass: bool = False,
 ) -> pd.DataFrame:
     """Attention rows of one sequence for the dashboard's attention maps.
 
-    Emits every (query, key) pair the query can see (``key <= query``, not padding),
-    for each layer, for the mean over heads (``head = -1``) and for each head.
+    Emits the (query, key) pairs each query can see (``key <= query``, not padding), for
+    each layer, for the mean over heads (``head = -1``) and for each head: all of them, or
+    with ``top_k`` only the ``top_k`` heaviest keys of each query (ties: the earlier key),
+    which bounds the table at ``layers x (H + 1) x queries x top_k`` rows whatever the
+    sequence length.
 
     Args:
         attentions: ``L`` tensors ``(N, H, T, T)`` of attention probabilities, layers ``1..L``.
         prompt_index: which of the N sequences.
         query_mask: optional ``(T,)`` bool, the query positions to keep (default all).
         attention_mask: optional ``(T,)`` bool, False at padding keys of this sequence.
+        top_k: keep this many keys per query (None: every visible key).
+        with_mass: add a column ``mass``: the weight the query's kept keys hold in its
+            row (1.0 when every visible key is kept).
 
     Returns:
         DataFrame with columns ``ATTN_COLUMNS`` without run/step: ``prompt, layer,
-        head, query, key, weight``.
+        head, query, key, weight`` (and ``mass``); positions as int32, weights as float32.
     """
     if not attentions:
         raise WorkbenchError("attention_detail needs at least one layer of attention")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k must be >= 1, got {top_k}")
     n_seq, _, seq_len, _ = attentions[0].shape
     _check_prompt(n_seq, prompt_index)
     device = attentions[0].device
@@ -567,26 +588,46 @@ def attention_detail(
     )
     key_valid = None if attention_mask is None else attention_mask.to(device)
     visible = metrics.causal_key_mask(queries, seq_len, key_valid)  # (q, T)
-    q_idx, k_idx = visible.nonzero(as_tuple=True)  # (P,), (P,): every visible (query, key) pair
-    query_pos, key_pos = queries[q_idx].cpu().numpy(), k_idx.cpu().numpy()
+    widest = int(visible.sum(-1).max()) if visible.numel() else 0  # most keys any query sees
+    keep_all = top_k is None or top_k >= widest
+    if keep_all:
+        q_idx, k_idx = visible.nonzero(as_tuple=True)  # (P,), (P,): every visible (query, key) pair
     parts = []
     for layer, a in enumerate(attentions, start=1):
         maps = a[prompt_index].float()[:, queries, :]  # (H, q, T)
         # (H + 1, q, T): row 0 is the mean over heads, reported as head -1.
-        maps = torch.cat([maps.mean(0, keepdim=True), maps])
-        weights = maps[:, q_idx, k_idx].cpu().double().numpy()  # (H + 1, P)
-        heads = np.arange(-1, maps.shape[0] - 1)
+        maps = torch.cat([maps.mean(0, keepdim=True), maps]) * visible
+        rows_h = maps.shape[0]
+        if keep_all:
+            weights = maps[:, q_idx, k_idx]  # (H + 1, P)
+            query_pos = queries[q_idx].expand(rows_h, -1)
+            key_pos = k_idx.expand(rows_h, -1)
+            mass = torch.ones_like(weights)
+        else:
+            # Invisible keys weigh 0 and sort last; a query with fewer visible keys than
+            # top_k keeps only its visible ones.
+            ranked = torch.where(visible, maps, -1.0)
+            top, keys = ranked.topk(top_k, dim=-1, sorted=True)  # (H + 1, q, k)
+            kept = top >= 0
+            weights = top[kept]
+            key_pos = keys[kept]
+            query_pos = queries[:, None].expand(-1, top_k)[None].expand(rows_h, -1, -1)[kept]
+            mass = torch.where(kept, top, 0.0).sum(-1, keepdim=True).expand(-1, -1, top_k)[kept]
+            heads_of = torch.arange(-1, rows_h - 1, device=device)[:, None, None].expand_as(top)[kept]
+        if keep_all:
+            heads_of = torch.arange(-1, rows_h - 1, device=device)[:, None].expand_as(weights)
         parts.append(
             pd.DataFrame(
                 {
-                    "layer": layer,
-                    "head": np.repeat(heads, len(query_pos)),
-                    "query": np.tile(query_pos, len(heads)),
-                    "key": np.tile(key_pos, len(heads)),
-                    "weight": weights.reshape(-1),
+                    "layer": np.full(weights.numel(), layer, dtype=np.int32),
+                    "head": heads_of.reshape(-1).cpu().numpy().astype(np.int32),
+                    "query": query_pos.reshape(-1).cpu().numpy().astype(np.int32),
+                    "key": key_pos.reshape(-1).cpu().numpy().astype(np.int32),
+                    "weight": weights.reshape(-1).cpu().numpy().astype(np.float32),
+                    "mass": mass.reshape(-1).cpu().numpy().astype(np.float32),
                 }
             )
         )
     frame = pd.concat(parts, ignore_index=True)
-    frame.insert(0, "prompt", prompt_index)
-    return frame[[c for c in ATTN_COLUMNS if c not in ("run", "step")]]
+    frame.insert(0, "prompt", np.int32(prompt_index))
+    return frame[[c for c in ATTN_COLUMNS if c not in ("run", "step")] + (["mass"] if with_mass else [])]

@@ -92,16 +92,13 @@ def render(ctx: ViewContext) -> None:
     else:
         st.info("No top-k table for this prompt.")
 
-    attn, attn_messages = data.detail(run, step, "attn", prompt)
-    for message in attn_messages:
-        st.error(message)
     st.subheader("Attention maps")
-    if attn.empty:
+    shape = data.attention_shape(run, step, prompt)
+    if shape is None:
         st.info(f"No attention detail at step {step}.")
         download_csv(topk, f"lens-{name}-step{step}-prompt{prompt}.csv")
         return
-    layers = sorted(int(layer) for layer in attn["layer"].unique())
-    heads = sorted(int(h) for h in attn["head"].unique() if h >= 0)
+    layers, heads = shape.layers, shape.heads
     final = layers[-1]
     controls = st.columns(3)
     layer = select(ctx, "Layer", layers, "layer", container=controls[0], default=layers[0])
@@ -110,6 +107,17 @@ def render(ctx: ViewContext) -> None:
     other_steps = [s for s in steps if s != step] or steps
     step_b = select(None, "Compare with step", other_steps, "drilldown_step_b", container=controls[2],
                     default=other_steps[0])
+    # Only the chosen layer and the final one are read (the table holds every layer and head).
+    attn, attn_messages = data.detail(run, step, "attn", prompt, layers=[layer, final])
+    for message in attn_messages:
+        st.error(message)
+    if attn.empty:
+        st.info(f"No attention detail of prompt {prompt} at step {step}.")
+        return
+    if shape.top_k is not None:
+        st.caption(f"Each query shows its {shape.top_k} heaviest keys, which hold {shape.mass_kept:.0%} of its "
+                   "attention on average (the model's depth, heads and length exceed the table's budget; "
+                   "`workbench.analyzer.ATTN_DETAIL_ROWS`).")
     tokens = {int(p): t for p, t in cells.drop_duplicates("position")[["position", "token"]].itertuples(index=False)}
     head_text = "mean over heads" if head == -1 else f"head {head}"
 
@@ -123,7 +131,7 @@ def render(ctx: ViewContext) -> None:
         st.plotly_chart(figures.attention_map(last, f"Final layer {final}, {head_text}, step {step}", tokens, zmax),
                         key="drilldown_attn_final")
 
-    attn_b, messages_b = data.detail(run, step_b, "attn", prompt)
+    attn_b, messages_b = data.detail(run, step_b, "attn", prompt, layers=[layer])
     for message in messages_b:
         st.error(message)
     rows_b = head_rows(attn_b, layer, head) if len(attn_b) else attn_b

@@ -291,3 +291,38 @@ def test_cli_probe_exits_1_with_a_final_line_when_a_checkpoint_is_skipped(tmp_pa
     assert "skipped 1" in result.stdout
     assert result.stderr.strip().splitlines()[-1] == (
         "error: 1 checkpoint(s) could not be analysed (see the reasons above)")
+
+
+def test_attention_table_keeps_top_k_keys_beyond_its_budget(tmp_path, tokenizer, records, monkeypatch):
+    """Beyond ``ATTN_DETAIL_ROWS`` each query keeps its heaviest keys: the table stays within
+    the budget, the file says how many keys and how much weight they hold, and the kept
+    rows are the full table's heaviest ones with their exact weights."""
+    from workbench import analyzer
+    from workbench.atomic import read_provenance
+
+    model = _model(_configs(tokenizer)["qwen3"])
+    full_dir = _make_run(tmp_path / "full", tokenizer, records, {5: model})
+    probe_run(full_dir, progress=False, greedy=False, detail_prompts=2)
+    full = pd.read_parquet(Run.open(full_dir).analysis_path(5, "attn"))
+    info_full = read_provenance(Run.open(full_dir).analysis_path(5, "attn"))
+    assert info_full["attn_top_k"] is None and info_full["attn_mass_kept"] == 1.0
+    assert full["weight"].dtype == "float16" and full["key"].dtype == "int16"
+
+    budget = len(full) // 3
+    monkeypatch.setattr(analyzer, "ATTN_DETAIL_ROWS", budget)
+    small_dir = _make_run(tmp_path / "small", tokenizer, records, {5: model})
+    probe_run(small_dir, progress=False, greedy=False, detail_prompts=2)
+    path = Run.open(small_dir).analysis_path(5, "attn")
+    small, info = pd.read_parquet(path), read_provenance(path)
+    k = info["attn_top_k"]
+    queries = full.drop_duplicates(["prompt", "layer", "head", "query"])
+    assert k == budget // len(queries) and len(small) <= budget
+    keys = ["prompt", "layer", "head", "query", "key"]
+    expected = (full.sort_values(keys).sort_values("weight", ascending=False, kind="stable")
+                .groupby(["prompt", "layer", "head", "query"]).head(k))
+    merged = small.merge(full, on=keys, suffixes=("", "_full"))
+    assert len(merged) == len(small) == len(expected)  # every kept row exists in the full table
+    assert (merged["weight"] == merged["weight_full"]).all()
+    assert set(map(tuple, small[keys].to_numpy())) == set(map(tuple, expected[keys].to_numpy()))
+    kept = small.astype({"weight": "float64"}).groupby(["prompt", "layer", "head", "query"])["weight"].sum()
+    assert info["attn_mass_kept"] == pytest.approx(float(kept.mean()), abs=2e-3) and info["attn_mass_kept"] < 1

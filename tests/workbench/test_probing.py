@@ -381,3 +381,32 @@ def test_default_chunk_equals_one_position_at_a_time():
     one = per_position_detail(inputs, 0, chunk_size=1)[1]
     default = per_position_detail(inputs, 0)[1]
     pd.testing.assert_frame_equal(one, default, atol=1e-6, check_exact=False)
+
+
+def test_attention_detail_top_k_keeps_the_heaviest_keys_and_their_mass():
+    # One sequence of 4 tokens, one layer, two heads; query 3 sees keys 0..3.
+    a = torch.zeros(1, 2, 4, 4)
+    a[0, :, 0, 0] = 1.0
+    a[0, 0, 1, :2] = torch.tensor([0.3, 0.7])
+    a[0, 1, 1, :2] = torch.tensor([0.9, 0.1])
+    a[0, 0, 2, :3] = torch.tensor([0.5, 0.2, 0.3])
+    a[0, 1, 2, :3] = torch.tensor([0.1, 0.1, 0.8])
+    a[0, 0, 3] = torch.tensor([0.1, 0.4, 0.2, 0.3])
+    a[0, 1, 3] = torch.tensor([0.6, 0.1, 0.2, 0.1])
+    full = attention_detail([a], 0, with_mass=True)
+    assert len(full) == 3 * (1 + 2 + 3 + 4) and (full["mass"] == 1.0).all()
+    top = attention_detail([a], 0, top_k=2, with_mass=True)
+    # 3 head rows (mean, 0, 1) x (1 + 2 + 2 + 2) kept pairs: query 0 has one visible key.
+    assert len(top) == 3 * 7
+    w = top.set_index(["head", "query", "key"])["weight"]
+    assert set(top[(top["head"] == 0) & (top["query"] == 3)]["key"]) == {1, 3}  # 0.4 and 0.3
+    assert w[(0, 2, 0)] == pytest.approx(0.5) and w[(0, 2, 2)] == pytest.approx(0.3)
+    # Mean over heads at query 3: (0.35, 0.25, 0.2, 0.2): keys 0 and 1, mass 0.6.
+    mean3 = top[(top["head"] == -1) & (top["query"] == 3)]
+    assert set(mean3["key"]) == {0, 1} and mean3["mass"].tolist() == pytest.approx([0.6, 0.6])
+    assert top[(top["head"] == 1) & (top["query"] == 2)]["mass"].tolist() == pytest.approx([0.9, 0.9])
+    # top_k at least the widest row keeps everything, exactly as without it.
+    pd.testing.assert_frame_equal(attention_detail([a], 0, top_k=4, with_mass=True), full)
+    assert "mass" not in attention_detail([a], 0, top_k=2).columns
+    with pytest.raises(ConfigError, match="top_k"):
+        attention_detail([a], 0, top_k=0)
