@@ -156,20 +156,27 @@ def load_decoder(location: str, device: str, dtype: torch.dtype):
     return model.to(device).eval()
 
 
-def _hook_names(n_layers: int) -> list[str]:
-    """The only activations cached: every block's residual output and attention pattern."""
+def _hook_names(n_layers: int, patterns: str = "all") -> list[str]:
+    """The activations cached: every block's residual output, and the attention pattern of
+    every block (``patterns="all"``) or of the last one only (``"final"``)."""
+    layers = range(n_layers) if patterns == "all" else [n_layers - 1]
     return [f"blocks.{i}.hook_resid_post" for i in range(n_layers)] + [
-        f"blocks.{i}.attn.hook_pattern" for i in range(n_layers)
+        f"blocks.{i}.attn.hook_pattern" for i in layers
     ]
 
 
 @torch.no_grad()
-def bridge_probe_inputs(bridge, batch: dict[str, torch.Tensor]):
+def bridge_probe_inputs(bridge, batch: dict[str, torch.Tensor], *, patterns: str = "all"):
     """One cached bridge forward over a probe batch, as ``ProbeInputs``.
 
     Args:
         bridge: a booted ``TransformerBridge`` in eval mode.
         batch: from ``workbench.probe_runner.probe_batch``.
+        patterns: ``"all"``: every layer's attention pattern in ``attentions``; ``"final"``:
+            only the last layer's, returned as ``inputs.final_attention`` with
+            ``attentions`` None, for :func:`stream_attention` to fold the layers in one
+            at a time (what the analyzer does: the ``(N, H, T, T)`` patterns of every
+            layer at once are what grows with depth, heads and length).
 
     Returns:
         ``workbench.probing.ProbeInputs`` with ``hidden`` = ``blocks.{0..L-2}.hook_resid_post``
@@ -189,7 +196,7 @@ def bridge_probe_inputs(bridge, batch: dict[str, torch.Tensor]):
         batch["input_ids"],
         attention_mask=batch["attention_mask"],
         position_ids=batch["position_ids"],
-        names_filter=_hook_names(n_layers),
+        names_filter=_hook_names(n_layers, patterns),
     )
 
     def readout(h: torch.Tensor) -> torch.Tensor:
@@ -212,9 +219,32 @@ def bridge_probe_inputs(bridge, batch: dict[str, torch.Tensor]):
         readout=readout,
         targets=batch["targets"],
         mask=scored,
-        attentions=[cache[f"blocks.{i}.attn.hook_pattern"] for i in range(n_layers)],
+        attentions=([cache[f"blocks.{i}.attn.hook_pattern"] for i in range(n_layers)]
+                    if patterns == "all" else None),
         attention_mask=batch["attention_mask"].bool(),
         input_ids=batch["input_ids"],
+        final_attention=cache[f"blocks.{n_layers - 1}.attn.hook_pattern"],
+    )
+
+
+@torch.no_grad()
+def stream_attention(bridge, batch: dict[str, torch.Tensor], on_layer) -> None:
+    """A second bridge forward over the same batch that hands each block's attention pattern
+    ``(N, H, T, T)`` to ``on_layer(layer, pattern)`` (layers 1..L, in order) from a hook and
+    keeps none of them: peak memory holds one layer's pattern, not L."""
+    device = torch.device(bridge.cfg.device)
+    n_layers = bridge.cfg.n_layers
+
+    def hook(layer: int):
+        def fn(pattern, hook=None):
+            on_layer(layer, pattern)
+        return fn
+
+    bridge.run_with_hooks(
+        batch["input_ids"].to(device),
+        fwd_hooks=[(f"blocks.{i}.attn.hook_pattern", hook(i + 1)) for i in range(n_layers)],
+        attention_mask=batch["attention_mask"].to(device),
+        position_ids=batch["position_ids"].to(device),
     )
 
 
@@ -269,10 +299,11 @@ def probe_checkpoint(
         ``{"metrics", "topk", "cells", "attn"}`` -> DataFrame (schema columns).
     """
     from workbench.probe_runner import greedy_responses, n_samples_frame, probe_batch, probe_splits, special_ids
-    from workbench.probing import attention_detail, compute_probe_metrics, per_position_detail
+    from workbench.probing import AttentionMetrics, attention_detail, compute_probe_metrics, per_position_detail
 
     pad_id, eos_id = special_ids(tokenizer)
     decode = _decoder(tokenizer)
+    n_layers = bridge.cfg.n_layers
     greedy_ids = None
     if greedy:
         # Decoded by a plain HF model with eager attention and the rollout sampler, as the
@@ -296,30 +327,33 @@ def probe_checkpoint(
             metric_frames.append(n_samples_frame(run, step, split, len(split_records), "analyzer"))
             if not split_records:
                 continue
-        inputs = bridge_probe_inputs(bridge, probe_batch(split_records, pad_id, split_responses))
-        result = compute_probe_metrics(inputs, chunk_size=chunk_size)
-        metric_frames.append(result.to_frame(run, step, split, "analyzer"))
-        if split == detail_split:
-            shown = range(min(detail_prompts, len(records)))
-            if inputs.attentions is not None and len(shown):
-                attn_top_k = attention_top_k(inputs, shown, ATTN_DETAIL_ROWS if attn_rows is None else attn_rows)
+        batch = probe_batch(split_records, pad_id, split_responses)
+        inputs = bridge_probe_inputs(bridge, batch, patterns="final")
+        result = compute_probe_metrics(inputs, chunk_size=chunk_size)  # the lens metrics
+        shown = range(min(detail_prompts, len(records))) if split == detail_split else range(0)
+        if len(shown):
+            attn_top_k = attention_top_k(inputs, shown, ATTN_DETAIL_ROWS if attn_rows is None else attn_rows)
+        # The attention metrics and drill-down rows, one layer at a time (a second forward).
+        attention = AttentionMetrics(inputs.mask, inputs.attention_mask, inputs.final_attention)
+
+        by_prompt: dict[int, list[pd.DataFrame]] = {prompt: [] for prompt in shown}
+
+        def on_layer(layer: int, pattern: torch.Tensor) -> None:
+            attention.add(None if layer == n_layers else pattern)
             for prompt in shown:
-                topk, cells = per_position_detail(
-                    inputs, prompt, chunk_size=chunk_size, decode=decode
-                )
-                topk_frames.append(topk)
-                cell_frames.append(cells)
-                attn_frames.append(
-                    attention_detail(
-                        inputs.attentions,
-                        prompt,
-                        query_mask=inputs.mask[prompt],
-                        attention_mask=inputs.attention_mask[prompt],
-                        top_k=attn_top_k,
-                        with_mass=True,
-                    )
-                )
-        del inputs
+                by_prompt[prompt].append(attention_detail(
+                    [pattern], prompt, query_mask=inputs.mask[prompt], attention_mask=inputs.attention_mask[prompt],
+                    top_k=attn_top_k, with_mass=True, first_layer=layer))
+
+        stream_attention(bridge, batch, on_layer)
+        attn_frames += [frame for prompt in shown for frame in by_prompt[prompt]]  # prompt, then layer order
+        result.set_attention(attention.result())
+        metric_frames.append(result.to_frame(run, step, split, "analyzer"))
+        for prompt in shown:
+            topk, cells = per_position_detail(inputs, prompt, chunk_size=chunk_size, decode=decode)
+            topk_frames.append(topk)
+            cell_frames.append(cells)
+        del inputs, attention
 
     def tidy(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
         if not frames:
@@ -329,6 +363,7 @@ def probe_checkpoint(
         frame["step"] = step
         return frame[columns]
 
+    # In prompt, layer, head order: row groups that the dashboard's filtered reads skip.
     attn = tidy(attn_frames, ATTN_COLUMNS + ["mass"])
     # The weight the kept keys hold, averaged over every (prompt, layer, head, query) row.
     mass_kept = float(attn.drop_duplicates(["prompt", "layer", "head", "query"])["mass"].mean()) if len(attn) else 1.0
@@ -351,7 +386,7 @@ def attention_top_k(inputs, prompts, budget: int) -> int | None:
     key) when the full table has at most ``budget`` rows, else the largest k that fits."""
     from workbench.probing import attention_visible_pairs
 
-    n_layers, n_heads, seq_len = len(inputs.attentions), inputs.attentions[0].shape[1], inputs.mask.shape[1]
+    n_layers, n_heads, seq_len = inputs.n_layers, inputs.final_attention.shape[1], inputs.mask.shape[1]
     per_pair = n_layers * (n_heads + 1)  # the mean over heads is a row too
     full = sum(attention_visible_pairs(inputs.mask[p], inputs.attention_mask[p], seq_len) for p in prompts)
     if full * per_pair <= budget:

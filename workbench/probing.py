@@ -53,6 +53,7 @@ __all__ = [
     "ProbeResult",
     "compute_probe_metrics",
     "per_position_detail",
+    "AttentionMetrics",
     "attention_detail",
     "attention_visible_pairs",
 ]
@@ -93,6 +94,9 @@ class ProbeInputs:
             (``attn_entropy``) and to find the first real token (``bos_mass``).
         input_ids: optional ``(N, T)`` long, the input tokens, used only to label the
             drill-down tables.
+        final_attention: optional ``(N, H, T, T)``, the final layer's attention, for a
+            producer that streams the other layers (:class:`AttentionMetrics`) instead of
+            filling ``attentions``.
     """
 
     hidden: Sequence[torch.Tensor]
@@ -103,6 +107,7 @@ class ProbeInputs:
     attentions: Sequence[torch.Tensor] | None = None
     attention_mask: torch.Tensor | None = None
     input_ids: torch.Tensor | None = None
+    final_attention: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.final_logits.ndim != 3:
@@ -174,6 +179,11 @@ class ProbeResult:
     attn_head_match: np.ndarray | None = None
     attn_head_identity: np.ndarray | None = None
     head_perm: np.ndarray | None = None
+
+    def set_attention(self, values: dict[str, np.ndarray | int]) -> None:
+        """The attention fields, from :meth:`AttentionMetrics.result`."""
+        for name, value in values.items():
+            setattr(self, name, value)
 
     def to_frame(self, run: str, step: int, split: str, source: str) -> pd.DataFrame:
         """The tidy table: one row per value, columns ``workbench.schema.METRIC_COLUMNS``.
@@ -317,66 +327,95 @@ def _lens_metrics(
     return lens, depth, n
 
 
-def _attention_metrics(inputs: ProbeInputs, head_match: bool) -> dict[str, np.ndarray | int]:
-    """Attention metrics over the scored query positions of every sequence.
+class AttentionMetrics:
+    """The attention metrics of docs/metrics.md, accumulated one layer at a time.
 
-    Every metric is per query row, so the scored rows of all sequences are gathered
-    into one ``(H, n, T)`` block per layer (with per-row key masks and first-token
-    indices) and each metric is one batched call per layer, not one per sequence.
+    Every metric is per scored query row and compares a layer with the final layer, so
+    the final layer's pattern comes first (``final``); then each layer's pattern is
+    folded in by :meth:`add` and can be dropped: a producer that streams the layers
+    (the analyzer's hooks) never holds more than two ``(N, H, T, T)`` patterns. The scored
+    rows of all sequences are gathered into one ``(H, n, T)`` block per layer (with
+    per-row key masks and first-token indices), so each metric is one batched call per
+    layer, not one per sequence.
+
+    Args:
+        mask: ``(N, T)`` bool, the scored positions (the query rows).
+        attention_mask: ``(N, T)`` bool or None, False at padding keys.
+        final: the final layer's ``(N, H, T, T)`` attention probabilities.
+        head_match: also the Hungarian head matching (``H^2`` JSDs per layer).
     """
-    attentions = inputs.attentions
-    n_seq, n_heads, seq_len, _ = attentions[0].shape
-    device = attentions[0].device
-    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
-    seq_idx, query_pos = inputs.mask.nonzero(as_tuple=True)  # (n,), (n,)
-    n_queries = seq_idx.numel()
-    if n_queries == 0:
-        raise DataError("the probe mask selects no positions to score")
-    if inputs.attention_mask is None:
-        key_valid, first_key = None, 0
-    else:
-        key_valid = inputs.attention_mask[seq_idx]  # (n, T)
-        # The first real token of each query's sequence (left padding shifts it).
-        first_key = inputs.attention_mask.long().argmax(-1)[seq_idx]  # (n,)
-    key_mask = metrics.causal_key_mask(query_pos, seq_len, key_valid)  # (n, T)
 
-    def rows(a: torch.Tensor) -> torch.Tensor:
-        # a[s, :, q, :] for every scored (s, q): (n, H, T) -> (H, n, T).
-        return a[seq_idx, :, query_pos, :].float().transpose(0, 1).contiguous()
-
-    def total(x: torch.Tensor) -> torch.Tensor:
-        return x.to(acc_dtype).sum(-1)
-
-    final = rows(attentions[-1])  # (H, n, T)
-    means, js_head, ent, bos, cost = [], [], [], [], []
-    for a in attentions:
-        layer_rows = rows(a) if a is not attentions[-1] else final
-        means.append(layer_rows.mean(0, keepdim=True))  # (1, n, T)
-        if head_match:
-            pairs = metrics.head_js_matrix(layer_rows, final)  # (H, H, n)
-            cost.append(total(pairs))  # (H, H)
-            # Head h against head h of layer L is the diagonal: no second pass needed.
-            js_head.append(total(pairs.diagonal(0, 0, 1).T))  # (H,)
+    def __init__(self, mask: torch.Tensor, attention_mask: torch.Tensor | None, final: torch.Tensor,
+                 head_match: bool = True):
+        self.device = final.device
+        self.acc_dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        self.n_heads, seq_len = final.shape[1], final.shape[-1]
+        self.seq_idx, self.query_pos = mask.to(self.device).nonzero(as_tuple=True)  # (n,), (n,)
+        self.n_queries = self.seq_idx.numel()
+        if self.n_queries == 0:
+            raise DataError("the probe mask selects no positions to score")
+        if attention_mask is None:
+            key_valid, self.first_key = None, 0
         else:
-            js_head.append(total(metrics.attn_js_per_head(layer_rows, final)))  # (H,)
-        ent.append(total(metrics.attn_entropy(layer_rows, key_mask)))
-        bos.append(total(metrics.bos_mass(layer_rows, first_key)))
-    js = total(metrics.attn_js_matrix(means))  # (L, L)
-    out: dict[str, np.ndarray | int] = {
-        "n_heads": n_heads,
-        "attn_js": (js / n_queries).cpu().double().numpy(),
-        "attn_js_final_per_head": (torch.stack(js_head) / n_queries).cpu().double().numpy(),
-        "attn_entropy": (torch.stack(ent) / n_queries).cpu().double().numpy(),
-        "bos_mass": (torch.stack(bos) / n_queries).cpu().double().numpy(),
-    }
-    if head_match:
-        # One assignment per layer on the cost averaged over all scored queries of all
-        # sequences (not a matching per sequence).
-        matched = [metrics.match_heads(c / n_queries) for c in cost]
-        out["head_perm"] = torch.stack([perm for perm, _, _ in matched]).numpy()
-        out["attn_head_match"] = np.array([m for _, m, _ in matched])
-        out["attn_head_identity"] = np.array([ident for _, _, ident in matched])
-    return out
+            attention_mask = attention_mask.to(self.device)
+            key_valid = attention_mask[self.seq_idx]  # (n, T)
+            # The first real token of each query's sequence (left padding shifts it).
+            self.first_key = attention_mask.long().argmax(-1)[self.seq_idx]  # (n,)
+        self.key_mask = metrics.causal_key_mask(self.query_pos, seq_len, key_valid)  # (n, T)
+        self.head_match = head_match
+        self.final = self._rows(final)  # (H, n, T)
+        self.means, self.js_head, self.ent, self.bos, self.cost = [], [], [], [], []
+
+    def _rows(self, a: torch.Tensor) -> torch.Tensor:
+        # a[s, :, q, :] for every scored (s, q): (n, H, T) -> (H, n, T).
+        return a[self.seq_idx, :, self.query_pos, :].float().transpose(0, 1).contiguous()
+
+    def _total(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.acc_dtype).sum(-1)
+
+    def add(self, a: torch.Tensor | None) -> None:
+        """Fold in the next layer's ``(N, H, T, T)`` pattern (layers in order 1..L; None for
+        the final layer, already given)."""
+        layer_rows = self.final if a is None else self._rows(a)
+        self.means.append(layer_rows.mean(0, keepdim=True))  # (1, n, T)
+        if self.head_match:
+            pairs = metrics.head_js_matrix(layer_rows, self.final)  # (H, H, n)
+            self.cost.append(self._total(pairs))  # (H, H)
+            # Head h against head h of layer L is the diagonal: no second pass needed.
+            self.js_head.append(self._total(pairs.diagonal(0, 0, 1).T))  # (H,)
+        else:
+            self.js_head.append(self._total(metrics.attn_js_per_head(layer_rows, self.final)))  # (H,)
+        self.ent.append(self._total(metrics.attn_entropy(layer_rows, self.key_mask)))
+        self.bos.append(self._total(metrics.bos_mass(layer_rows, self.first_key)))
+
+    def result(self) -> dict[str, np.ndarray | int]:
+        """The :class:`ProbeResult` attention fields, over the layers added so far."""
+        n = self.n_queries
+        js = self._total(metrics.attn_js_matrix(self.means))  # (L, L)
+        out: dict[str, np.ndarray | int] = {
+            "n_heads": self.n_heads,
+            "attn_js": (js / n).cpu().double().numpy(),
+            "attn_js_final_per_head": (torch.stack(self.js_head) / n).cpu().double().numpy(),
+            "attn_entropy": (torch.stack(self.ent) / n).cpu().double().numpy(),
+            "bos_mass": (torch.stack(self.bos) / n).cpu().double().numpy(),
+        }
+        if self.head_match:
+            # One assignment per layer on the cost averaged over all scored queries of all
+            # sequences (not a matching per sequence).
+            matched = [metrics.match_heads(c / n) for c in self.cost]
+            out["head_perm"] = torch.stack([perm for perm, _, _ in matched]).numpy()
+            out["attn_head_match"] = np.array([m for _, m, _ in matched])
+            out["attn_head_identity"] = np.array([ident for _, _, ident in matched])
+        return out
+
+
+def _attention_metrics(inputs: ProbeInputs, head_match: bool) -> dict[str, np.ndarray | int]:
+    """Attention metrics of a batch whose every layer's pattern is in memory."""
+    acc = AttentionMetrics(inputs.mask, inputs.attention_mask, inputs.attentions[-1], head_match)
+    for a in inputs.attentions[:-1]:
+        acc.add(a)
+    acc.add(None)
+    return acc.result()
 
 
 @torch.no_grad()
@@ -410,8 +449,7 @@ def compute_probe_metrics(
     lens, depth, n = _lens_metrics(inputs, chunk_size, temperature)
     result = ProbeResult(n_layers=inputs.n_layers, n_positions=n, lens=lens, prediction_depth=depth)
     if inputs.attentions is not None:
-        for name, value in _attention_metrics(inputs, head_match).items():
-            setattr(result, name, value)
+        result.set_attention(_attention_metrics(inputs, head_match))
     return result
 
 
@@ -552,6 +590,7 @@ def attention_detail(
     attention_mask: torch.Tensor | None = None,
     top_k: int | None = None,
     with_mass: bool = False,
+    first_layer: int = 1,
 ) -> pd.DataFrame:
     """Attention rows of one sequence for the dashboard's attention maps.
 
@@ -569,10 +608,13 @@ def attention_detail(
         top_k: keep this many keys per query (None: every visible key).
         with_mass: add a column ``mass``: the weight the query's kept keys hold in its
             row (1.0 when every visible key is kept).
+        first_layer: the layer number of ``attentions[0]`` (a producer that streams the
+            layers passes one layer at a time).
 
     Returns:
         DataFrame with columns ``ATTN_COLUMNS`` without run/step: ``prompt, layer,
-        head, query, key, weight`` (and ``mass``); positions as int32, weights as float32.
+        head, query, key, weight`` (and ``mass``); prompt, layer and head as int16, positions
+        as int32, weights as float32.
     """
     if not attentions:
         raise WorkbenchError("attention_detail needs at least one layer of attention")
@@ -593,7 +635,7 @@ def attention_detail(
     if keep_all:
         q_idx, k_idx = visible.nonzero(as_tuple=True)  # (P,), (P,): every visible (query, key) pair
     parts = []
-    for layer, a in enumerate(attentions, start=1):
+    for layer, a in enumerate(attentions, start=first_layer):
         maps = a[prompt_index].float()[:, queries, :]  # (H, q, T)
         # (H + 1, q, T): row 0 is the mean over heads, reported as head -1.
         maps = torch.cat([maps.mean(0, keepdim=True), maps]) * visible
@@ -619,8 +661,8 @@ def attention_detail(
         parts.append(
             pd.DataFrame(
                 {
-                    "layer": np.full(weights.numel(), layer, dtype=np.int32),
-                    "head": heads_of.reshape(-1).cpu().numpy().astype(np.int32),
+                    "layer": np.full(weights.numel(), layer, dtype=np.int16),
+                    "head": heads_of.reshape(-1).cpu().numpy().astype(np.int16),
                     "query": query_pos.reshape(-1).cpu().numpy().astype(np.int32),
                     "key": key_pos.reshape(-1).cpu().numpy().astype(np.int32),
                     "weight": weights.reshape(-1).cpu().numpy().astype(np.float32),
@@ -629,5 +671,5 @@ def attention_detail(
             )
         )
     frame = pd.concat(parts, ignore_index=True)
-    frame.insert(0, "prompt", np.int32(prompt_index))
+    frame.insert(0, "prompt", np.int16(prompt_index))
     return frame[[c for c in ATTN_COLUMNS if c not in ("run", "step")] + (["mass"] if with_mass else [])]
