@@ -321,7 +321,8 @@ def probe_checkpoint(
     # references use the model's own greedy completions.
     detail_split = "reference" if all(r.get("reference_ids") for r in records) else "greedy"
     if detail_split == "greedy" and not greedy:
-        raise DataError("the probe prompts have no references: the greedy split is the only one (greedy=False)")
+        raise DataError("not every probe prompt has a reference: the drill-down needs the greedy split "
+                        "(greedy=False)")
     for split, split_records, split_responses in probe_splits(records, greedy=greedy_ids, samples=samples):
         if split in OUTCOME_SPLITS:
             metric_frames.append(n_samples_frame(run, step, split, len(split_records), "analyzer"))
@@ -467,6 +468,8 @@ def probe_run(
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if detail_prompts < 0:
         raise ConfigError(f"detail_prompts must be >= 0, got {detail_prompts}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     run = Run.open(run_dir)
     records = run.probe_set()
     if not records:

@@ -15,7 +15,7 @@ import logging
 import sys
 
 from workbench import __version__
-from workbench.errors import WorkbenchError
+from workbench.errors import ConfigError, WorkbenchError
 from workbench.schema import DEFAULT_PROBE_MAX_NEW_TOKENS
 
 EPILOG = "Docs: README.md. Every subcommand has --help."
@@ -47,28 +47,52 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from workbench.analyzer import probe_run
-    from workbench.external import check_inputs, load_prompts, prepare_analysis_folder
+    from workbench.external import (
+        check_inputs,
+        check_probe_args,
+        load_prompts,
+        plan_analysis_folder,
+        reference_note,
+        write_analysis_folder,
+    )
 
-    sources = check_inputs(args.paths, args.out)  # every input checked before any work
+    # Every argument, input, prompt and tokenizer is checked before anything is written.
+    check_probe_args(max_new_tokens=args.max_new_tokens, detail_prompts=args.detail_prompts,
+                     n_prompts=args.n_prompts, dtype=args.dtype, device=args.device)
+    sources = check_inputs(args.paths, args.out)
     external = [s for s in sources if s.kind != "run"]
-    prompts = None
+    if not external and (args.prompts or args.chat_template):
+        flag = "--prompts" if args.prompts else "--chat-template"
+        raise ConfigError(f"{flag} applies to inputs that are not run folders; "
+                          "a run folder is probed with its own probe set")
+    plans = {}
     if external:
         if args.prompts:
             prompts = load_prompts(args.prompts)
         else:  # the embedded task's held-out questions with their references
             from trainer.tasks import ArithmeticTask
 
-            prompts = [{"prompt": e.prompt, "reference": e.reference}
-                       for e in ArithmeticTask().test_examples()[: args.n_prompts]]
+            examples = ArithmeticTask().test_examples()
+            if args.n_prompts > len(examples):
+                raise ConfigError(f"--n-prompts {args.n_prompts} exceeds the embedded task's "
+                                  f"{len(examples)} held-out questions")
+            prompts = [{"prompt": e.prompt, "reference": e.reference} for e in examples[: args.n_prompts]]
+        length = args.max_new_tokens or DEFAULT_PROBE_MAX_NEW_TOKENS
+        plans = {id(s): plan_analysis_folder(s, args.out, prompts, chat_template=args.chat_template,
+                                             max_new_tokens=length) for s in external}
+        note = reference_note(prompts)
+        if note:
+            print(note)
+
+    from workbench.analyzer import probe_run
+
     failed = 0
     for source in sources:
         if source.kind == "run":
             folder, length = source.path, args.max_new_tokens
         else:
-            length = args.max_new_tokens or DEFAULT_PROBE_MAX_NEW_TOKENS
-            folder = prepare_analysis_folder(source, args.out, prompts, chat_template=args.chat_template,
-                                             max_new_tokens=length)
+            plan = plans[id(source)]
+            folder, length = write_analysis_folder(plan), plan.max_new_tokens
         report = probe_run(folder, device=args.device, dtype=args.dtype, force=args.force,
                            detail_prompts=args.detail_prompts, max_new_tokens=length)
         print(report)
@@ -108,8 +132,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the command line's one-line errors: ``error: <what>; see <prog> --help``
+    on stderr and exit status 2 (not a usage block, then the error)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="oisd",
         description="Workbench for RL post-training with intermediate-layer self-distillation: "
         "train (GRPO + OISD/SDPG/RLSD/OPSD), probe checkpoints with TransformerLens, browse results.",

@@ -38,7 +38,8 @@ from workbench.runstore import Run
 from workbench.schema import OUTCOME_SPLITS
 
 __all__ = ["ALIGNMENT_METRICS", "COLUMNS", "ENTROPY_WINDOW", "GAP_METRICS", "comparability_warnings",
-           "comparison_table", "outcome_gap", "print_comparison", "probe_summary", "report_layers"]
+           "comparison_table", "outcome_gap", "print_comparison", "probe_summary", "reference_notes",
+           "report_layers"]
 
 ALIGNMENT_METRICS = ("top1_agree", "attn_js_final")
 GAP_METRICS = ("top1_agree", "lens_js", "attn_js_final")  # correct-minus-wrong gaps reported
@@ -367,6 +368,25 @@ def _arrow(before: object, after: object) -> str:
     return f"{_fmt(before)} -> {_fmt(after)}"
 
 
+def reference_notes(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
+    """One line per run whose probe prompts do not all have a reference (free prompts of
+    ``oisd probe --prompts``): its reference split covers only those that have one, or,
+    with none, it has no reference split and its alignment columns read "-"."""
+    out = []
+    for path in run_dirs:
+        run = Run.open(path)
+        records = run.probe_set()
+        n = sum(1 for r in records if r.get("reference_ids"))
+        if not records or n == len(records):
+            continue
+        if n == 0:
+            out.append(f"{run.name}: no probe prompt has a reference, so there is no reference split and its "
+                       "alignment columns read '-' (its greedy split is in the dashboard)")
+        else:
+            out.append(f"{run.name}: reference split over the {n} of {len(records)} probe prompts that have a reference")
+    return out
+
+
 def _per_run_table(table: pd.DataFrame, title: str):
     from rich.table import Table
 
@@ -456,6 +476,8 @@ def print_comparison(
         "final layer's (higher = closer); attn_js_final: JSD(mean_h a^l, mean_h a^L) "
         "(lower = closer). Reference split, all heads."
     )
+    for line in reference_notes(run_dirs):
+        console.print(f"note: {line}", highlight=False)
     if aggregate is None:
         aggregate = bool(table["method"].duplicated().any())
     warnings = comparability_warnings(run_dirs)

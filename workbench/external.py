@@ -13,6 +13,10 @@ Every non-run input becomes an *analysis folder* under ``--out``: a folder the d
 ``oisd compare`` and the notebooks read like a run (``run.json`` saying where each
 checkpoint came from, ``probe_set.jsonl``, ``analysis/``). Checkpoints are not copied:
 run.json lists where they are, and probing again skips what is already analysed.
+
+Everything ``oisd probe`` is given is checked before anything is written
+(:func:`check_probe_args`, :func:`check_inputs`, :func:`plan_analysis_folder`): a bad
+argument, input, prompts file or tokenizer is one line, and ``--out`` is left as it was.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 
 from workbench.errors import ConfigError, DataError, WorkbenchError
 from workbench.jsonl import read_json_objects
-from workbench.models import is_local_path, is_model_folder
+from workbench.models import DTYPES, first_line, is_local_path, is_model_folder
 from workbench.runstore import Run, is_run_folder, probe_set_hash
 from workbench.runwriter import RunWriter
 from workbench.schema import DEFAULT_PROBE_MAX_NEW_TOKENS
@@ -110,24 +114,88 @@ def resolve_source(path: str | os.PathLike) -> Source:
 def load_prompts(path: str | os.PathLike) -> list[dict]:
     """``--prompts FILE``: JSONL with ``prompt`` and an optional ``reference`` per line.
 
+    A reference that is absent, null or empty leaves its prompt without one (the reference
+    split is scored on the prompts that have one, the greedy split on all).
+
     Raises:
-        DataError: a missing or empty file, a bad line (named by number), a line without
-            a prompt.
+        DataError: a missing, unreadable or empty file, a bad line (named by number), a
+            line without a prompt.
     """
     file = Path(path)
     if not file.is_file():
-        raise DataError(f"prompts file {file} does not exist")
+        raise DataError(f"prompts file {file} does not exist" + (" (it is a folder)" if file.is_dir() else ""))
     items = []
-    for number, item in read_json_objects(file):
+    try:
+        lines = read_json_objects(file)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"prompts file {file} cannot be read: {first_line(exc)}") from None
+    for number, item in lines:
         if not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
             raise DataError(f"{file} line {number}: needs a non-empty string 'prompt'")
         reference = item.get("reference")
         if reference is not None and not isinstance(reference, str):
             raise DataError(f"{file} line {number}: 'reference' must be a string")
-        items.append({"prompt": item["prompt"], "reference": reference})
+        items.append({"prompt": item["prompt"], "reference": reference or None})
     if not items:
         raise DataError(f"prompts file {file} is empty")
     return items
+
+
+def reference_note(prompts: list[dict]) -> str | None:
+    """One line on how many prompts have a reference, when not all do (None when all do)."""
+    n, total = sum(1 for p in prompts if p.get("reference")), len(prompts)
+    if n == total:
+        return None
+    if n == 0:
+        return (f"reference split: none of the {total} prompts has a reference; the metrics are read on "
+                "the greedy completions only (oisd compare reads the reference split)")
+    return f"reference split: {n} of {total} prompts have a reference (the greedy split has all {total})"
+
+
+def check_device(device: str) -> None:
+    """``--device``: a torch device this machine has.
+
+    Raises:
+        ConfigError: one line naming the device and why it cannot be used.
+    """
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ConfigError(f"--device {device}: not a torch device (e.g. cpu, cuda, cuda:1, mps)") from None
+    if parsed.type == "meta":
+        raise ConfigError(f"--device {device}: the meta device holds no weights to probe")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {device}: MPS is not available on this machine")
+    try:
+        torch.empty(1, device=parsed)
+    except Exception as exc:  # noqa: BLE001 - any refusal of the backend becomes one line
+        raise ConfigError(f"--device {device}: cannot place a tensor there ({first_line(exc)})") from None
+
+
+def check_probe_args(*, max_new_tokens: int | None, detail_prompts: int, n_prompts: int, dtype: str,
+                     device: str) -> None:
+    """The numbers and names ``oisd probe`` is given, before any input is opened.
+
+    Raises:
+        ConfigError: one line naming the argument.
+    """
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if detail_prompts < 0:
+        raise ConfigError(f"--detail-prompts must be >= 0, got {detail_prompts}")
+    if n_prompts < 1:
+        raise ConfigError(f"--n-prompts must be >= 1, got {n_prompts}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_device(device)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -138,47 +206,88 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps([vocab, special]).encode()).hexdigest()
 
 
-def prepare_analysis_folder(source: Source, out: str | os.PathLike, prompts: list[dict], *,
-                            chat_template: bool = False,
-                            max_new_tokens: int = DEFAULT_PROBE_MAX_NEW_TOKENS) -> Path:
-    """Create (or reuse) ``out/<name>`` for a non-run input: run.json listing its
-    checkpoints, and the probe set tokenised with the first checkpoint's tokenizer.
+@dataclass(frozen=True)
+class AnalysisPlan:
+    """What :func:`write_analysis_folder` writes for one non-run input, all of it checked."""
+
+    source: Source
+    folder: Path
+    records: list
+    fingerprint: str
+    max_new_tokens: int
+
+
+def plan_analysis_folder(source: Source, out: str | os.PathLike, prompts: list[dict], *,
+                         chat_template: bool = False,
+                         max_new_tokens: int = DEFAULT_PROBE_MAX_NEW_TOKENS) -> AnalysisPlan:
+    """Everything :func:`write_analysis_folder` needs for ``out/<name>``, checked and
+    written nowhere: the probe set tokenised with the first checkpoint's tokenizer, and
+    that the folder is new or holds this input's analysis with this probe set.
 
     Raises:
-        WorkbenchError: the tokenizer cannot be loaded; the folder holds an analysis of
-            another input or another probe set.
+        WorkbenchError: the tokenizer cannot be loaded or lacks what the prompts need
+            (``--chat-template``); ``out`` is not a folder; the folder holds an analysis of
+            another input or another probe set, or something that is not an analysis.
     """
     from transformers import AutoTokenizer
 
-    from workbench.models import first_line
     from workbench.probe_runner import prompt_records
 
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out {out} is not a folder")
     folder = Path(out) / source.name
     first = source.checkpoints[0][1]
     try:
         tokenizer = AutoTokenizer.from_pretrained(first)
     except Exception as exc:  # noqa: BLE001 - a loading failure becomes one line
         raise WorkbenchError(f"cannot load the tokenizer of {first}: {first_line(exc)}") from None
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"--chat-template: the tokenizer of {first} has no chat template")
     records = prompt_records(prompts, tokenizer, chat_template=chat_template)
-    info = {"method": None, "source": source.path, "kind": source.kind}
     if is_run_folder(folder):
         existing = Run.open(folder).info
         if existing.get("external", {}).get("source") != source.path:
             raise WorkbenchError(f"{folder} holds the analysis of {existing.get('external', {}).get('source')}, "
                                  f"not {source.path}; choose another --out")
-        writer = RunWriter(folder, info, resume=True, append=True)  # nothing of it is dropped
+        if existing.get("probe_set_hash") not in (None, probe_set_hash(records)):
+            raise WorkbenchError(f"{folder} was probed with other prompts; choose another --out")
+    elif folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise WorkbenchError(f"{folder} exists and is not an analysis folder (no run.json); choose another --out")
+    return AnalysisPlan(source, folder, records, tokenizer_fingerprint(tokenizer), max_new_tokens)
+
+
+def write_analysis_folder(plan: AnalysisPlan) -> Path:
+    """Create (or reuse) the analysis folder of a :func:`plan_analysis_folder` plan: run.json
+    listing the input's checkpoints, and the probe set."""
+    source = plan.source
+    info = {"method": None, "source": source.path, "kind": source.kind}
+    if is_run_folder(plan.folder):
+        writer = RunWriter(plan.folder, info, resume=True, append=True)  # nothing of it is dropped
     else:
-        writer = RunWriter(folder, info, resume=False)
-    if writer.info.get("probe_set_hash") not in (None, probe_set_hash(records)):
-        raise WorkbenchError(f"{folder} was probed with other prompts; choose another --out")
-    writer.write_probe_set(records)
+        writer = RunWriter(plan.folder, info, resume=False)
+    writer.write_probe_set(plan.records)
     writer.record(
         external={"source": source.path, "kind": source.kind,
                   "checkpoints": [{"step": s, "path": p, "origin": o} for s, p, o in source.checkpoints]},
-        probe_max_new_tokens=max_new_tokens, tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        probe_max_new_tokens=plan.max_new_tokens, tokenizer_fingerprint=plan.fingerprint,
     )
     writer.set_status("finished")
-    return folder
+    return plan.folder
+
+
+def prepare_analysis_folder(source: Source, out: str | os.PathLike, prompts: list[dict], *,
+                            chat_template: bool = False,
+                            max_new_tokens: int = DEFAULT_PROBE_MAX_NEW_TOKENS) -> Path:
+    """Create (or reuse) ``out/<name>`` for a non-run input: :func:`plan_analysis_folder`
+    then :func:`write_analysis_folder`.
+
+    Raises:
+        WorkbenchError: as :func:`plan_analysis_folder`; nothing is written then.
+    """
+    return write_analysis_folder(plan_analysis_folder(source, out, prompts, chat_template=chat_template,
+                                                      max_new_tokens=max_new_tokens))
 
 
 def check_inputs(paths: list[str], out: str | None) -> list[Source]:
@@ -192,4 +301,7 @@ def check_inputs(paths: list[str], out: str | None) -> list[Source]:
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
         raise ConfigError(f"two inputs would share the analysis folder {duplicate!r}; probe them in separate calls")
+    for source in sources:
+        if source.kind == "run" and not Run.open(source.path).probe_set():
+            raise DataError(f"{source.path} has no probe set (probe_set.jsonl is missing or empty)")
     return sources

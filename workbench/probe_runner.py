@@ -125,9 +125,10 @@ def prompt_records(items: Sequence[dict], tokenizer, *, chat_template: bool = Fa
     """A probe set from free prompts (``oisd probe --prompts FILE``): ``{"prompt", "reference"?}``.
 
     Prompts are tokenised with :func:`record_prompt_ids`; a reference, where given, becomes
-    ``reference_ids`` (its tokens and EOS) and is teacher-forced in the ``reference`` split.
-    Without references (any prompt lacking one) the probe set has no reference split:
-    ``reference_ids`` is None and the metrics are read on the model's own completions.
+    that prompt's ``reference_ids`` (its tokens and EOS) and is teacher-forced in the
+    ``reference`` split. A prompt without one (absent, None or empty) has ``reference`` and
+    ``reference_ids`` None: the ``reference`` split holds the prompts that have one
+    (:func:`probe_splits`), the ``greedy`` split (the model's own completions) all of them.
 
     Raises:
         DataError: no prompts, an empty prompt, a chat template the tokenizer does not have.
@@ -139,16 +140,16 @@ def prompt_records(items: Sequence[dict], tokenizer, *, chat_template: bool = Fa
         raise DataError("the tokenizer has no EOS token; probe references need one")
     if chat_template and not getattr(tokenizer, "chat_template", None):
         raise DataError("--chat-template: the tokenizer has no chat template")
-    with_reference = all(item.get("reference") for item in items)
     records = []
     for index, item in enumerate(items):
-        record = {"index": index, "prompt": item["prompt"], "reference": item.get("reference") if with_reference else None,
+        reference = item.get("reference") or None
+        record = {"index": index, "prompt": item["prompt"], "reference": reference,
                   "chat_template": bool(chat_template)}
         record["prompt_ids"] = record_prompt_ids(tokenizer, record)
         if not record["prompt_ids"]:
             raise DataError(f"prompt {index + 1} encodes to no tokens")
-        record["reference_ids"] = (list(tokenizer(item["reference"], add_special_tokens=False)["input_ids"])
-                                   + [int(eos)]) if with_reference else None
+        record["reference_ids"] = (list(tokenizer(reference, add_special_tokens=False)["input_ids"])
+                                   + [int(eos)]) if reference is not None else None
         records.append(record)
     return records
 
@@ -400,7 +401,9 @@ def probe_splits(
 ) -> list[tuple[str, list[dict], list[list[int]] | None]]:
     """The splits one probe point scores, as ``(split, records, responses)``.
 
-    ``reference`` (responses None: the records' references), ``greedy`` when given,
+    ``reference`` (responses None: the records' references) over the records that have
+    one (free prompts may lack them; when none has one there is no reference split),
+    ``greedy`` when given (every record),
     and, from ``samples`` (one step's :func:`sample_probe_completions` rows),
     ``sampled_correct`` and ``sampled_wrong``: each sampled sequence with its prompt's
     record. A split with no sequence is returned with empty lists (it gets only its
@@ -408,8 +411,9 @@ def probe_splits(
     from this, so they score the same sequences.
     """
     splits: list[tuple[str, list[dict], list[list[int]] | None]] = []
-    if all(r.get("reference_ids") for r in records):  # free prompts may come without references
-        splits.append(("reference", list(records), None))
+    with_reference = [r for r in records if r.get("reference_ids")]  # free prompts may lack references
+    if with_reference:
+        splits.append(("reference", with_reference, None))
     if greedy is not None:
         splits.append(("greedy", list(records), [list(r) for r in greedy]))
     if samples is not None:

@@ -181,3 +181,77 @@ def test_an_architecture_transformerlens_cannot_boot_is_named(tmp_path, tokenize
     (step, reason), = report.skipped
     assert reason == f"TransformerLens cannot load {folder}: ValueError: Unsupported architecture: MadeUpForCausalLM."
 
+
+
+def _trl_copies(root: Path, model: Path, steps=(2, 4)) -> Path:
+    """A plain TRL output dir: ``checkpoint-N/`` copies of one model folder."""
+    import shutil
+
+    for step in steps:
+        shutil.copytree(model, root / f"checkpoint-{step}")
+    return root
+
+
+def test_references_of_some_prompts_make_a_reference_split_of_those(tmp_path, tiny_qwen3_dir, capsys):
+    """Only some --prompts rows have a reference: each keeps its own, the reference split is
+    scored on those prompts (said in one line), the greedy split on all; compare reads it."""
+    from workbench.cli import main
+    from workbench.compare import comparison_table
+    from workbench.probe_runner import probe_splits
+
+    items = [{"prompt": f"Compute {a}+{b}.\n"} | ({"reference": f"{a}+{b}={a + b}. Answer: {a + b}"} if a % 2 else {})
+             for a, b in ((1, 2), (2, 3), (3, 4), (4, 5), (5, 1))]  # references on prompts 0, 2, 4
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in items))
+    trl = _trl_copies(tmp_path / "trl-out", tiny_qwen3_dir)
+    out = tmp_path / "analysis"
+    assert main(["probe", str(trl), "--out", str(out), "--prompts", str(prompts), "--max-new-tokens", "6"]) == 0
+    assert "reference split: 3 of 5 prompts have a reference" in capsys.readouterr().out
+
+    run = Run.open(out / "trl-out")
+    records = run.probe_set()
+    assert [r["reference"] for r in records] == [p.get("reference") for p in items]
+    assert [bool(r["reference_ids"]) for r in records] == [True, False, True, False, True]
+    assert [(split, [r["index"] for r in rs]) for split, rs, _ in probe_splits(records, greedy=[[1]] * 5)] == [
+        ("reference", [0, 2, 4]), ("greedy", [0, 1, 2, 3, 4])]
+    metrics = run.analysis("metrics")
+    assert set(metrics["split"]) == {"reference", "greedy"} and set(metrics["step"]) == {2, 4}
+    row = comparison_table([out / "trl-out"]).iloc[0]
+    assert row["probe_step"] == 4 and not pd.isna(row["top1_agree_after"]) and not pd.isna(row["attn_js_final_after"])
+    assert main(["compare", str(out / "trl-out")]) == 0
+    assert "note: trl-out: reference split over the 3 of 5 probe prompts that have a reference" in capsys.readouterr().out
+
+
+def test_compare_says_why_a_folder_without_references_reads_dashes(tmp_path, tiny_qwen3_dir):
+    from workbench.compare import reference_notes
+
+    prompts = [{"prompt": p["prompt"]} for p in PROMPTS]
+    folder = prepare_analysis_folder(resolve_source(tiny_qwen3_dir), tmp_path / "out", prompts, max_new_tokens=4)
+    expected = (f"{folder.name}: no probe prompt has a reference, so there is no reference split and its "
+                "alignment columns read '-' (its greedy split is in the dashboard)")
+    assert reference_notes([folder]) == [expected]
+
+
+def test_a_trainer_dir_analysis_folder_counts_its_steps_and_checkpoints(tmp_path, tiny_qwen3_dir, capsys):
+    """Probed from a plain TRL output dir (checkpoint-2/, checkpoint-4/): compare, the notebook
+    API and the dashboard's Runs table say steps 4 and 2 checkpoints, not 0 and 0."""
+    from workbench.api import runs
+    from workbench.cli import main
+    from workbench.runstore import run_summary
+
+    trl = _trl_copies(tmp_path / "trl-out", tiny_qwen3_dir)
+    out = tmp_path / "analysis"
+    assert main(["probe", str(trl), "--out", str(out), "--max-new-tokens", "4", "--n-prompts", "2"]) == 0
+    folder = out / "trl-out"
+    summary = run_summary(Run.open(folder))
+    assert (summary["steps"], summary["checkpoints"]) == (4, 2)
+    table = runs(out)
+    assert (table.iloc[0]["steps"], table.iloc[0]["checkpoints"]) == (4, 2)
+
+    capsys.readouterr()
+    assert main(["compare", str(folder)]) == 0
+    printed = capsys.readouterr().out
+    row = next(line for line in printed.splitlines() if line.lstrip("│┃ ").startswith("trl-out"))
+    cells = [c.strip() for c in row.strip("│┃ ").split("│")]
+    assert cells[0] == "trl-out" and cells[3] == "4", printed  # run, method, seed, steps
+    assert cells[-1] == "4 (analyzer)", printed  # probe step
