@@ -156,6 +156,15 @@ class SDPGConfig(_Section):
     kl_clamp: float = Field(20.0, gt=0, description="per-token clamp of the reverse KL")
     alpha: float = Field(1e-3, ge=0, description="weight of L_K, the unnormalised KL to the frozen reference")
     ref_kl: Literal[obj.UNNORMALIZED_KLS] = Field("ufkl", description="form of L_K")
+    exclude_eos: bool = Field(
+        False, description="zero L_OPD+ where the sampled token is a stop token (the tokenizer's eos id(s)); it "
+        "stays in the denominator (the public code's beta_distill_exclude_eos)")
+    step_offset: int = Field(
+        0, ge=0, description="added to the step index k of the beta schedule; 1 = the public code (its step "
+        "counter starts at 1)")
+    teacher_temperature: Optional[float] = Field(
+        None, gt=0, description="temperature of the teacher's q in L_OPD+; null = rollout.temperature (as the "
+        "student); 1.0 = the public code (student logits only divided)")
 
 
 class RLSDConfig(_Section):

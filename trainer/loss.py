@@ -20,7 +20,7 @@ from trainer import objectives as obj
 from trainer.batching import teacher_prompts, to_grid
 from trainer.distributed import full_parameters, full_shape, is_zero3
 from trainer.forward import policy_forward, readout, shared_prompt_hidden, unique_prompts
-from trainer.methods import LossInputs, MethodSpec, Terms, gradient_shares
+from trainer.methods import LossInputs, MethodSpec, Terms, gradient_shares, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +264,7 @@ class LossComputer:
             aggregate=lambda t: obj.aggregate(t, mask, cfg.grpo.loss_type, cfg.rollout.max_new_tokens) * scale,
             vocab=grids, lens=lens, attn=attn, attn_rescale=attn_rescale, schedules=schedules,
             tokens_share=mask.sum() / norm["tokens"], seq_share=len(rows) / norm["seqs"],
+            tokens=sb.input_ids[rows, sb.prompt_width:], stop_ids=stop_token_ids(self.tokenizer),
         )
         terms = spec.loss(x)
         total = sum((t.coef * t.value for t in terms.values()), torch.zeros((), device=self.device))

@@ -61,6 +61,8 @@ class LossInputs:
             (token-mean metrics add up over micro-batches with it).
         seq_share: the same for sequences.
         logs: metrics the composer adds (detached scalars).
+        tokens: the sampled response token ids ``y_{i,t}`` (pad after EOS), or None.
+        stop_ids: the stop-token ids (:func:`stop_token_ids`): SDPG's ``exclude_eos``.
     """
 
     cfg: object
@@ -78,6 +80,8 @@ class LossInputs:
     tokens_share: torch.Tensor | float = 1.0
     seq_share: torch.Tensor | float = 1.0
     logs: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: torch.Tensor | None = None
+    stop_ids: tuple[int, ...] = ()
 
 
 Terms = dict[str, Term]
@@ -138,17 +142,27 @@ def oisd_terms(x: LossInputs) -> Terms:
 def sdpg_terms(x: LossInputs) -> Terms:
     """``beta(k) L_OPD+ + alpha L_K`` (arXiv 2606.04036).
 
-    ``L_OPD+ = agg(1[A_i > 0] min(KL(p || SG[q]), 20))`` with q the current model given
-    the hint (gate off: every response); ``L_K = agg(unnormalised KL(pi_theta, pi_ref))``
-    on the sampled token (``sdpg.ref_kl``).
+    ``L_OPD+ = agg(1[A_i > 0] e_{i,t} min(KL(p || SG[q]), 20))`` with q the current model
+    given the hint (gate off: every response), ``e_{i,t} = 0`` where the sampled token is a
+    stop token and ``sdpg.exclude_eos`` is on, else 1 (the stop token stays in the
+    denominator); ``L_K = agg(unnormalised KL(pi_theta, pi_ref))`` on the sampled token
+    (``sdpg.ref_kl``), never masked.
     """
     c = x.cfg.sdpg
     beta = x.schedules["sched/beta"]
     gate = obj.sdpg_gate(x.advantages) if c.gate else torch.ones_like(x.advantages)
     x.logs["sdpg/gate_fraction"] = gate.mean() * x.seq_share
+    if c.exclude_eos:
+        if x.tokens is None or not x.stop_ids:
+            raise ValueError("sdpg.exclude_eos needs the sampled tokens and the stop-token ids in LossInputs")
+        stop = torch.isin(x.tokens, torch.as_tensor(x.stop_ids, dtype=x.tokens.dtype, device=x.tokens.device))
+        x.logs["sdpg/stop_fraction"] = (stop * x.mask).sum() / x.mask.sum().clamp(min=1) * x.tokens_share
     terms = {}
     if beta > 0:
-        terms["opd"] = Term(beta, x.aggregate(gate[:, None] * x.vocab["teacher"]))
+        opd = x.vocab["teacher"]
+        if c.exclude_eos:
+            opd = obj.sdpg_exclude_stop_tokens(opd, x.tokens, x.stop_ids)
+        terms["opd"] = Term(beta, x.aggregate(gate[:, None] * opd))
     if c.alpha > 0:
         terms["ref_kl"] = Term(c.alpha, x.aggregate(obj.unnormalized_kl(x.logp, x.vocab["ref_logp"], c.ref_kl)))
     return terms
@@ -196,7 +210,8 @@ def compose_opsd(x: LossInputs) -> Terms:
 
 
 def _sdpg_teacher(z, q, tokens, cfg, T):
-    return obj.sdpg_reverse_kl(z, q, clamp=cfg.sdpg.kl_clamp, temperature=T)
+    return obj.sdpg_reverse_kl(z, q, clamp=cfg.sdpg.kl_clamp, temperature=T,
+                               teacher_temperature=cfg.sdpg.teacher_temperature)
 
 
 def _rlsd_teacher(z, q, tokens, cfg, T):
@@ -209,8 +224,21 @@ def _opsd_teacher(z, q, tokens, cfg, T):
 
 def _sdpg_schedule(cfg, step: int) -> dict[str, float]:
     s = cfg.sdpg
-    return {"sched/beta": obj.sdpg_beta(step, beta_base=s.beta_base, t_warm=s.t_warm, t_decay=s.t_decay,
+    return {"sched/beta": obj.sdpg_beta(step + s.step_offset, beta_base=s.beta_base, t_warm=s.t_warm, t_decay=s.t_decay,
                                         total_steps=s.total_steps or cfg.steps)}
+
+
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+    """The stop-token ids S of SDPG's ``exclude_eos``, as the public code collects them
+    (``RayPPOTrainer._stop_token_ids``): ``tokenizer.eos_token_id`` and, if the tokenizer
+    carries one, its ``generation_config.eos_token_id``; either may be a list. In order,
+    without repeats or None."""
+    ids: list[int] = []
+    for src in (getattr(tokenizer, "eos_token_id", None),
+                getattr(getattr(tokenizer, "generation_config", None), "eos_token_id", None)):
+        if src is not None:
+            ids.extend(src if isinstance(src, (list, tuple)) else [src])
+    return tuple(dict.fromkeys(int(t) for t in ids if t is not None))
 
 
 def _rlsd_schedule(cfg, step: int) -> dict[str, float]:

@@ -453,6 +453,7 @@ def sdpg_reverse_kl(
     teacher_logits: torch.Tensor,
     clamp: float | None = 20.0,
     temperature: float = 1.0,
+    teacher_temperature: float | None = None,
 ) -> torch.Tensor:
     """SDPG's on-policy distillation term ``l^OPD_t = min(KL(p_t || SG[q_t]), clamp)``.
 
@@ -464,14 +465,19 @@ def sdpg_reverse_kl(
         student_logits: ``(n, V)`` student logits.
         teacher_logits: ``(n, V)`` teacher logits (detached here).
         clamp: upper bound per token (paper 20), or ``None``.
-        temperature: sampling temperature applied to both.
+        temperature: sampling temperature of the student, ``p = softmax(z_s / T)``.
+        teacher_temperature: the teacher's, ``q = softmax(z_t / T_q)``; ``None`` = the
+            student's ``T``. The public SDPG code divides the student's logits only,
+            i.e. ``T_q = 1`` (identical at ``T = 1``).
 
     Returns:
         ``(n,)`` reverse KL in nats.
     """
     _check_same_shape(student_logits=student_logits, teacher_logits=teacher_logits)
     _check_temperature(temperature)
-    log_q = _log_softmax(teacher_logits.detach(), temperature)
+    teacher_temperature = temperature if teacher_temperature is None else teacher_temperature
+    _check_temperature(teacher_temperature)
+    log_q = _log_softmax(teacher_logits.detach(), teacher_temperature)
     kl = student_divergence(student_logits, log_q, temperature)  # KL(p || q)
     return kl if clamp is None else kl.clamp(max=clamp)
 
@@ -487,6 +493,33 @@ def sdpg_gate(advantages: torch.Tensor) -> torch.Tensor:
         :func:`aggregate` denominator (apply it as a weight, not as a mask).
     """
     return (advantages.detach() > 0).float()
+
+
+def sdpg_exclude_stop_tokens(
+    per_token: torch.Tensor, tokens: torch.Tensor, stop_ids: Sequence[int]
+) -> torch.Tensor:
+    """SDPG's opt-in ``e_{i,t} l^OPD_{i,t}`` with ``e_{i,t} = 1[y_{i,t} not in S]``: the
+    distillation KL set to 0 wherever the sampled token is a stop token.
+
+    The public code's ``beta_distill_exclude_eos`` (``mask_distill_stop_tokens``,
+    yifanzhang-pro/SDPG PR #3): a token-id match on the sampled token, not a position;
+    a truncated response has nothing excluded. Applied as a weight, not as a mask: the
+    stop token still counts in the :func:`aggregate` denominator, and the other terms
+    (the GRPO term, ``L_K``) keep it.
+
+    Args:
+        per_token: ``(B, T)`` ``l^OPD`` (or any per-token value).
+        tokens: ``(B, T)`` sampled token ids ``y_{i,t}``.
+        stop_ids: the stop-token ids S; empty = no-op (``per_token`` itself is returned).
+
+    Returns:
+        ``(B, T)`` a new tensor, 0 (value and gradient) at stop tokens.
+    """
+    if not stop_ids:
+        return per_token
+    _check_same_shape(per_token=per_token, tokens=tokens)
+    stop = torch.isin(tokens, torch.as_tensor(list(stop_ids), dtype=tokens.dtype, device=tokens.device))
+    return per_token.masked_fill(stop, 0.0)
 
 
 def sdpg_beta(

@@ -262,6 +262,38 @@ def test_sdpg_reverse_kl_value_clamp_and_no_teacher_gradient():
     close(obj.sdpg_reverse_kl(student, teacher, clamp=None), [30.0], atol=1e-4)
 
 
+def test_sdpg_reverse_kl_teacher_temperature():
+    # T = 0.5, z_s = z_t = [0, ln 2]. Student p = softmax([0, 2 ln 2]) = [1/5, 4/5].
+    # Teacher at T (default): the same distribution, KL = 0. Teacher undivided (T_q = 1, the
+    # public code): q = softmax([0, ln 2]) = [1/3, 2/3],
+    # KL = 0.2 ln(0.6) + 0.8 ln(1.2) = -0.102165 + 0.145857 = 0.043692.
+    z = torch.tensor([[0.0, LN2]])
+    close(obj.sdpg_reverse_kl(z, z, temperature=0.5), [0.0])
+    close(obj.sdpg_reverse_kl(z, z, temperature=0.5, teacher_temperature=1.0), [0.043692], atol=1e-6)
+    close(kl([0.2, 0.8], [1 / 3, 2 / 3]), 0.043692, atol=1e-6)
+    # At T = 1 both conventions are the same number.
+    close(obj.sdpg_reverse_kl(torch.log(torch.tensor([P])), torch.log(torch.tensor([Q])), teacher_temperature=1.0),
+          [kl(P, Q)])
+
+
+def test_sdpg_exclude_stop_tokens_public_test_vectors():
+    """The public code's own test vectors (tests/test_sdpg_eos_exclusion_on_cpu.py, SDPG PR #3)."""
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    out = obj.sdpg_exclude_stop_tokens(values, torch.tensor([[10, 2, 11], [2, 12, 13]]), [2])
+    close(out, [[1.0, 0.0, 3.0], [0.0, 5.0, 6.0]])
+    close(values, [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # the input is not mutated
+    # several stop ids: every sampled token equal to any of them, wherever it sits
+    close(obj.sdpg_exclude_stop_tokens(torch.ones(1, 4), torch.tensor([[2, 7, 3, 9]]), (2, 3)), [[0.0, 1.0, 0.0, 1.0]])
+    for empty in ([], ()):
+        assert obj.sdpg_exclude_stop_tokens(values, torch.zeros(2, 3, dtype=torch.long), empty) is values
+    # zero gradient at the stop token, 1 elsewhere
+    leaf = torch.tensor([[1.0, 2.0, 3.0]], requires_grad=True)
+    obj.sdpg_exclude_stop_tokens(leaf, torch.tensor([[5, 2, 6]]), [2]).sum().backward()
+    close(leaf.grad, [[1.0, 0.0, 1.0]])
+    with pytest.raises(ValueError, match="shape"):
+        obj.sdpg_exclude_stop_tokens(values, torch.tensor([[2, 2]]), [2])
+
+
 def test_sdpg_gate():
     close(obj.sdpg_gate(torch.tensor([0.5, 0.0, -0.2])), [1.0, 0.0, 0.0])
 
