@@ -151,6 +151,12 @@ def _analysis(path: str, kind: str, file_key: tuple) -> tuple[pd.DataFrame, list
     return _collect(lambda: Run(Path(path), {}).analysis(kind))
 
 
+def drift_table(run: Run) -> pd.DataFrame:
+    """Weight drift from the start, every analysed checkpoint (``DRIFT_COLUMNS``; empty when
+    the run has none)."""
+    return _analysis(str(run.path), "drift", signature(run.paths.analysis))[0]
+
+
 def metric_table(run: Run, source: str) -> tuple[pd.DataFrame, list[str]]:
     """The tidy metric table (``METRIC_COLUMNS``) of one source.
 

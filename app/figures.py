@@ -137,6 +137,43 @@ def layer_checkpoint_heatmaps(matrices: dict[str, pd.DataFrame], metric: str) ->
     return fig
 
 
+def drift_matrix(drift: pd.DataFrame) -> pd.DataFrame:
+    """Block x checkpoint matrix of ``rel_change`` (rows: embeddings, blocks 1..L, final norm,
+    head, in model order) from a run's drift table (kind ``all``)."""
+    rows = drift[drift["kind"] == "all"]
+    labels = {"embeddings": "embeddings", "final_norm": "final norm", "head": "head", "other": "other"}
+    rows = rows.assign(label=[labels.get(m, str(b)) if m != "block" else str(b)
+                              for m, b in zip(rows["module"], rows["block"])])
+    order = rows.drop_duplicates("label").sort_values("block")["label"].tolist()
+    matrix = rows.pivot_table(index="label", columns="step", values="rel_change", aggfunc="first")
+    return matrix.reindex(order)
+
+
+def drift_heatmaps(matrices: dict[str, pd.DataFrame]) -> go.Figure:
+    """A block x checkpoint heat map of the weights' relative change from the start per run,
+    on one shared colour scale."""
+    n = max(len(matrices), 1)
+    rows, cols = _grid(n)
+    height = max(300, 320 * rows)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(matrices), horizontal_spacing=0.08,
+                        vertical_spacing=140 / height if rows > 1 else 0.0)
+    values = [m.to_numpy(dtype=float) for m in matrices.values() if m.size]
+    finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.array([])
+    cmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    for i, matrix in enumerate(matrices.values()):
+        fig.add_trace(_heatmap(matrix, coloraxis="coloraxis"), row=i // cols + 1, col=i % cols + 1)
+    fig.update_xaxes(title_text="checkpoint step", type="category")
+    fig.update_yaxes(title_text="block", type="category")
+    fig.update_layout(
+        title=dict(text="Weight drift: ||W_t - W_0|| / ||W_0|| per block (higher = moved more)",
+                   font=dict(size=14)),
+        coloraxis=dict(colorscale=SEQUENTIAL, cmin=0.0, cmax=cmax,
+                       colorbar=dict(title=dict(text="rel. change", side="right"))),
+        height=height, margin=dict(t=70, b=40, l=50, r=20), font=_FONT,
+    )
+    return fig
+
+
 def difference_heatmap(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: str, metric: str) -> go.Figure:
     """The heat map of ``a - b`` on the layers and steps both runs have (white = 0)."""
     diff = layer_step_matrix_difference(a, b)

@@ -441,8 +441,11 @@ def probe_run(
     greedy: bool = True,
     max_new_tokens: int | None = None,
     chunk_size: int | None = None,
+    base: str | None = None,
 ) -> ProbeReport:
-    """Analyse every checkpoint of a run with TransformerLens (incrementally).
+    """Analyse every checkpoint of a run with TransformerLens (incrementally), and measure
+    each checkpoint's weight drift from the start (:mod:`workbench.drift`, from the
+    weights alone: no model is run for it).
 
     Args:
         run_dir: the run folder.
@@ -456,6 +459,8 @@ def probe_run(
             probes used (``probe_max_new_tokens`` in run.json), else
             :data:`~workbench.schema.DEFAULT_PROBE_MAX_NEW_TOKENS`.
         chunk_size: positions per logit-lens read-out chunk (None: about 4M floats per chunk).
+        base: the model folder weight drift is measured from (None:
+            :func:`workbench.drift.drift_base`: the run's start model, else its first checkpoint).
 
     Returns:
         A :class:`ProbeReport` (``str(report)`` is a short summary).
@@ -485,13 +490,21 @@ def probe_run(
 
     from tqdm.auto import tqdm
 
+    from workbench.drift import drift_base
+
+    drift_from = base if base is not None else drift_base(run)
     bar = tqdm(targets, desc=f"probe {run.name}", unit="ckpt", disable=not progress)
     for target in bar:
+        drift_due = drift_from is not None and (force or not run.analysis_path(target.step, "drift").is_file())
         if not force and _is_up_to_date(run, target.step, digest):
+            if drift_due:
+                _write_drift(run, target, drift_from, report)
             report.up_to_date.append(target.step)
             continue
         try:
             target.check()
+            if drift_due:  # from the weights alone, once the checkpoint passed its checks
+                _write_drift(run, target, drift_from, report)
             bridge, tokenizer = _boot(target.location, device, DTYPES[dtype])
             check_tokenizer(tokenizer, records, target.location)
             start = time.perf_counter()
@@ -522,6 +535,28 @@ def probe_run(
             report.files.append(path)
         report.analysed.append(target.step)
     return report
+
+
+def _write_drift(run: Run, target: "Target", start: str, report: ProbeReport) -> None:
+    """``analysis/step-NNNNNN-drift.parquet``: the checkpoint's weight drift from ``start``
+    (a checkpoint without local safetensors weights is noted and skipped)."""
+    from workbench.drift import weight_drift
+    from workbench.schema import DRIFT_COLUMNS
+
+    if not Path(target.location).is_dir():
+        return
+    try:
+        drift = weight_drift(start, target.location, run.num_layers)
+    except WorkbenchError as exc:
+        logger.warning("step %d: no weight drift: %s", target.step, exc)
+        return
+    drift.insert(0, "step", target.step)
+    drift.insert(0, "run", run.name)
+    path = run.analysis_path(target.step, "drift")
+    atomic_write_parquet(path, drift[DRIFT_COLUMNS], metadata={
+        "producer": "workbench.drift", "kind": "drift", "step": target.step, "checkpoint": str(target.location),
+        "base": str(start), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    report.files.append(path)
 
 
 @dataclass(frozen=True)

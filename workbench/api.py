@@ -88,7 +88,7 @@ def probes(run: RunLike, metric: str | None = None) -> pd.DataFrame:
 
 
 def analysis(run: RunLike, kind: str = "metrics") -> pd.DataFrame:
-    """Analyzer tables of one kind (``metrics``, ``topk``, ``cells``, ``attn``), all steps."""
+    """Analyzer tables of one kind (``metrics``, ``topk``, ``cells``, ``attn``, ``drift``), all steps."""
     return _run(run).analysis(kind)
 
 

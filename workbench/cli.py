@@ -60,6 +60,10 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     check_probe_args(max_new_tokens=args.max_new_tokens, detail_prompts=args.detail_prompts,
                      n_prompts=args.n_prompts, dtype=args.dtype, device=args.device)
     sources = check_inputs(args.paths, args.out)
+    if args.base is not None:  # the start weights drift is measured from: a model folder
+        from workbench.models import require_model_folder
+
+        require_model_folder(args.base)
     external = [s for s in sources if s.kind != "run"]
     if not external and (args.prompts or args.chat_template):
         flag = "--prompts" if args.prompts else "--chat-template"
@@ -94,7 +98,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
             plan = plans[id(source)]
             folder, length = write_analysis_folder(plan), plan.max_new_tokens
         report = probe_run(folder, device=args.device, dtype=args.dtype, force=args.force,
-                           detail_prompts=args.detail_prompts, max_new_tokens=length)
+                           detail_prompts=args.detail_prompts, max_new_tokens=length, base=args.base)
         print(report)
         failed += len(report.skipped)
     if failed:  # a checkpoint that could not be analysed is a failure, said in the last line
@@ -194,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--force", action="store_true", help="re-analyse checkpoints already analysed")
     p.add_argument("--detail-prompts", type=int, default=4, help="probe prompts kept in per-prompt detail")
+    p.add_argument("--base", default=None,
+                   help="model folder that weight drift is measured from (default: the run's start model, "
+                        "else the first checkpoint)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="greedy completion length (default: a run's own; "
                    f"{DEFAULT_PROBE_MAX_NEW_TOKENS} for other inputs)")

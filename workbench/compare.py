@@ -368,6 +368,29 @@ def _arrow(before: object, after: object) -> str:
     return f"{_fmt(before)} -> {_fmt(after)}"
 
 
+def drift_lines(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
+    """Per run with weight drift (``oisd probe`` measures it): at its last analysed checkpoint,
+    the block whose weights moved most from the start, and the share of parameters whose
+    bf16 value changed."""
+    from workbench.drift import most_moved_block
+
+    lines = []
+    for run_dir in run_dirs:
+        run = Run.open(run_dir)
+        drift = run.analysis("drift")
+        if drift.empty:
+            continue
+        last = drift[drift["step"] == drift["step"].max()]
+        moved = most_moved_block(last)
+        total = last[last["kind"] == "all"]
+        share = float((total["changed_bf16"] * total["n_params"]).sum() / max(1, total["n_params"].sum()))
+        if moved is not None:
+            lines.append(f"weight drift, {run.name} at step {int(last['step'].iloc[0])}: block {moved[0]} moved "
+                         f"most (||dW|| / ||W0|| = {moved[1]:.3g}); {share:.1%} of the parameters changed at bf16 "
+                         "resolution")
+    return lines
+
+
 def reference_notes(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
     """One line per run whose probe prompts do not all have a reference (free prompts of
     ``oisd probe --prompts``): its reference split covers only those that have one, or,
@@ -485,6 +508,8 @@ def print_comparison(
         console.print(f"[yellow]warning:[/yellow] {line}", highlight=False)
     if aggregate:
         console.print(_aggregate_table(_aggregate(table), comparable=not warnings))
+    for line in drift_lines(run_dirs):
+        console.print(line, highlight=False)
     if table[[f"{m}_gap_after" for m in GAP_METRICS]].notna().any().any():
         console.print(_gap_table(table))
         console.print(

@@ -38,7 +38,7 @@ import pandas as pd
 
 from workbench.atomic import json_default, read_provenance
 from workbench.errors import WorkbenchError, warn
-from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, SAMPLE_COLUMNS, TOPK_COLUMNS
+from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, DRIFT_COLUMNS, METRIC_COLUMNS, SAMPLE_COLUMNS, TOPK_COLUMNS
 
 if TYPE_CHECKING:
     from workbench.checkpoints import Checkpoint
@@ -56,6 +56,7 @@ ANALYSIS_COLUMNS = {
     "topk": TOPK_COLUMNS,
     "cells": CELL_COLUMNS,
     "attn": ATTN_COLUMNS,
+    "drift": DRIFT_COLUMNS,
 }
 _KIND = re.compile(r"^[a-z0-9_]+$")
 

@@ -25,6 +25,8 @@ METRIC_COLUMNS = ["run", "step", "layer", "head", "ref_layer", "metric", "value"
 TOPK_COLUMNS = ["run", "step", "prompt", "layer", "position", "k", "token_id", "token", "prob"]
 CELL_COLUMNS = ["run", "step", "prompt", "layer", "position", "token", "target", "metric", "value"]
 ATTN_COLUMNS = ["run", "step", "prompt", "layer", "head", "query", "key", "weight"]
+# Weight drift from the start (workbench/drift.py): one row per (module, block, kind) per checkpoint.
+DRIFT_COLUMNS = ["run", "step", "module", "block", "kind", "rel_change", "changed_bf16", "n_params"]
 
 # Sampled probe completions (probe_samples.parquet): one row per sequence.
 SAMPLE_COLUMNS = ["step", "prompt", "sample", "response_ids", "correct"]

@@ -8,6 +8,7 @@ import streamlit as st
 from app import data, figures
 from app.state import ViewContext, download_csv, select
 from workbench.compare import outcome_gap
+from workbench.drift import most_moved_block
 from workbench.schema import METRIC_INFO, N_SAMPLES, OUTCOME_SPLITS
 
 PAIRWISE = {"attn_js", "attn_head_match", "attn_head_identity"}  # shown in the attention view
@@ -108,6 +109,29 @@ def render(ctx: ViewContext) -> None:
                             key="alignment_difference")
         _profiles_at_one_checkpoint(rows, metric)
     download_csv(pd.concat(rows.values(), ignore_index=True), f"alignment-{metric}.csv")
+    _weight_drift(ctx)
+
+
+def _weight_drift(ctx: ViewContext) -> None:
+    """Which blocks training moved, beside what they compute: the weights' relative change
+    from the start per block and checkpoint (``oisd probe`` measures it from the checkpoints)."""
+    drifts = {name: data.drift_table(run) for name, run in ctx.runs.items()}
+    drifts = {name: d for name, d in drifts.items() if len(d)}
+    if not drifts:
+        return
+    st.subheader("Where training changed the weights")
+    matrices = {name: figures.drift_matrix(d) for name, d in drifts.items()}
+    st.plotly_chart(figures.drift_heatmaps(matrices), key="alignment_drift")
+    notes = []
+    for name, d in drifts.items():
+        last = d[d["step"] == d["step"].max()]
+        moved = most_moved_block(last)
+        total = last[last["kind"] == "all"]
+        share = float((total["changed_bf16"] * total["n_params"]).sum() / max(1, total["n_params"].sum()))
+        if moved is not None:
+            notes.append(f"`{name}` at step {int(last['step'].iloc[0])}: block {moved[0]} moved most "
+                         f"({moved[1]:.3g}); {share:.0%} of the parameters changed at bf16 resolution")
+    st.caption("  \n".join(notes))
 
 
 def _profiles_at_one_checkpoint(rows: dict[str, pd.DataFrame], metric: str) -> None:

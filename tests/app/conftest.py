@@ -23,6 +23,7 @@ from workbench.probing import LENS_STAT_NAMES, ProbeResult
 from workbench.atomic import atomic_write_parquet
 from workbench.checkpoints import write_checkpoint
 from workbench.runwriter import RunWriter
+from workbench.schema import DRIFT_COLUMNS
 
 N_LAYERS = 4
 N_HEADS = 2
@@ -95,6 +96,21 @@ def _detail_tables(run: str, step: int) -> dict[str, pd.DataFrame]:
     return {"topk": topk, "cells": cells, "attn": attn}
 
 
+def expected_drift(method: str, step: int, block: int) -> float:
+    """The drift table's ``rel_change`` of a block (0 = embeddings): OISD moves block 1 most."""
+    if method == "oisd" and block == 1:
+        return 0.01 * step
+    return 0.001 * step * block
+
+
+def _drift_table(name: str, method: str, step: int) -> pd.DataFrame:
+    rows = [(name, step, "embeddings", 0, "all", expected_drift(method, step, 0), 0.1, 1000)]
+    for block in range(1, N_LAYERS + 1):
+        for kind in ("attention", "mlp", "all"):
+            rows.append((name, step, "block", block, kind, expected_drift(method, step, block), 0.2, 500))
+    return pd.DataFrame(rows, columns=DRIFT_COLUMNS)
+
+
 def _write_run(root: Path, name: str, method: str) -> None:
     config = {"method": method, "seed": 0, "steps": STEPS[-1], "checkpoint_every": 10, "probe_every": 10,
               "model": {"path": "runs/warmstart-tiny"}, "run_dir": str(root / name)}
@@ -122,6 +138,8 @@ def _write_run(root: Path, name: str, method: str) -> None:
             table["run"] = name
             atomic_write_parquet(root / name / "analysis" / f"step-{step:06d}-{kind}.parquet", table,
                                  metadata=provenance)
+        atomic_write_parquet(root / name / "analysis" / f"step-{step:06d}-drift.parquet",
+                             _drift_table(name, method, step), metadata={"kind": "drift"})
     writer.set_status("finished")
 
 

@@ -108,6 +108,10 @@ def test_runs_view_and_drilldown_render(dashboard, page, tmp_path):
     page.set_viewport_size({"width": 1500, "height": 1500})
     page.wait_for_timeout(500)
     page.screenshot(path=str(tmp_path / "alignment-view.png"))
+    # Beside layer alignment: the block x checkpoint heat map of weight drift, drawn in the browser.
+    page.get_by_text("Where training changed the weights").first.wait_for(timeout=30_000)
+    page.get_by_text("Weight drift:").first.wait_for(timeout=30_000)
+    assert page.get_by_text("block 1 moved most").count() >= 1
 
     open_view(page, dashboard, view="Training", runs=["../grpo"])
     page.get_by_text("Refused run").first.wait_for(timeout=30_000)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from tests.app.conftest import (
-    N_HEADS, N_LAYERS, RUN_SCALE, STEPS, TOKENS, expected_value, make_runs_root, plotly_figures,
+    N_HEADS, N_LAYERS, RUN_SCALE, STEPS, TOKENS, expected_drift, expected_value, make_runs_root, plotly_figures,
 )
 
 
@@ -242,3 +242,19 @@ def test_alignment_overlays_per_layer_curves_at_one_checkpoint(runs_root, make_a
         assert list(trace.x) == list(range(1, N_LAYERS + 1))
         np.testing.assert_allclose(trace.y, [expected_value(run, "lens_kl", last, layer)
                                              for layer in range(1, N_LAYERS + 1)])
+
+
+def test_alignment_view_shows_where_training_changed_the_weights(runs_root, make_app):
+    at = _run(make_app(runs_root, view="Layer alignment", runs=["grpo", "oisd"], metric="lens_kl"))
+    figure = plotly_figures(at)["alignment_drift"]
+    heatmaps = [t for t in figure.data if t.type == "heatmap"]
+    assert len(heatmaps) == 2
+    for trace, run in zip(heatmaps, ["grpo", "oisd"]):
+        assert list(trace.y) == ["embeddings"] + [str(b) for b in range(1, N_LAYERS + 1)]
+        assert list(trace.x) == [str(s) for s in STEPS]
+        expected = [[expected_drift(run, s, b) for s in STEPS] for b in range(N_LAYERS + 1)]
+        np.testing.assert_allclose(np.array(trace.z), expected)
+    assert "Weight drift" in figure.layout.title.text
+    caption = " ".join(c.value for c in at.caption)
+    assert f"`oisd` at step {STEPS[-1]}: block 1 moved most" in caption
+    assert f"`grpo` at step {STEPS[-1]}: block {N_LAYERS} moved most" in caption

@@ -3,6 +3,8 @@ Qwen3, Llama and GPT-2 checkpoints; incremental runs and broken checkpoints."""
 
 import logging
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -326,3 +328,41 @@ def test_attention_table_keeps_top_k_keys_beyond_its_budget(tmp_path, tokenizer,
     assert set(map(tuple, small[keys].to_numpy())) == set(map(tuple, expected[keys].to_numpy()))
     kept = small.astype({"weight": "float64"}).groupby(["prompt", "layer", "head", "query"])["weight"].sum()
     assert info["attn_mass_kept"] == pytest.approx(float(kept.mean()), abs=2e-3) and info["attn_mass_kept"] < 1
+
+
+def test_probe_measures_weight_drift_from_the_start_model(tmp_path, tokenizer, records):
+    """``oisd probe`` writes each checkpoint's drift from the run's start model; a block moved
+    by hand is the one compare names, and the dashboard's alignment view draws it."""
+    import copy
+
+    from workbench.compare import drift_lines
+    from workbench.runwriter import RunWriter
+
+    start = _model(_configs(tokenizer)["qwen3"])
+    start_dir = tmp_path / "start"
+    start.save_pretrained(start_dir)
+    tokenizer.save_pretrained(start_dir)
+    moved = copy.deepcopy(start)
+    with torch.no_grad():
+        moved.model.layers[2].mlp.down_proj.weight.mul_(1.5)  # block 3: ||dW|| = 0.5 ||W||
+    run_dir = _make_run(tmp_path, tokenizer, records, {5: start, 10: moved})
+    writer = RunWriter(run_dir, {"method": "grpo", "seed": 0, "model": {"path": str(start_dir)}}, resume=True,
+                       append=True)
+    writer.record(num_layers=4)
+    probe_run(run_dir, progress=False, greedy=False, detail_prompts=0)
+    drift = Run.open(run_dir).analysis("drift")
+    assert sorted(drift["step"].unique()) == [5, 10]
+    blocks = drift[(drift["kind"] == "all") & (drift["module"] == "block")].set_index(["step", "block"])
+    assert (blocks.loc[5, "rel_change"] == 0).all() and (blocks.loc[5, "changed_bf16"] == 0).all()
+    mlp = drift[(drift["step"] == 10) & (drift["block"] == 3) & (drift["kind"] == "mlp")].iloc[0]
+    names = [f"model.layers.2.mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    weights = dict(start.named_parameters())
+    expected = 0.5 * float(weights[names[2]].double().norm()) / math.sqrt(
+        sum(float(weights[n].double().norm() ** 2) for n in names))
+    assert mlp["rel_change"] == pytest.approx(expected, rel=1e-6)
+    assert [b for b in blocks.loc[10].index if blocks.loc[(10, b), "rel_change"] > 0] == [3]
+    (line,) = drift_lines([run_dir])
+    assert "at step 10: block 3 moved most" in line
+    # Probing again computes nothing new.
+    again = probe_run(run_dir, progress=False, greedy=False, detail_prompts=0)
+    assert again.files == [] and sorted(again.up_to_date) == [5, 10]
