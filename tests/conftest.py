@@ -8,6 +8,7 @@
   The coin task asks 40 questions whose answer is "1" or "2"; a few seconds of
   supervised training teach the tiny Qwen3 to answer "1" or "2" at random, so about
   half of the responses are right and most groups have a non-zero reward std.
+  ``coin_llama_dir`` is the same for the tiny Llama (untied ``lm_head``).
 - ``run_overrides``: ``--set`` overrides for a small, fast run (used in-process with
   ``load_config`` and on the command line).
 
@@ -106,6 +107,36 @@ def coin_model_dir(tmp_path_factory, char_tokenizer, coin_data) -> Path:
         loss.backward()
         opt.step()
     return _save(model, char_tokenizer, tmp_path_factory.mktemp("coin-model"))
+
+
+@pytest.fixture(scope="session")
+def coin_llama_dir(tmp_path_factory, char_tokenizer, coin_data) -> Path:
+    """``coin_model_dir`` for the tiny Llama of ``tiny_llama_dir`` (untied ``lm_head``): 100
+    supervised steps of answering "1" or "2" at random, so that it earns rewards. After 30
+    (or 60) steps it still answers, but a first Adam step at lr 1e-3 breaks its answers."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from trainer.data import load_examples
+    from trainer.warmstart import make_sft_batch
+
+    examples = load_examples(coin_data, solution_column="solution")
+    rng = random.Random(0)
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=len(char_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False, bos_token_id=char_tokenizer.bos_token_id,
+        eos_token_id=char_tokenizer.eos_token_id, pad_token_id=char_tokenizer.pad_token_id,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(100):
+        pairs = [(rng.choice(examples).prompt, rng.choice("12")) for _ in range(16)]
+        loss = model(**make_sft_batch(char_tokenizer, pairs)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return _save(model, char_tokenizer, tmp_path_factory.mktemp("coin-llama"))
 
 
 @pytest.fixture(scope="session")
