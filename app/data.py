@@ -23,7 +23,7 @@ from workbench.runstore import BrokenRun, Run, RunPaths, list_runs, run_summary 
 from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, TOPK_COLUMNS
 
 DETAIL_COLUMNS = {"topk": TOPK_COLUMNS, "cells": CELL_COLUMNS, "attn": ATTN_COLUMNS}
-SOURCES = {"probe": "built-in probes (probes.parquet)", "analyzer": "analyzer (analysis/)"}
+SOURCES = {"probe": "built-in probes (probes/)", "analyzer": "analyzer (analysis/)"}
 
 
 def signature(path: str | os.PathLike) -> tuple[int, int]:
@@ -162,14 +162,14 @@ def metric_table(run: Run, source: str) -> tuple[pd.DataFrame, list[str]]:
 
     Args:
         run: The run.
-        source: ``"probe"`` (probes.parquet, the trainer's built-in probes) or
+        source: ``"probe"`` (``probes/``, the trainer's built-in probes) or
             ``"analyzer"`` (``analysis/step-*-metrics.parquet``, all checkpoints).
 
     Returns:
         ``(table, warnings)``; an empty table has the contract columns.
     """
     if source == "probe":
-        return _probes(str(run.path), signature(run.paths.probes))
+        return _probes(str(run.path), (signature(run.paths.probes), signature(run.paths.probe_parts)))
     if source == "analyzer":
         return _analysis(str(run.path), "metrics", signature(run.paths.analysis))
     raise WorkbenchError(f"unknown metric source {source!r}; expected one of {sorted(SOURCES)}")
@@ -178,7 +178,7 @@ def metric_table(run: Run, source: str) -> tuple[pd.DataFrame, list[str]]:
 def available_sources(run: Run) -> list[str]:
     """The metric sources a run has files for (without reading the tables)."""
     found = []
-    if run.paths.probes.is_file():
+    if run.has_probes():
         found.append("probe")
     if bool(run.analyzed_steps("metrics")):
         found.append("analyzer")

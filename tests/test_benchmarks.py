@@ -61,3 +61,12 @@ def test_bench_probe_depth_reports_time_memory_and_bytes(tmp_path):
     assert set(report["files_mb"]) == {f"step-000000-{k}.parquet" for k in ("attn", "cells", "metrics", "topk")}
     # A small model keeps every visible (query, key) pair, well inside the budget.
     assert report["attn_top_k"] is None and report["attn_mass_kept"] == 1.0 and report["within_budget"]
+
+
+def test_bench_probe_log_times_both_layouts():
+    import bench_probe_log
+
+    r = bench_probe_log.main(["--steps", "5", "--layers", "4", "--heads", "2"])
+    assert r["rows_per_step"] > 0 and r["steps"] == 5
+    for layout in ("parts", "one_table"):
+        assert r[layout]["step_1_s"] > 0 and r[layout]["step_5_s"] > 0

@@ -8,7 +8,7 @@ A run folder::
       run.json                 config, versions, seed, start time, host, pid, status
       metrics.jsonl            one JSON object per training step ("step", "time", ...)
       probe_set.jsonl          the fixed probe prompts and reference completions
-      probes.parquet           built-in probes, METRIC_COLUMNS (schema.py)
+      probes/step-NNNNNN.parquet  built-in probes, one file per probed step, METRIC_COLUMNS (schema.py)
       checkpoints/step-000050/ HF files + tokenizer + trainer_state + manifest.json
       analysis/step-000050-<kind>.parquet   analyzer output with provenance metadata
 
@@ -65,7 +65,8 @@ _KIND = re.compile(r"^[a-z0-9_]+$")
 class RunPaths:
     """Every path of a run folder: the one place their names are written.
 
-    ``run.json``, ``metrics.jsonl``, ``probe_set.jsonl``, ``probes.parquet``,
+    ``run.json``, ``metrics.jsonl``, ``probe_set.jsonl``, ``probes/step-NNNNNN.parquet``
+    (``probes.parquet`` in older runs),
     ``probe_samples.parquet`` (the sampled completions of the outcome-conditioned
     probes), ``checkpoints/step-NNNNNN/`` (each with its ``manifest.json``),
     ``analysis/``, ``events/``; and ``warmstart.json``, the figures a warm-start model
@@ -79,6 +80,7 @@ class RunPaths:
     WARMSTART_JSON: ClassVar[str] = "warmstart.json"  # inside a warm-start model folder
     TMP_PREFIX: ClassVar[str] = ".tmp-"  # in-progress writes under checkpoints/; readers ignore them
     _STEP_DIR: ClassVar[re.Pattern] = re.compile(r"^step-(\d+)$")
+    _STEP_PART: ClassVar[re.Pattern] = re.compile(r"^step-(\d+)\.parquet$")
 
     @property
     def run_json(self) -> Path:
@@ -94,7 +96,26 @@ class RunPaths:
 
     @property
     def probes(self) -> Path:
+        """The built-in probes of runs written before the per-step parts (read, never written)."""
         return self.root / "probes.parquet"
+
+    @property
+    def probe_parts(self) -> Path:
+        """``probes/``: the built-in probes, one ``step-NNNNNN.parquet`` per probed step, so a
+        probe step writes only its own rows (a single table rewritten at every step grew
+        with the run)."""
+        return self.root / "probes"
+
+    def probe_part(self, step: int) -> Path:
+        return self.probe_parts / f"step-{step:06d}.parquet"
+
+    def probe_part_files(self) -> list[tuple[int, Path]]:
+        """``(step, file)`` of every per-step probe table, by step."""
+        if not self.probe_parts.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.probe_parts.iterdir()
+                 if (m := self._STEP_PART.match(p.name))]
+        return sorted(found)
 
     @property
     def samples(self) -> Path:
@@ -298,14 +319,25 @@ class Run:
         return df.drop_duplicates("step", keep="last").sort_values("step", ignore_index=True)
 
     def probes(self) -> pd.DataFrame:
-        """The trainer's built-in probes (METRIC_COLUMNS); empty when there are none yet."""
-        path = self.paths.probes
-        if path.is_file():
+        """The trainer's built-in probes (METRIC_COLUMNS), every probed step in step order;
+        empty when there are none yet. Reads ``probes/step-*.parquet`` and, for runs written
+        before them, ``probes.parquet``."""
+        files = ([self.paths.probes] if self.paths.probes.is_file() else []) + [
+            p for _, p in self.paths.probe_part_files()]
+        frames = []
+        for path in files:
             try:
-                return pd.read_parquet(path)
+                frames.append(pd.read_parquet(path))
             except Exception as exc:  # a corrupt file must not take the dashboard down
                 _warn(f"{path} is unreadable: {exc}")
-        return pd.DataFrame(columns=METRIC_COLUMNS)
+        frames = [f for f in frames if len(f)]
+        if not frames:
+            return pd.DataFrame(columns=METRIC_COLUMNS)
+        return pd.concat(frames, ignore_index=True)
+
+    def has_probes(self) -> bool:
+        """Whether the trainer wrote built-in probes (without reading them)."""
+        return self.paths.probes.is_file() or bool(self.paths.probe_part_files())
 
     @property
     def num_layers(self) -> int | None:

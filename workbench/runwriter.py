@@ -149,6 +149,9 @@ class RunWriter:
                 table = pd.read_parquet(path)
                 if (table["step"] > step).any():
                     atomic_write_parquet(path, table[table["step"] <= step])
+        for part_step, path in self.paths.probe_part_files():
+            if part_step > step:
+                path.unlink()
 
     def log_metrics(self, step: int, values: dict) -> None:
         """Append one line ``{"step", "time", **values}`` to metrics.jsonl, fsynced.
@@ -190,18 +193,19 @@ class RunWriter:
         return digest
 
     def log_probes(self, df: pd.DataFrame) -> None:
-        """Append probe rows (METRIC_COLUMNS) to probes.parquet.
+        """Write probe rows (METRIC_COLUMNS) of one or more steps: each step's rows to its own
+        ``probes/step-NNNNNN.parquet``, atomically (a step logged again replaces its file).
 
-        Read-modify-write with an atomic replace: the table stays small (steps x
-        layers x metrics), and one file is what every reader expects.
+        A probe step writes only its own rows, whatever the run's length: probing step 201
+        of a 200-step run costs what step 1 did (``benchmarks/bench_probe_log.py``).
+        :meth:`Run.probes` reads the parts back as one table.
         """
         missing = [c for c in METRIC_COLUMNS if c not in df.columns]
         if missing:
             raise ValueError(f"probe rows lack columns {missing}")
-        new = df[METRIC_COLUMNS]
-        if self.probes_path.exists():
-            new = pd.concat([pd.read_parquet(self.probes_path), new], ignore_index=True)
-        atomic_write_parquet(self.probes_path, new)
+        rows = df[METRIC_COLUMNS]
+        for step, part in rows.groupby("step", sort=True):
+            atomic_write_parquet(self.paths.probe_part(int(step)), part.reset_index(drop=True))
 
     def log_samples(self, df: pd.DataFrame) -> None:
         """Append sampled probe completions (SAMPLE_COLUMNS) to probe_samples.parquet.

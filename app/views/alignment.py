@@ -53,7 +53,7 @@ def render(ctx: ViewContext) -> None:
     found = {s for run in ctx.runs.values() for s in data.available_sources(run)}
     sources = [s for s in data.SOURCES if s in found]
     if not sources:
-        st.info("None of the selected runs has probes.parquet or analysis tables yet.")
+        st.info("None of the selected runs has built-in probes or analysis tables yet.")
         return
     source = select(ctx, "Source", sources, "source", format_func=data.SOURCES.get, widget="radio",
                     default="probe", horizontal=True)

@@ -29,7 +29,7 @@ def render(ctx: ViewContext) -> None:
     run = ctx.runs[name]
     sources = data.available_sources(run)
     if not sources:
-        st.info(f"Run `{name}` has no probes.parquet or analysis tables yet.")
+        st.info(f"Run `{name}` has no built-in probes or analysis tables yet.")
         return
     source = select(ctx, "Source", sources, "source", container=top[1], format_func=data.SOURCES.get,
                     default="probe")

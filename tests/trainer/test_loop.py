@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM
 import trainer.objectives as objectives
 from trainer.loop import NonFiniteError, Trainer
 from trainer.run import train
+from workbench.runstore import Run
 from trainer.setup import check_batch, prepare, resolve_layers
 from workbench.cli import main as cli_main
 from trainer.config import load_config
@@ -91,7 +92,7 @@ def test_every_method_trains_two_steps(method, arch, request, tmp_path, run_over
     assert loaded.config.num_hidden_layers == 4
     assert (run_dir / "checkpoints" / "step-000002" / "trainer_state.pt").is_file()
 
-    probes = pd.read_parquet(run_dir / "probes.parquet")
+    probes = Run.open(run_dir).probes()
     assert sorted(probes["step"].unique()) == [0, 2]
     assert {1, 2, 3, 4} <= set(probes["layer"])
     assert {"lens_kl", "lens_js", "top1_agree", "attn_js_final"} <= set(probes["metric"])
@@ -130,7 +131,7 @@ def test_outcome_probes_and_resolved_facts_are_written(tiny_qwen3_dir, tmp_path,
     assert sorted(samples["step"].unique()) == [0, 1]
     assert len(samples) == 2 * 2 * 3  # 2 probe points x 2 prompts x 3 samples
     assert not samples["correct"].any()  # a random model never answers right
-    probes = pd.read_parquet(run_dir / "probes.parquet")
+    probes = Run.open(run_dir).probes()
     n = probes[probes["metric"] == "n_samples"].set_index(["step", "split"])["value"]
     assert n[(1, "sampled_wrong")] == 6 and n[(1, "sampled_correct")] == 0
     wrong = probes[(probes["split"] == "sampled_wrong") & (probes["metric"] == "top1_agree")]

@@ -98,8 +98,10 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(coin_model_dir, coin_d
         assert b == pytest.approx(a, rel=1e-6, abs=1e-7), a["step"]
     assert any(r["reward_std"] > 0 for r in rows_full[1:])  # advantages were not all 0
 
-    probes_full = pd.read_parquet(full / "probes.parquet").drop(columns="run")
-    probes_resumed = pd.read_parquet(killed / "probes.parquet").drop(columns="run")
+    from workbench.runstore import Run
+
+    probes_full = Run.open(full).probes().drop(columns="run")
+    probes_resumed = Run.open(killed).probes().drop(columns="run")
     assert sorted(probes_resumed["step"].unique()) == [0, 3, 6, STEPS]
     pd.testing.assert_frame_equal(probes_resumed.reset_index(drop=True), probes_full.reset_index(drop=True),
                                   rtol=1e-6, atol=1e-7)

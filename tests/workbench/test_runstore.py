@@ -364,3 +364,37 @@ def test_safe_join_refuses_escapes(tmp_path):
     for name in ("../secret", "a/../../secret", str(tmp_path / "secret"), "/etc", "evil", ""):
         with pytest.raises(WorkbenchError):
             safe_join(root, name)
+
+
+def test_each_probe_step_writes_only_its_own_file(tmp_path):
+    """Built-in probes go to probes/step-NNNNNN.parquet: logging a step leaves every earlier
+    step's file untouched (its cost does not grow with the run), Run.probes() reads them
+    as one table (with an older run's probes.parquet), and a resume drops later steps."""
+    from workbench.runwriter import RunWriter
+    from workbench.schema import METRIC_COLUMNS
+
+    def rows(step: int) -> pd.DataFrame:
+        return pd.DataFrame([{"run": "r", "step": step, "layer": layer, "head": -1, "ref_layer": -1,
+                              "metric": "lens_kl", "value": step + layer / 10, "split": "reference",
+                              "source": "probe"} for layer in (1, 2)])[METRIC_COLUMNS]
+
+    run_dir = tmp_path / "r"
+    writer = RunWriter(run_dir, {"method": "grpo"}, resume=False)
+    writer.log_probes(rows(0))
+    first = (run_dir / "probes" / "step-000000.parquet").stat()
+    for step in (2, 4, 6):
+        writer.log_probes(rows(step))
+    after = (run_dir / "probes" / "step-000000.parquet").stat()
+    assert (after.st_mtime_ns, after.st_ino) == (first.st_mtime_ns, first.st_ino)
+    assert sorted(p.name for p in (run_dir / "probes").iterdir()) == [
+        f"step-{s:06d}.parquet" for s in (0, 2, 4, 6)]
+    table = Run.open(run_dir).probes()
+    assert table["step"].tolist() == [0, 0, 2, 2, 4, 4, 6, 6]
+    assert table["value"].tolist() == pytest.approx([0.1, 0.2, 2.1, 2.2, 4.1, 4.2, 6.1, 6.2])
+    # An older run's single file is read beside the parts.
+    rows(-1).assign(step=1).to_parquet(run_dir / "probes.parquet")
+    assert Run.open(run_dir).probes()["step"].tolist()[:2] == [1, 1]
+    (run_dir / "probes.parquet").unlink()
+    # Resuming from step 2 drops the later steps' files.
+    RunWriter(run_dir, {"method": "grpo"}, resume=True, resume_step=2)
+    assert sorted(Run.open(run_dir).probes()["step"].unique()) == [0, 2]
