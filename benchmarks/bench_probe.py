@@ -31,7 +31,16 @@ response).
 
 Usage::
 
-    python benchmarks/bench_probe.py [--sizes tiny 32k] [--repeats 5] [--threads 1] [--device cpu]
+    python benchmarks/bench_probe.py [--sizes tiny 32k qwen3-0.6b] [--repeats 5] [--threads 1] [--device cpu]
+        [--json FILE]
+
+Each size is first measured against the **floor**: what any correct implementation must
+do for the same splits (one forward per split with hidden states, one read-out per layer
+at the scored positions, the greedy decode with the same sampler), in a plain HF process,
+against the analyzer's ``probe_checkpoint`` (boot excluded) with its stage breakdown
+(``workbench.analyzer.StageSeconds``: decode, capture, lens, attention, detail, write),
+each side in a fresh process for its peak memory; ``--json`` writes those figures.
+``qwen3-0.6b`` (Qwen3-0.6B's body, random init, bf16 on disk) is measured only this way.
 
 ``--threads 1`` (the default) gives the most stable numbers on a shared machine;
 ``--threads 0`` keeps torch's default thread count.
@@ -77,7 +86,13 @@ def make_config(size: str, tokenizer):
             max_position_embeddings=512, tie_word_embeddings=True,
             bos_token_id=1, eos_token_id=2, pad_token_id=0,
         )
-    raise SystemExit(f"unknown size {size!r} (tiny, 32k)")
+    if size == "qwen3-0.6b":  # Qwen3-0.6B's body: 28 layers, 16 heads, 8 KV heads, vocabulary 151,936
+        return Qwen3Config(
+            vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+            num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
+            tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
+    raise SystemExit(f"unknown size {size!r} (tiny, 32k, qwen3-0.6b)")
 
 
 def make_records(vocab: int, seed: int = 0) -> list[dict]:
@@ -219,6 +234,107 @@ def measure_memory(size: str, device: str, variant: str, threads: int) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
+# ---------------------------------------------------------------------------
+# The analyzer against its floor (what any correct implementation must do)
+# ---------------------------------------------------------------------------
+
+GREEDY_TOKENS = 32  # greedy split length of the floor measurement
+FLOOR_SIDES = ("analyzer", "floor")
+#: Sizes measured against the floor only: the naive variant's (L, N, T, V) tensor does not fit.
+FLOOR_ONLY = ("qwen3-0.6b",)
+
+
+def save_model(size: str, folder: Path) -> int:
+    """A random-init model of ``size`` in ``folder`` (bf16 on disk at real shapes); its vocabulary."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(0)
+    config = make_config(size, tokenizer)
+    model = AutoModelForCausalLM.from_config(config)
+    if size in FLOOR_ONLY:
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return config.vocab_size
+
+
+def child_side(side: str, folder: Path, vocab: int) -> None:
+    """Probe the model in ``folder`` one way, in this process; print seconds, stages and the
+    peak resident memory above the loaded model (JSON)."""
+    from workbench.probe_runner import find_readout, greedy_responses, probe_batch, probe_splits
+
+    records = make_records(vocab)
+    if side == "analyzer":
+        from workbench.analyzer import StageSeconds, _boot, load_decoder, probe_checkpoint
+
+        stages = StageSeconds()
+        with stages("boot"):
+            bridge, tokenizer = _boot(folder, "cpu", torch.float32)
+            decoder = load_decoder(folder, "cpu", torch.float32)
+        baseline = _peak_bytes("cpu")
+        start = time.perf_counter()
+        tables = probe_checkpoint(bridge, tokenizer, records, run="bench", step=0, detail_prompts=4, greedy=True,
+                                  max_new_tokens=GREEDY_TOKENS, decoder=decoder, stages=stages)
+        with stages("write"), tempfile.TemporaryDirectory() as out:
+            for kind, table in tables.items():
+                table.to_parquet(Path(out) / f"{kind}.parquet")
+        seconds = time.perf_counter() - start
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        norm, head = find_readout(model)
+        baseline = _peak_bytes("cpu")
+        stages = {}
+        start = time.perf_counter()
+        with torch.no_grad():
+            t = time.perf_counter()
+            greedy = greedy_responses(model, records, pad_id=0, eos_id=2, max_new_tokens=GREEDY_TOKENS)
+            stages["decode"] = time.perf_counter() - t
+            for split, split_records, responses in probe_splits(records, greedy=greedy):
+                batch = probe_batch(split_records, 0, responses)
+                t = time.perf_counter()
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            position_ids=batch["position_ids"], output_hidden_states=True)
+                stages["forward"] = stages.get("forward", 0.0) + time.perf_counter() - t
+                t = time.perf_counter()
+                scored = batch["scored"]
+                for hidden in out.hidden_states[1:-1]:  # one read-out per layer at the scored positions
+                    head(norm(hidden[scored])).float().log_softmax(-1)
+                out.logits[scored].float().log_softmax(-1)
+                stages["lens"] = stages.get("lens", 0.0) + time.perf_counter() - t
+                del out
+        seconds = time.perf_counter() - start
+    peak = (_peak_bytes("cpu") - baseline) / 2**20
+    print(json.dumps({"seconds": seconds, "stages": {k: round(v, 3) for k, v in stages.items()},
+                      "peak_above_model_mb": round(peak, 1), "peak_rss_mb": round(_peak_bytes("cpu") / 2**20, 1)}))
+
+
+def analyzer_against_floor(size: str, threads: int) -> dict:
+    """The analyzer's time on one checkpoint of ``size`` against the floor, each side in a fresh
+    process: ``ratio_to_floor`` (probing, boot excluded, over the floor), the stage breakdown
+    and peak memory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        vocab = save_model(size, folder)
+        weights_mb = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
+        sides = {}
+        for side in FLOOR_SIDES:
+            out = subprocess.run(
+                [sys.executable, __file__, "--side", side, "--folder", str(folder), "--vocab", str(vocab),
+                 "--threads", str(threads)], check=True, capture_output=True, text=True).stdout
+            sides[side] = json.loads(out.strip().splitlines()[-1])
+    analyzer, floor = sides["analyzer"], sides["floor"]
+    probing = analyzer["seconds"] - analyzer["stages"].get("write", 0.0)
+    return {"ratio_to_floor": probing / floor["seconds"], "analyzer_s": probing, "floor_s": floor["seconds"],
+            "analyzer_stages": analyzer["stages"], "floor_stages": floor["stages"],
+            "peak_rss_mb": analyzer["peak_rss_mb"], "peak_above_model_mb": analyzer["peak_above_model_mb"],
+            "floor_peak_rss_mb": floor["peak_rss_mb"], "weights_mb_on_disk": round(weights_mb, 1),
+            "weights_mb": round(weights_mb * (2 if size in FLOOR_ONLY else 1), 1),  # fp32 in memory
+            "probe_set": f"{N_PROMPTS} prompts x {SEQ_LEN} tokens, greedy {GREEDY_TOKENS} tokens"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "32k"])
@@ -227,12 +343,32 @@ def main() -> None:
                         help="torch CPU threads (1: stable numbers on a shared machine;"
                              " 0: leave torch's default, usually one per core)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=None, help="write the analyzer-against-floor figures here")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=FLOOR_SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.child:
         child_memory(args.sizes[0], args.device, args.child)
+        return
+    if args.side:
+        child_side(args.side, Path(args.folder), args.vocab)
+        return
+    floors = {}
+    for size in args.sizes:
+        r = floors[size] = analyzer_against_floor(size, args.threads)
+        breakdown = ", ".join(f"{k} {v:.2f}" for k, v in r["analyzer_stages"].items())
+        floor = ", ".join(f"{k} {v:.2f}" for k, v in r["floor_stages"].items())
+        print(f"{size}: analyzer {r['analyzer_s']:.2f} s against floor {r['floor_s']:.2f} s = "
+              f"{r['ratio_to_floor']:.2f}x (target 1.3x); peak RSS {r['peak_rss_mb']:.0f} MB "
+              f"(weights {r['weights_mb']:.0f} MB); stages: {breakdown}; floor: {floor}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(floors, indent=2))
+    args.sizes = [s for s in args.sizes if s not in FLOOR_ONLY]
+    if not args.sizes:
         return
     print(f"device={args.device} threads={torch.get_num_threads()} repeats={args.repeats} "
           f"probe set {N_PROMPTS} x {SEQ_LEN} tokens")

@@ -70,3 +70,18 @@ def test_bench_probe_log_times_both_layouts():
     assert r["rows_per_step"] > 0 and r["steps"] == 5
     for layout in ("parts", "one_table"):
         assert r[layout]["step_1_s"] > 0 and r[layout]["step_5_s"] > 0
+
+
+def test_bench_probe_measures_the_analyzer_against_its_floor(tmp_path):
+    import json
+    import subprocess
+
+    out = tmp_path / "floor.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_probe.py"
+    subprocess.run([sys.executable, str(script), "--sizes", "tiny", "--repeats", "1", "--json", str(out)],
+                   check=True, timeout=900)
+    r = json.loads(out.read_text())["tiny"]
+    assert r["ratio_to_floor"] == pytest.approx(r["analyzer_s"] / r["floor_s"])
+    assert {"decode", "capture", "lens", "attention", "detail", "write"} <= set(r["analyzer_stages"])
+    assert {"decode", "forward", "lens"} == set(r["floor_stages"])
+    assert r["peak_rss_mb"] > 0 and r["weights_mb"] > 0

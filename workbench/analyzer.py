@@ -39,6 +39,7 @@ import importlib.metadata
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -80,6 +81,20 @@ ATTN_ROW_GROUP = 1 << 16
 # The read-out of the last block must reproduce the model's logits within this
 # tolerance (absolute, scaled by the logits' magnitude); half precisions round more.
 _READOUT_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+class StageSeconds(dict):
+    """Seconds per stage of probing one checkpoint (``boot``, ``decode``, ``capture``,
+    ``lens``, ``attention``, ``detail``, ``drift``, ``write``), recorded in the analysis
+    files' provenance as ``stage_seconds``: where the time of a probe goes."""
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[stage] = self.get(stage, 0.0) + time.perf_counter() - start
 
 
 @dataclass
@@ -274,6 +289,7 @@ def probe_checkpoint(
     samples: pd.DataFrame | None = None,
     decoder=None,
     attn_rows: int | None = None,
+    stages: StageSeconds | None = None,
 ) -> dict[str, pd.DataFrame]:
     """All analyzer tables of one booted checkpoint.
 
@@ -294,6 +310,7 @@ def probe_checkpoint(
         attn_rows: the most rows of the drill-down attention table (None:
             :data:`ATTN_DETAIL_ROWS`); beyond it each query keeps its top-k keys
             (:func:`attention_top_k`).
+        stages: a :class:`StageSeconds` to add this call's stage times to.
 
     Returns:
         ``{"metrics", "topk", "cells", "attn"}`` -> DataFrame (schema columns).
@@ -304,16 +321,18 @@ def probe_checkpoint(
     pad_id, eos_id = special_ids(tokenizer)
     decode = _decoder(tokenizer)
     n_layers = bridge.cfg.n_layers
+    stage = StageSeconds() if stages is None else stages
     greedy_ids = None
     if greedy:
         # Decoded by a plain HF model with eager attention and the rollout sampler, as the
         # built-in probes decode: the same tokens they score. (Not the model the bridge
         # wraps: from transformers 5.24 on, its attention receives the KV cache as `cache=`,
         # which TransformerLens 4.3's attention bridge ignores, and decoding goes wrong.)
-        greedy_ids = greedy_responses(
-            decoder if decoder is not None else bridge.original_model, records, pad_id=pad_id, eos_id=eos_id,
-            max_new_tokens=max_new_tokens,
-        )
+        with stage("decode"):
+            greedy_ids = greedy_responses(
+                decoder if decoder is not None else bridge.original_model, records, pad_id=pad_id, eos_id=eos_id,
+                max_new_tokens=max_new_tokens,
+            )
 
     metric_frames, topk_frames, cell_frames, attn_frames = [], [], [], []
     attn_top_k = None
@@ -329,8 +348,10 @@ def probe_checkpoint(
             if not split_records:
                 continue
         batch = probe_batch(split_records, pad_id, split_responses)
-        inputs = bridge_probe_inputs(bridge, batch, patterns="final")
-        result = compute_probe_metrics(inputs, chunk_size=chunk_size)  # the lens metrics
+        with stage("capture"):
+            inputs = bridge_probe_inputs(bridge, batch, patterns="final")
+        with stage("lens"):
+            result = compute_probe_metrics(inputs, chunk_size=chunk_size)  # the lens metrics
         shown = range(min(detail_prompts, len(records))) if split == detail_split else range(0)
         if len(shown):
             attn_top_k = attention_top_k(inputs, shown, ATTN_DETAIL_ROWS if attn_rows is None else attn_rows)
@@ -346,15 +367,17 @@ def probe_checkpoint(
                     [pattern], prompt, query_mask=inputs.mask[prompt], attention_mask=inputs.attention_mask[prompt],
                     top_k=attn_top_k, with_mass=True, first_layer=layer))
 
-        stream_attention(bridge, batch, on_layer)
+        with stage("attention"):
+            stream_attention(bridge, batch, on_layer)
         attn_frames += [frame for prompt in shown for frame in by_prompt[prompt]]  # prompt, then layer order
         result.set_attention(attention.result())
         metric_frames.append(result.to_frame(run, step, split, "analyzer"))
-        for prompt in shown:
-            topk, cells = per_position_detail(inputs, prompt, chunk_size=chunk_size, decode=decode)
-            topk_frames.append(topk)
-            cell_frames.append(cells)
-        del inputs, attention
+        with stage("detail"):
+            for prompt in shown:
+                topk, cells = per_position_detail(inputs, prompt, chunk_size=chunk_size, decode=decode)
+                topk_frames.append(topk)
+                cell_frames.append(cells)
+        inputs = attention = None  # free this split's activations before the next
 
     def tidy(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
         if not frames:
@@ -501,19 +524,22 @@ def probe_run(
                 _write_drift(run, target, drift_from, report)
             report.up_to_date.append(target.step)
             continue
+        stage = StageSeconds()
         try:
             target.check()
             if drift_due:  # from the weights alone, once the checkpoint passed its checks
-                _write_drift(run, target, drift_from, report)
-            bridge, tokenizer = _boot(target.location, device, DTYPES[dtype])
-            check_tokenizer(tokenizer, records, target.location)
+                with stage("drift"):
+                    _write_drift(run, target, drift_from, report)
+            with stage("boot"):
+                bridge, tokenizer = _boot(target.location, device, DTYPES[dtype])
+                check_tokenizer(tokenizer, records, target.location)
+                decoder = load_decoder(target.location, device, DTYPES[dtype]) if greedy else None
             start = time.perf_counter()
-            decoder = load_decoder(target.location, device, DTYPES[dtype]) if greedy else None
             tables = probe_checkpoint(
                 bridge, tokenizer, records, run=run.name, step=target.step,
                 detail_prompts=detail_prompts, greedy=greedy, chunk_size=chunk_size,
                 max_new_tokens=max_new_tokens,
-                samples=_samples_at(all_samples, target.step), decoder=decoder,
+                samples=_samples_at(all_samples, target.step), decoder=decoder, stages=stage,
             )
             del decoder
             provenance = _provenance(bridge, target.location, digest, device, dtype, target.step)
@@ -528,11 +554,16 @@ def probe_run(
         # metrics last: its presence with this hash is what marks the step analysed.
         provenance["attn_top_k"] = tables["attn"].attrs.get("attn_top_k")
         provenance["attn_mass_kept"] = tables["attn"].attrs.get("attn_mass_kept", 1.0)
-        for kind in ("topk", "cells", "attn", "metrics"):
-            path = run.analysis_path(target.step, kind)
-            atomic_write_parquet(path, tables[kind], metadata={**provenance, "kind": kind},
-                                 row_group_size=ATTN_ROW_GROUP if kind == "attn" else None)
-            report.files.append(path)
+        with stage("write"):
+            for kind in ("topk", "cells", "attn"):
+                path = run.analysis_path(target.step, kind)
+                atomic_write_parquet(path, tables[kind], metadata={**provenance, "kind": kind},
+                                     row_group_size=ATTN_ROW_GROUP if kind == "attn" else None)
+                report.files.append(path)
+        provenance["stage_seconds"] = {k: round(v, 3) for k, v in stage.items()}
+        path = run.analysis_path(target.step, "metrics")
+        atomic_write_parquet(path, tables["metrics"], metadata={**provenance, "kind": "metrics"})
+        report.files.append(path)
         report.analysed.append(target.step)
     return report
 
