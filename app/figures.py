@@ -108,6 +108,29 @@ def _heatmap(matrix: pd.DataFrame, **kwargs) -> go.Heatmap:
     )
 
 
+def _heatmap_grid(matrices: dict[str, pd.DataFrame], *, title: str, y_title: str, coloraxis: dict) -> go.Figure:
+    """One heat map per run (steps across, ``y_title`` down) in a grid, on one colour axis."""
+    n = max(len(matrices), 1)
+    rows, cols = _grid(n)
+    height = max(300, 320 * rows)
+    # About 140 px between rows: room for a row's tick labels and axis title and the next row's title.
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(matrices), horizontal_spacing=0.08,
+                        vertical_spacing=140 / height if rows > 1 else 0.0)
+    for i, matrix in enumerate(matrices.values()):
+        fig.add_trace(_heatmap(matrix, coloraxis="coloraxis"), row=i // cols + 1, col=i % cols + 1)
+    fig.update_xaxes(title_text="checkpoint step", type="category")
+    fig.update_yaxes(title_text=y_title, type="category")
+    fig.update_layout(title=dict(text=title, font=dict(size=14)), coloraxis=coloraxis, height=height,
+                      margin=dict(t=70, b=40, l=50, r=20), font=_FONT)
+    return fig
+
+
+def _finite_range(matrices: dict[str, pd.DataFrame]) -> tuple[float, float] | None:
+    values = [m.to_numpy(dtype=float) for m in matrices.values() if m.size]
+    finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.array([])
+    return (float(finite.min()), float(finite.max())) if finite.size else None
+
+
 def layer_checkpoint_heatmaps(matrices: dict[str, pd.DataFrame], metric: str) -> go.Figure:
     """A layer x checkpoint heat map per run, on one shared colour scale.
 
@@ -115,26 +138,10 @@ def layer_checkpoint_heatmaps(matrices: dict[str, pd.DataFrame], metric: str) ->
         matrices: Run name -> :func:`layer_step_matrix` of the metric.
         metric: The metric name (written with its definition on the figure).
     """
-    n = max(len(matrices), 1)
-    rows, cols = _grid(n)
-    height = max(300, 320 * rows)
-    # About 140 px between rows: room for a row's tick labels and axis title and the next row's title.
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(matrices), horizontal_spacing=0.08,
-                        vertical_spacing=140 / height if rows > 1 else 0.0)
-    values = [m.to_numpy(dtype=float) for m in matrices.values() if m.size]
-    finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.array([])
-    cmin, cmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    for i, matrix in enumerate(matrices.values()):
-        fig.add_trace(_heatmap(matrix, coloraxis="coloraxis"), row=i // cols + 1, col=i % cols + 1)
-    fig.update_xaxes(title_text="checkpoint step", type="category")
-    fig.update_yaxes(title_text="layer", type="category")
-    fig.update_layout(
-        title=dict(text=metric_label(metric), font=dict(size=14)),
-        coloraxis=dict(colorscale=SEQUENTIAL, cmin=cmin, cmax=cmax, reversescale=metric in HIGHER_IS_CLOSER,
-                       colorbar=dict(title=dict(text=metric, side="right"))),
-        height=height, margin=dict(t=70, b=40, l=50, r=20), font=_FONT,
-    )
-    return fig
+    cmin, cmax = _finite_range(matrices) or (0.0, 1.0)
+    return _heatmap_grid(matrices, title=metric_label(metric), y_title="layer", coloraxis=dict(
+        colorscale=SEQUENTIAL, cmin=cmin, cmax=cmax, reversescale=metric in HIGHER_IS_CLOSER,
+        colorbar=dict(title=dict(text=metric, side="right"))))
 
 
 def drift_matrix(drift: pd.DataFrame) -> pd.DataFrame:
@@ -151,27 +158,12 @@ def drift_matrix(drift: pd.DataFrame) -> pd.DataFrame:
 
 def drift_heatmaps(matrices: dict[str, pd.DataFrame]) -> go.Figure:
     """A block x checkpoint heat map of the weights' relative change from the start per run,
-    on one shared colour scale."""
-    n = max(len(matrices), 1)
-    rows, cols = _grid(n)
-    height = max(300, 320 * rows)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(matrices), horizontal_spacing=0.08,
-                        vertical_spacing=140 / height if rows > 1 else 0.0)
-    values = [m.to_numpy(dtype=float) for m in matrices.values() if m.size]
-    finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.array([])
-    cmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
-    for i, matrix in enumerate(matrices.values()):
-        fig.add_trace(_heatmap(matrix, coloraxis="coloraxis"), row=i // cols + 1, col=i % cols + 1)
-    fig.update_xaxes(title_text="checkpoint step", type="category")
-    fig.update_yaxes(title_text="block", type="category")
-    fig.update_layout(
-        title=dict(text="Weight drift: ||W_t - W_0|| / ||W_0|| per block (higher = moved more)",
-                   font=dict(size=14)),
-        coloraxis=dict(colorscale=SEQUENTIAL, cmin=0.0, cmax=cmax,
-                       colorbar=dict(title=dict(text="rel. change", side="right"))),
-        height=height, margin=dict(t=70, b=40, l=50, r=20), font=_FONT,
-    )
-    return fig
+    on one shared colour scale from 0."""
+    top = (_finite_range(matrices) or (0.0, 1.0))[1]
+    return _heatmap_grid(
+        matrices, title="Weight drift: ||W_t - W_0|| / ||W_0|| per block (higher = moved more)", y_title="block",
+        coloraxis=dict(colorscale=SEQUENTIAL, cmin=0.0, cmax=top if top > 0 else 1.0,
+                       colorbar=dict(title=dict(text="rel. change", side="right"))))
 
 
 def difference_heatmap(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: str, metric: str) -> go.Figure:

@@ -62,18 +62,24 @@ def tiny_qwen3_dir(tmp_path_factory, char_tokenizer) -> Path:
     return _save(model, char_tokenizer, tmp_path_factory.mktemp("tiny-qwen3"))
 
 
+def _tiny_llama_config(tokenizer):
+    """A 4-block Llama with an untied ``lm_head``, sized to ``tokenizer``."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, char_tokenizer) -> Path:
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=len(char_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=False, bos_token_id=char_tokenizer.bos_token_id,
-        eos_token_id=char_tokenizer.eos_token_id, pad_token_id=char_tokenizer.pad_token_id,
-    )
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(_tiny_llama_config(char_tokenizer))
     return _save(model, char_tokenizer, tmp_path_factory.mktemp("tiny-llama"))
 
 
@@ -86,27 +92,34 @@ def coin_data(tmp_path_factory) -> Path:
     return path
 
 
+def _coin_trained(model, tokenizer, coin_data: Path, steps: int):
+    """``model`` after ``steps`` supervised steps of answering "1" or "2" at random (AdamW, lr 1e-2)."""
+    from trainer.data import load_examples
+    from trainer.warmstart import make_sft_batch
+
+    examples = load_examples(coin_data, solution_column="solution")
+    rng = random.Random(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        pairs = [(rng.choice(examples).prompt, rng.choice("12")) for _ in range(16)]
+        loss = model(**make_sft_batch(tokenizer, pairs)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
 @pytest.fixture(scope="session")
 def coin_model_dir(tmp_path_factory, char_tokenizer, coin_data) -> Path:
     """The tiny Qwen3 after 30 supervised steps of answering "1" or "2" at random."""
     from transformers import AutoModelForCausalLM
 
-    from trainer.data import load_examples
     from trainer.presets import preset_config
-    from trainer.warmstart import make_sft_batch
 
-    examples = load_examples(coin_data, solution_column="solution")
-    rng = random.Random(0)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(preset_config("tiny", char_tokenizer))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(30):
-        pairs = [(rng.choice(examples).prompt, rng.choice("12")) for _ in range(16)]
-        loss = model(**make_sft_batch(char_tokenizer, pairs)).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return _save(model, char_tokenizer, tmp_path_factory.mktemp("coin-model"))
+    return _save(_coin_trained(model, char_tokenizer, coin_data, 30), char_tokenizer,
+                 tmp_path_factory.mktemp("coin-model"))
 
 
 @pytest.fixture(scope="session")
@@ -114,29 +127,12 @@ def coin_llama_dir(tmp_path_factory, char_tokenizer, coin_data) -> Path:
     """``coin_model_dir`` for the tiny Llama of ``tiny_llama_dir`` (untied ``lm_head``): 100
     supervised steps of answering "1" or "2" at random, so that it earns rewards. After 30
     (or 60) steps it still answers, but a first Adam step at lr 1e-3 breaks its answers."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    from trainer.data import load_examples
-    from trainer.warmstart import make_sft_batch
-
-    examples = load_examples(coin_data, solution_column="solution")
-    rng = random.Random(0)
     torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=len(char_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=False, bos_token_id=char_tokenizer.bos_token_id,
-        eos_token_id=char_tokenizer.eos_token_id, pad_token_id=char_tokenizer.pad_token_id,
-    )
-    model = AutoModelForCausalLM.from_config(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(100):
-        pairs = [(rng.choice(examples).prompt, rng.choice("12")) for _ in range(16)]
-        loss = model(**make_sft_batch(char_tokenizer, pairs)).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return _save(model, char_tokenizer, tmp_path_factory.mktemp("coin-llama"))
+    model = AutoModelForCausalLM.from_config(_tiny_llama_config(char_tokenizer))
+    return _save(_coin_trained(model, char_tokenizer, coin_data, 100), char_tokenizer,
+                 tmp_path_factory.mktemp("coin-llama"))
 
 
 @pytest.fixture(scope="session")

@@ -372,22 +372,16 @@ def drift_lines(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
     """Per run with weight drift (``oisd probe`` measures it): at its last analysed checkpoint,
     the block whose weights moved most from the start, and the share of parameters whose
     bf16 value changed."""
-    from workbench.drift import most_moved_block
+    from workbench.drift import drift_summary
 
     lines = []
     for run_dir in run_dirs:
         run = Run.open(run_dir)
-        drift = run.analysis("drift")
-        if drift.empty:
-            continue
-        last = drift[drift["step"] == drift["step"].max()]
-        moved = most_moved_block(last)
-        total = last[last["kind"] == "all"]
-        share = float((total["changed_bf16"] * total["n_params"]).sum() / max(1, total["n_params"].sum()))
-        if moved is not None:
-            lines.append(f"weight drift, {run.name} at step {int(last['step'].iloc[0])}: block {moved[0]} moved "
-                         f"most (||dW|| / ||W0|| = {moved[1]:.3g}); {share:.1%} of the parameters changed at bf16 "
-                         "resolution")
+        d = drift_summary(run.analysis("drift"))
+        if d is not None:
+            lines.append(f"weight drift, {run.name} at step {d['step']}: block {d['block']} moved most "
+                         f"(||dW|| / ||W0|| = {d['rel_change']:.3g}); {d['changed_bf16']:.1%} of the parameters "
+                         "changed at bf16 resolution")
     return lines
 
 

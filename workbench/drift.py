@@ -148,6 +148,21 @@ def _accumulate(sums: dict, name: str, w0, wt, n_layers: int, start, now) -> Non
         acc[3] += w0.numel()
 
 
+def drift_summary(drift: pd.DataFrame) -> dict | None:
+    """A run's drift at its last measured checkpoint: ``step``, the most-moved ``block`` and
+    its ``rel_change``, and ``changed_bf16``, the share of all parameters whose bf16 value
+    changed; None without block rows. What ``oisd compare`` prints and the dashboard notes."""
+    if drift.empty:
+        return None
+    last = drift[drift["step"] == drift["step"].max()]
+    moved = most_moved_block(last)
+    if moved is None:
+        return None
+    total = last[last["kind"] == ALL]
+    share = float((total["changed_bf16"] * total["n_params"]).sum() / max(1, total["n_params"].sum()))
+    return {"step": int(last["step"].iloc[0]), "block": moved[0], "rel_change": moved[1], "changed_bf16": share}
+
+
 def most_moved_block(drift: pd.DataFrame) -> tuple[int, float] | None:
     """``(block, rel_change)`` of the decoder block whose weights moved most (its ``all``
     row) in a drift table of one checkpoint; None without block rows."""

@@ -8,7 +8,7 @@ import streamlit as st
 from app import data, figures
 from app.state import ViewContext, download_csv, select
 from workbench.compare import outcome_gap
-from workbench.drift import most_moved_block
+from workbench.drift import drift_summary
 from workbench.schema import METRIC_INFO, N_SAMPLES, OUTCOME_SPLITS
 
 PAIRWISE = {"attn_js", "attn_head_match", "attn_head_identity"}  # shown in the attention view
@@ -124,13 +124,10 @@ def _weight_drift(ctx: ViewContext) -> None:
     st.plotly_chart(figures.drift_heatmaps(matrices), key="alignment_drift")
     notes = []
     for name, d in drifts.items():
-        last = d[d["step"] == d["step"].max()]
-        moved = most_moved_block(last)
-        total = last[last["kind"] == "all"]
-        share = float((total["changed_bf16"] * total["n_params"]).sum() / max(1, total["n_params"].sum()))
-        if moved is not None:
-            notes.append(f"`{name}` at step {int(last['step'].iloc[0])}: block {moved[0]} moved most "
-                         f"({moved[1]:.3g}); {share:.0%} of the parameters changed at bf16 resolution")
+        s = drift_summary(d)
+        if s is not None:
+            notes.append(f"`{name}` at step {s['step']}: block {s['block']} moved most "
+                         f"({s['rel_change']:.3g}); {s['changed_bf16']:.0%} of the parameters changed at bf16 resolution")
     st.caption("  \n".join(notes))
 
 
