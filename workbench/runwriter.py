@@ -193,19 +193,23 @@ class RunWriter:
         return digest
 
     def log_probes(self, df: pd.DataFrame) -> None:
-        """Write probe rows (METRIC_COLUMNS) of one or more steps: each step's rows to its own
-        ``probes/step-NNNNNN.parquet``, atomically (a step logged again replaces its file).
+        """Append probe rows (METRIC_COLUMNS) of one or more steps: each step's rows go to its
+        own ``probes/step-NNNNNN.parquet``, atomically (rows logged again for a step, e.g. a
+        further split, are appended to that step's file).
 
-        A probe step writes only its own rows, whatever the run's length: probing step 201
-        of a 200-step run costs what step 1 did (``benchmarks/bench_probe_log.py``).
-        :meth:`Run.probes` reads the parts back as one table.
+        A probe step reads and writes only its own step's rows, whatever the run's length:
+        probing step 201 of a 200-step run costs what step 1 did
+        (``benchmarks/bench_probe_log.py``). :meth:`Run.probes` reads the parts as one table.
         """
         missing = [c for c in METRIC_COLUMNS if c not in df.columns]
         if missing:
             raise ValueError(f"probe rows lack columns {missing}")
         rows = df[METRIC_COLUMNS]
         for step, part in rows.groupby("step", sort=True):
-            atomic_write_parquet(self.paths.probe_part(int(step)), part.reset_index(drop=True))
+            path = self.paths.probe_part(int(step))
+            if path.exists():
+                part = pd.concat([pd.read_parquet(path), part], ignore_index=True)
+            atomic_write_parquet(path, part.reset_index(drop=True))
 
     def log_samples(self, df: pd.DataFrame) -> None:
         """Append sampled probe completions (SAMPLE_COLUMNS) to probe_samples.parquet.

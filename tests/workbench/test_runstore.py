@@ -388,7 +388,10 @@ def test_each_probe_step_writes_only_its_own_file(tmp_path):
     assert (after.st_mtime_ns, after.st_ino) == (first.st_mtime_ns, first.st_ino)
     assert sorted(p.name for p in (run_dir / "probes").iterdir()) == [
         f"step-{s:06d}.parquet" for s in (0, 2, 4, 6)]
+    writer.log_probes(rows(6).assign(split="greedy"))  # a further split of a step: appended to its file
+    assert len(pd.read_parquet(run_dir / "probes" / "step-000006.parquet")) == 4
     table = Run.open(run_dir).probes()
+    table = table[table["split"] == "reference"]
     assert table["step"].tolist() == [0, 0, 2, 2, 4, 4, 6, 6]
     assert table["value"].tolist() == pytest.approx([0.1, 0.2, 2.1, 2.2, 4.1, 4.2, 6.1, 6.2])
     # An older run's single file is read beside the parts.
