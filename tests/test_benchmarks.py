@@ -58,7 +58,7 @@ def test_bench_probe_depth_reports_time_memory_and_bytes(tmp_path):
                     "--hidden", "64", "--tokens", "96", "--json", str(out)], check=True, timeout=600)
     report = json.loads(out.read_text())
     assert report["seconds"] > 0 and report["peak_rss_mb"] > report["weights_mb"] > 0
-    assert set(report["files_mb"]) == {f"step-000000-{k}.parquet" for k in ("attn", "cells", "metrics", "topk")}
+    assert set(report["files_mb"]) == {f"step-000000-{k}.parquet" for k in ("attn", "cells", "drift", "metrics", "topk")}
     # A small model keeps every visible (query, key) pair, well inside the budget.
     assert report["attn_top_k"] is None and report["attn_mass_kept"] == 1.0 and report["within_budget"]
 
