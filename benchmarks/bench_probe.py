@@ -323,7 +323,8 @@ def analyzer_against_floor(size: str, threads: int) -> dict:
         for side in FLOOR_SIDES:
             out = subprocess.run(
                 [sys.executable, __file__, "--side", side, "--folder", str(folder), "--vocab", str(vocab),
-                 "--threads", str(threads)], check=True, capture_output=True, text=True).stdout
+                 "--threads", str(threads), "--n-prompts", str(N_PROMPTS)],
+                check=True, capture_output=True, text=True).stdout
             sides[side] = json.loads(out.strip().splitlines()[-1])
     analyzer, floor = sides["analyzer"], sides["floor"]
     probing = analyzer["seconds"] - analyzer["stages"].get("write", 0.0)
@@ -344,11 +345,14 @@ def main() -> None:
                              " 0: leave torch's default, usually one per core)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="write the analyzer-against-floor figures here")
+    parser.add_argument("--n-prompts", type=int, default=N_PROMPTS, help="probe prompts (of SEQ_LEN tokens)")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=FLOOR_SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global N_PROMPTS
+    N_PROMPTS = args.n_prompts
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.child:
