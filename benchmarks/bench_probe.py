@@ -337,6 +337,7 @@ def analyzer_against_floor(size: str, threads: int) -> dict:
 
 
 def main() -> None:
+    global N_PROMPTS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "32k"])
     parser.add_argument("--repeats", type=int, default=5)
@@ -351,7 +352,6 @@ def main() -> None:
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global N_PROMPTS
     N_PROMPTS = args.n_prompts
     if args.threads > 0:
         torch.set_num_threads(args.threads)
