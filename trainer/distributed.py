@@ -31,31 +31,44 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+#: Width of the fixed random vector a parameter is folded against, and rows per chunk.
+_FOLD, _ROWS = 4099, 1024
+
+
 @torch.no_grad()
 def weight_fingerprint(model: torch.nn.Module) -> torch.Tensor:
-    """One float64 number per parameter: its dot product with a fixed pseudo-random vector
-    (seed 0, the same on every process). Two processes' fingerprints of a parameter differ
-    whenever their values differ (except on a measure-zero set); the cost is one pass over
-    the weights, and only ``(n_parameters,)`` numbers travel."""
+    """Two float64 numbers per parameter: its entries, laid out as rows of ``_FOLD``, are
+    projected on a fixed pseudo-random vector (seed 0, the same on every process), and the
+    row projections' sum and absolute sum are kept. Two processes' fingerprints of a
+    parameter differ whenever their values differ (except on a measure-zero set). It runs
+    on the parameter's own device, ``_FOLD x _ROWS`` entries at a time, so memory stays
+    bounded at any model size; only ``(2 n_parameters,)`` numbers travel."""
     out = []
-    gen = torch.Generator().manual_seed(0)
+    probes: dict[torch.device, torch.Tensor] = {}
     for p in model.parameters():
-        full = p.detach().flatten().to("cpu", torch.float64)
-        probe = torch.rand(full.numel(), generator=gen, dtype=torch.float64) - 0.5
-        out.append(torch.dot(full, probe))
-    return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
+        if p.device not in probes:
+            gen = torch.Generator().manual_seed(0)
+            probes[p.device] = (torch.rand(_FOLD, generator=gen, dtype=torch.float64) - 0.5).to(p.device)
+        probe, flat = probes[p.device], p.detach().reshape(-1)
+        total = torch.zeros(2, dtype=torch.float64, device=p.device)
+        for start in range(0, flat.numel(), _FOLD * _ROWS):
+            chunk = flat[start : start + _FOLD * _ROWS].double()
+            chunk = torch.nn.functional.pad(chunk, (0, (-chunk.numel()) % _FOLD))
+            rows = chunk.view(-1, _FOLD) @ probe
+            total += torch.stack([rows.sum(), rows.abs().sum()])
+        out.append(total.cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 def weight_spread(model: torch.nn.Module, device: torch.device | str = "cpu") -> float:
     """The largest difference of any parameter's fingerprint between two processes
     (:func:`weight_fingerprint`): 0.0 when every process holds the same weights, and on
     one process. Every process must call it (a collective). Under ZeRO-3 the processes
-    hold one sharded copy, gathered here: the spread is 0.0 by construction."""
-    with full_parameters(model.parameters()):
-        fp = weight_fingerprint(model).to(device)
-    if not distributed():
+    hold one sharded copy: the spread is 0.0 by construction, and nothing is gathered."""
+    if not distributed() or is_zero3(model):
         return 0.0
-    every = all_gather_cat(fp[None])  # (world, n_parameters)
+    fp = weight_fingerprint(model).to(device)
+    every = all_gather_cat(fp[None])  # (world, 2 n_parameters)
     return float((every.max(dim=0).values - every.min(dim=0).values).abs().max()) if fp.numel() else 0.0
 
 
