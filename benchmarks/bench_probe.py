@@ -38,7 +38,7 @@ Each size is first measured against the **floor**: what any correct implementati
 do for the same splits (one forward per split with hidden states, one read-out per layer
 at the scored positions, the greedy decode with the same sampler), in a plain HF process,
 against the analyzer's ``probe_checkpoint`` (boot excluded) with its stage breakdown
-(``workbench.analyzer.StageSeconds``: decode, capture, lens, attention, detail, write),
+(``workbench.analyzer.StageSeconds``: decode, capture, lens, attention, write),
 each side in a fresh process for its peak memory; ``--json`` writes those figures.
 ``qwen3-0.6b`` (Qwen3-0.6B's body, random init, bf16 on disk) is measured only this way.
 

@@ -53,6 +53,7 @@ from workbench.checkpoints import MANIFEST_NAME, list_checkpoints, verify_checkp
 from workbench.models import DTYPES, first_line, is_local_path, require_model_folder
 from workbench.probe_runner import record_prompt_ids
 from workbench.runstore import Run, probe_set_hash
+from workbench.runwriter import write_metric_table
 from workbench.schema import (
     ATTN_COLUMNS,
     CELL_COLUMNS,
@@ -85,7 +86,7 @@ _READOUT_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 class StageSeconds(dict):
     """Seconds per stage of probing one checkpoint (``boot``, ``decode``, ``capture``,
-    ``lens``, ``attention``, ``detail``, ``drift``, ``write``), recorded in the analysis
+    ``lens``, ``attention``, ``drift``, ``write``), recorded in the analysis
     files' provenance as ``stage_seconds``: where the time of a probe goes."""
 
     @contextmanager
@@ -316,7 +317,7 @@ def probe_checkpoint(
         ``{"metrics", "topk", "cells", "attn"}`` -> DataFrame (schema columns).
     """
     from workbench.probe_runner import greedy_responses, n_samples_frame, probe_batch, probe_splits, special_ids
-    from workbench.probing import AttentionMetrics, attention_detail, compute_probe_metrics, per_position_detail
+    from workbench.probing import AttentionMetrics, attention_detail, compute_probe_metrics
 
     pad_id, eos_id = special_ids(tokenizer)
     decode = _decoder(tokenizer)
@@ -350,9 +351,9 @@ def probe_checkpoint(
         batch = probe_batch(split_records, pad_id, split_responses)
         with stage("capture"):
             inputs = bridge_probe_inputs(bridge, batch, patterns="final")
-        with stage("lens"):
-            result = compute_probe_metrics(inputs, chunk_size=chunk_size)  # the lens metrics
         shown = range(min(detail_prompts, len(records))) if split == detail_split else range(0)
+        with stage("lens"):  # the lens metrics, and the drill-down's lens cells from the same read-outs
+            result = compute_probe_metrics(inputs, chunk_size=chunk_size, detail_prompts=shown, decode=decode)
         if len(shown):
             attn_top_k = attention_top_k(inputs, shown, ATTN_DETAIL_ROWS if attn_rows is None else attn_rows)
         # The attention metrics and drill-down rows, one layer at a time (a second forward).
@@ -372,11 +373,10 @@ def probe_checkpoint(
         attn_frames += [frame for prompt in shown for frame in by_prompt[prompt]]  # prompt, then layer order
         result.set_attention(attention.result())
         metric_frames.append(result.to_frame(run, step, split, "analyzer"))
-        with stage("detail"):
-            for prompt in shown:
-                topk, cells = per_position_detail(inputs, prompt, chunk_size=chunk_size, decode=decode)
-                topk_frames.append(topk)
-                cell_frames.append(cells)
+        for prompt in shown:
+            topk, cells = result.detail[prompt]
+            topk_frames.append(topk)
+            cell_frames.append(cells)
         inputs = attention = None  # free this split's activations before the next
 
     def tidy(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
@@ -562,7 +562,7 @@ def probe_run(
                 report.files.append(path)
         provenance["stage_seconds"] = {k: round(v, 3) for k, v in stage.items()}
         path = run.analysis_path(target.step, "metrics")
-        atomic_write_parquet(path, tables["metrics"], metadata={**provenance, "kind": "metrics"})
+        write_metric_table(path, tables["metrics"], metadata={**provenance, "kind": "metrics"})
         report.files.append(path)
         report.analysed.append(target.step)
     return report

@@ -37,7 +37,7 @@ Table conventions (``workbench.schema.METRIC_COLUMNS``):
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -165,6 +165,8 @@ class ProbeResult:
         attn_head_match: ``(L,)`` mean JSD to layer L after Hungarian head matching.
         attn_head_identity: ``(L,)`` the same with heads matched by index.
         head_perm: ``(L, H)``, head h of layer l matched to head ``head_perm[l, h]`` of L.
+        detail: prompt -> ``(topk, cells)`` of :func:`per_position_detail`, for the
+            ``detail_prompts`` of :func:`compute_probe_metrics`.
     """
 
     n_layers: int
@@ -179,6 +181,7 @@ class ProbeResult:
     attn_head_match: np.ndarray | None = None
     attn_head_identity: np.ndarray | None = None
     head_perm: np.ndarray | None = None
+    detail: dict[int, tuple[pd.DataFrame, pd.DataFrame]] = field(default_factory=dict)
 
     def set_attention(self, values: dict[str, np.ndarray | int]) -> None:
         """The attention fields, from :meth:`AttentionMetrics.result`."""
@@ -300,9 +303,16 @@ def _scored_targets(inputs: ProbeInputs, flat_positions: torch.Tensor) -> torch.
 
 
 def _lens_metrics(
-    inputs: ProbeInputs, chunk_size: int | None, temperature: float
+    inputs: ProbeInputs,
+    chunk_size: int | None,
+    temperature: float,
+    details: Sequence[_Detail] = (),
 ) -> tuple[dict[str, np.ndarray], float, int]:
-    """Mean lens statistics per layer, mean prediction depth, number of positions."""
+    """Mean lens statistics per layer, mean prediction depth, number of positions.
+
+    Each of ``details`` (drill-down collectors of :class:`_Detail`) sees every chunk's
+    read-out as it passes: the drill-down costs no second read-out of its prompts.
+    """
     flat = inputs.mask.reshape(-1).nonzero().squeeze(1)  # (n,)
     n = flat.numel()
     if n == 0:
@@ -318,10 +328,12 @@ def _lens_metrics(
         for name in LENS_STAT_NAMES
     }
     argmax = torch.empty(inputs.n_layers, n, dtype=torch.long, device=device)  # (L, n)
-    for start, layer, _, stats in _iter_layer_stats(inputs, flat, targets, chunk_size, temperature):
+    for start, layer, logp, stats in _iter_layer_stats(inputs, flat, targets, chunk_size, temperature):
         argmax[layer - 1, start : start + stats["argmax"].numel()] = stats["argmax"]
         for name in LENS_STAT_NAMES:
             sums[name][layer - 1] += stats[name].to(acc_dtype).sum()
+        for detail in details:
+            detail.add(start, layer, logp, stats)
     lens = {name: (total / n).cpu().double().numpy() for name, total in sums.items()}
     depth = metrics.prediction_depth(argmax).double().mean().item()
     return lens, depth, n
@@ -425,6 +437,9 @@ def compute_probe_metrics(
     chunk_size: int | None = None,
     temperature: float = 1.0,
     head_match: bool = True,
+    detail_prompts: Sequence[int] = (),
+    top_k: int = 5,
+    decode: Callable[[int], str] | None = None,
 ) -> ProbeResult:
     """All probe metrics of docs/metrics.md for one batch of probe sequences.
 
@@ -437,17 +452,24 @@ def compute_probe_metrics(
             buffers); None picks about ``LENS_CHUNK_ELEMENTS / V`` positions.
         temperature: temperature T of every layer's distribution, ``softmax(logits / T)``.
         head_match: compute the Hungarian head matching (costs ``H^2`` JSDs per layer).
+        detail_prompts: sequences whose logit-lens drill-down (:func:`per_position_detail`)
+            is taken from the same read-out pass, into ``ProbeResult.detail``.
+        top_k: tokens kept per drill-down cell.
+        decode: token id -> string for the drill-down's labels.
 
     Returns:
         A :class:`ProbeResult`; ``.to_frame(...)`` gives the tidy table.
 
     Raises:
-        ConfigError: ``chunk_size < 1`` or ``temperature <= 0``.
+        ConfigError: ``chunk_size < 1``, ``temperature <= 0`` or ``top_k < 1``.
         DataError: the mask selects nothing, or a scored target is not a token id.
+        WorkbenchError: a detail prompt is not one of the N sequences.
     """
     _check_options(chunk_size, temperature)
-    lens, depth, n = _lens_metrics(inputs, chunk_size, temperature)
-    result = ProbeResult(n_layers=inputs.n_layers, n_positions=n, lens=lens, prediction_depth=depth)
+    details = [_Detail.of_batch(inputs, prompt, top_k, decode) for prompt in detail_prompts]
+    lens, depth, n = _lens_metrics(inputs, chunk_size, temperature, details)
+    result = ProbeResult(n_layers=inputs.n_layers, n_positions=n, lens=lens, prediction_depth=depth,
+                         detail={d.prompt: d.frames() for d in details})
     if inputs.attentions is not None:
         result.set_attention(_attention_metrics(inputs, head_match))
     return result
@@ -501,74 +523,114 @@ def per_position_detail(
           token it predicts.
     """
     _check_options(chunk_size, temperature)
-    n_seq, seq_len, vocab = inputs.final_logits.shape
-    _check_prompt(n_seq, prompt_index)
-    if top_k < 1:
-        raise ConfigError(f"top_k must be >= 1, got {top_k}")
-    label = _labeler(decode)
-    positions = inputs.mask[prompt_index].nonzero().squeeze(1)  # (q,)
-    flat = positions + prompt_index * seq_len
-    targets = _scored_targets(inputs, flat)
-    k = min(top_k, vocab)
+    detail = _Detail(inputs, prompt_index, top_k, decode, first_slot=0)
+    chunk_size = _resolve_chunk(chunk_size, inputs.final_logits.shape[-1], inputs.final_logits.device)
+    for start, layer, logp, stats in _iter_layer_stats(
+        inputs, detail.flat, detail.targets, chunk_size, temperature
+    ):
+        detail.add(start, layer, logp, stats)
+    return detail.frames()
 
-    topk_parts: list[pd.DataFrame] = []
-    stat_parts: dict[int, dict[str, list[torch.Tensor]]] = {}
-    argmax = torch.empty(inputs.n_layers, positions.numel(), dtype=torch.long)
-    chunk_size = _resolve_chunk(chunk_size, vocab, inputs.final_logits.device)
-    for start, layer, logp, stats in _iter_layer_stats(inputs, flat, targets, chunk_size, temperature):
-        pos = positions[start : start + logp.shape[0]].cpu()
-        values, ids = logp.topk(k, dim=-1)  # (c, k)
-        topk_parts.append(
+
+class _Detail:
+    """The drill-down of one sequence, collected from a pass of :func:`_iter_layer_stats`.
+
+    The sequence's scored positions are the slots ``first_slot ..`` of the pass
+    (contiguous: scored positions are flattened in sequence order). :meth:`add` keeps
+    the top-k tokens and statistics of the slots it owns from each chunk, :meth:`frames`
+    builds the tables of :func:`per_position_detail`.
+    """
+
+    def __init__(self, inputs: ProbeInputs, prompt_index: int, top_k: int,
+                 decode: Callable[[int], str] | None, first_slot: int) -> None:
+        n_seq, seq_len, vocab = inputs.final_logits.shape
+        _check_prompt(n_seq, prompt_index)
+        if top_k < 1:
+            raise ConfigError(f"top_k must be >= 1, got {top_k}")
+        self.prompt = prompt_index
+        self.inputs = inputs
+        self.label = _labeler(decode)
+        self.positions = inputs.mask[prompt_index].nonzero().squeeze(1)  # (q,)
+        self.flat = self.positions + prompt_index * seq_len
+        self.targets = _scored_targets(inputs, self.flat)
+        self.k = min(top_k, vocab)
+        self.lo = first_slot
+        self.hi = first_slot + self.positions.numel()
+        self.topk_parts: list[pd.DataFrame] = []
+        self.stat_parts: dict[int, dict[str, list[torch.Tensor]]] = {}
+        self.argmax = torch.empty(inputs.n_layers, self.positions.numel(), dtype=torch.long)
+
+    @classmethod
+    def of_batch(cls, inputs: ProbeInputs, prompt_index: int, top_k: int,
+                 decode: Callable[[int], str] | None) -> _Detail:
+        """The collector of ``prompt_index`` within a pass over every scored position."""
+        _check_prompt(inputs.final_logits.shape[0], prompt_index)
+        first = int(inputs.mask[:prompt_index].sum())
+        return cls(inputs, prompt_index, top_k, decode, first_slot=first)
+
+    def add(self, start: int, layer: int, logp: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        """Keep this sequence's rows of one chunk (slots ``start .. start + len(logp)``)."""
+        a, b = max(start, self.lo), min(start + logp.shape[0], self.hi)
+        if a >= b:
+            return
+        rows = slice(a - start, b - start)
+        pos = self.positions[a - self.lo : b - self.lo].cpu()
+        values, ids = logp[rows].topk(self.k, dim=-1)  # (c, k)
+        self.topk_parts.append(
             pd.DataFrame(
                 {
                     "layer": layer,
-                    "position": pos.repeat_interleave(k).numpy(),
-                    "k": np.tile(np.arange(k), len(pos)),
+                    "position": pos.repeat_interleave(self.k).numpy(),
+                    "k": np.tile(np.arange(self.k), len(pos)),
                     "token_id": ids.reshape(-1).cpu().numpy(),
                     "prob": values.exp().reshape(-1).cpu().double().numpy(),
                 }
             )
         )
-        argmax[layer - 1, start : start + logp.shape[0]] = stats["argmax"].cpu()
-        per_layer = stat_parts.setdefault(layer, {name: [] for name in LENS_STAT_NAMES})
+        self.argmax[layer - 1, a - self.lo : b - self.lo] = stats["argmax"][rows].cpu()
+        per_layer = self.stat_parts.setdefault(layer, {name: [] for name in LENS_STAT_NAMES})
         for name in LENS_STAT_NAMES:
-            per_layer[name].append(stats[name].cpu())
+            per_layer[name].append(stats[name][rows].cpu())
 
-    topk = pd.concat(topk_parts, ignore_index=True) if topk_parts else pd.DataFrame(
-        {c: [] for c in ("layer", "position", "k", "token_id", "prob")}
-    )
-    topk.insert(0, "prompt", prompt_index)
-    topk["token"] = [label(i) for i in topk["token_id"]]
-    topk = topk.sort_values(["layer", "position", "k"], kind="stable").reset_index(drop=True)
+    def frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """``(topk, cells)`` as :func:`per_position_detail` returns them."""
+        inputs, label, positions, prompt_index = self.inputs, self.label, self.positions, self.prompt
+        topk = pd.concat(self.topk_parts, ignore_index=True) if self.topk_parts else pd.DataFrame(
+            {c: [] for c in ("layer", "position", "k", "token_id", "prob")}
+        )
+        topk.insert(0, "prompt", prompt_index)
+        topk["token"] = [label(i) for i in topk["token_id"]]
+        topk = topk.sort_values(["layer", "position", "k"], kind="stable").reset_index(drop=True)
 
-    pos_np = positions.cpu().numpy()
-    if inputs.input_ids is not None:
-        token_labels = [label(i) for i in inputs.input_ids[prompt_index, positions].tolist()]
-    else:
-        token_labels = [None] * len(pos_np)
-    target_labels = [label(i) for i in targets.tolist()]
-    cell_parts = []
-    for layer in range(1, inputs.n_layers + 1):
-        for name in LENS_STAT_NAMES:
-            values = torch.cat(stat_parts[layer][name]) if positions.numel() else torch.zeros(0)
-            cell_parts.append((layer, name, values.double().numpy()))
-    cell_parts.append((0, "prediction_depth", metrics.prediction_depth(argmax).double().numpy()))
-    cells = pd.DataFrame(
-        {
-            "prompt": prompt_index,
-            "layer": np.concatenate([np.full(len(pos_np), layer) for layer, _, _ in cell_parts]),
-            "position": np.tile(pos_np, len(cell_parts)),
-            "token": token_labels * len(cell_parts),
-            "target": target_labels * len(cell_parts),
-            "metric": np.concatenate(
-                [np.full(len(pos_np), name, dtype=object) for _, name, _ in cell_parts]
-            ),
-            "value": np.concatenate([values for _, _, values in cell_parts]),
-        }
-    )
-    topk_columns = [c for c in TOPK_COLUMNS if c not in ("run", "step")]
-    cell_columns = [c for c in CELL_COLUMNS if c not in ("run", "step")]
-    return topk[topk_columns], cells[cell_columns]
+        pos_np = positions.cpu().numpy()
+        if inputs.input_ids is not None:
+            token_labels = [label(i) for i in inputs.input_ids[prompt_index, positions].tolist()]
+        else:
+            token_labels = [None] * len(pos_np)
+        target_labels = [label(i) for i in self.targets.tolist()]
+        cell_parts = []
+        for layer in range(1, inputs.n_layers + 1):
+            for name in LENS_STAT_NAMES:
+                parts = self.stat_parts.get(layer, {}).get(name)
+                values = torch.cat(parts) if parts else torch.zeros(0)
+                cell_parts.append((layer, name, values.double().numpy()))
+        cell_parts.append((0, "prediction_depth", metrics.prediction_depth(self.argmax).double().numpy()))
+        cells = pd.DataFrame(
+            {
+                "prompt": prompt_index,
+                "layer": np.concatenate([np.full(len(pos_np), layer) for layer, _, _ in cell_parts]),
+                "position": np.tile(pos_np, len(cell_parts)),
+                "token": token_labels * len(cell_parts),
+                "target": target_labels * len(cell_parts),
+                "metric": np.concatenate(
+                    [np.full(len(pos_np), name, dtype=object) for _, name, _ in cell_parts]
+                ),
+                "value": np.concatenate([values for _, _, values in cell_parts]),
+            }
+        )
+        topk_columns = [c for c in TOPK_COLUMNS if c not in ("run", "step")]
+        cell_columns = [c for c in CELL_COLUMNS if c not in ("run", "step")]
+        return topk[topk_columns], cells[cell_columns]
 
 
 @torch.no_grad()

@@ -284,6 +284,32 @@ def test_per_position_detail_cells_average_to_the_table():
     assert means[(0, "prediction_depth")] == pytest.approx(result.prediction_depth)
 
 
+def test_drill_down_comes_from_the_lens_pass_itself():
+    # compute_probe_metrics(detail_prompts=...) collects each prompt's drill-down from the
+    # one read-out pass over every scored position; it equals per_position_detail, which
+    # reads the prompt out on its own, for chunks that cut across prompts (chunk_size=2)
+    # and for prompts with no scored position.
+    inputs = _random_inputs(seed=3)
+    inputs.mask[1] = False  # prompt 1 scores nothing
+    names = [f"t{i}" for i in range(inputs.final_logits.shape[-1])]
+    result = compute_probe_metrics(inputs, chunk_size=2, detail_prompts=[0, 1, 2], top_k=3,
+                                   decode=lambda i: names[i])
+    assert set(result.detail) == {0, 1, 2}
+    for prompt in (0, 1, 2):
+        topk, cells = result.detail[prompt]
+        alone_topk, alone_cells = per_position_detail(inputs, prompt, top_k=3, chunk_size=5,
+                                                      decode=lambda i: names[i])
+        pd.testing.assert_frame_equal(topk, alone_topk, atol=1e-6, check_exact=False)
+        pd.testing.assert_frame_equal(cells, alone_cells, atol=1e-6, check_exact=False)
+    assert len(result.detail[1][0]) == 0 and len(result.detail[2][0]) > 0
+    plain = compute_probe_metrics(inputs, chunk_size=2)
+    assert plain.detail == {}
+    for name in LENS_STAT_NAMES:
+        assert result.lens[name].tolist() == plain.lens[name].tolist()  # the same pass, bit for bit
+    with pytest.raises(WorkbenchError, match="out of range"):
+        compute_probe_metrics(inputs, detail_prompts=[7])
+
+
 def test_attention_detail_rows():
     inputs = _hand_inputs()
     frame = attention_detail(inputs.attentions, 1)
