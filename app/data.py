@@ -142,11 +142,6 @@ def metrics(run: Run) -> tuple[pd.DataFrame, list[str]]:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _probes(path: str, file_key: tuple) -> tuple[pd.DataFrame, list[str]]:
-    return _collect(lambda: Run(Path(path), {}).probes())
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
 def _analysis(path: str, kind: str, file_key: tuple) -> tuple[pd.DataFrame, list[str]]:
     return _collect(lambda: Run(Path(path), {}).analysis(kind))
 
@@ -157,22 +152,55 @@ def drift_table(run: Run) -> pd.DataFrame:
     return _analysis(str(run.path), "drift", signature(run.paths.analysis))[0]
 
 
-def metric_table(run: Run, source: str) -> tuple[pd.DataFrame, list[str]]:
-    """The tidy metric table (``METRIC_COLUMNS``) of one source.
+def _source_key(run: Run, source: str) -> tuple:
+    """What changes when a metric source gains or loses a file (its folders' signatures)."""
+    if source == "probe":
+        return (signature(run.paths.probes), signature(run.paths.probe_parts))
+    if source == "analyzer":
+        return (signature(run.paths.analysis),)
+    raise WorkbenchError(f"unknown metric source {source!r}; expected one of {sorted(SOURCES)}")
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _metric_rows(path: str, source: str, where: tuple, file_key: tuple) -> tuple[pd.DataFrame, list[str]]:
+    return _collect(lambda: Run(Path(path), {}).metric_rows(source, **dict(where)))
+
+
+def metric_rows(run: Run, source: str, **where) -> tuple[pd.DataFrame, list[str]]:
+    """The rows of one metric source a view draws (:meth:`workbench.runstore.Run.metric_rows`:
+    the filter goes into the parquet scan), cached until the source gains a file.
 
     Args:
         run: The run.
         source: ``"probe"`` (``probes/``, the trainer's built-in probes) or
             ``"analyzer"`` (``analysis/step-*-metrics.parquet``, all checkpoints).
+        where: column -> values to keep, e.g. ``metric=["lens_kl"], head=[-1]``.
 
     Returns:
-        ``(table, warnings)``; an empty table has the contract columns.
+        ``(rows, warnings)``; no match gives an empty table with the contract columns.
     """
-    if source == "probe":
-        return _probes(str(run.path), (signature(run.paths.probes), signature(run.paths.probe_parts)))
-    if source == "analyzer":
-        return _analysis(str(run.path), "metrics", signature(run.paths.analysis))
-    raise WorkbenchError(f"unknown metric source {source!r}; expected one of {sorted(SOURCES)}")
+    key = tuple(sorted((k, None if v is None else tuple(v)) for k, v in where.items()))
+    return _metric_rows(str(run.path), source, key, _source_key(run, source))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _metric_catalog(path: str, source: str, file_key: tuple) -> tuple[pd.DataFrame, list[str]]:
+    return _collect(lambda: Run(Path(path), {}).metric_catalog(source))
+
+
+def metric_catalog(run: Run, source: str) -> tuple[pd.DataFrame, list[str]]:
+    """The distinct ``(metric, split)`` pairs of one metric source (no values read)."""
+    return _metric_catalog(str(run.path), source, _source_key(run, source))
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _metric_steps(path: str, source: str, file_key: tuple) -> tuple[list[int], list[str]]:
+    return _collect(lambda: Run(Path(path), {}).metric_steps(source))
+
+
+def metric_steps(run: Run, source: str) -> list[int]:
+    """Steps with metric rows of one source (from the file names)."""
+    return _metric_steps(str(run.path), source, _source_key(run, source))[0]
 
 
 def available_sources(run: Run) -> list[str]:
@@ -180,7 +208,7 @@ def available_sources(run: Run) -> list[str]:
     found = []
     if run.has_probes():
         found.append("probe")
-    if bool(run.analyzed_steps("metrics")):
+    if run.metric_files("analyzer"):  # a folder listing, no footer read
         found.append("analyzer")
     return found
 
@@ -340,6 +368,7 @@ def clear_caches() -> None:
 
 __all__ = [
     "METRIC_COLUMNS", "RunListing", "SOURCES", "analysed_steps", "available_sources",
-    "checkpoint_steps", "clear_caches", "detail", "detail_prompts", "metric_table", "metrics",
+    "checkpoint_steps", "clear_caches", "detail", "detail_prompts", "metric_catalog", "metric_rows",
+    "metric_steps", "metrics",
     "probe_set", "resolve_run", "run_summary", "scan_root", "signature",
 ]

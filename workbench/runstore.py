@@ -30,6 +30,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Iterable
@@ -44,10 +45,12 @@ if TYPE_CHECKING:
     from workbench.checkpoints import Checkpoint
 
 __all__ = [
-    "ANALYSIS_COLUMNS", "LIVE_SECONDS", "STATUSES", "BrokenRun", "Run", "RunPaths", "is_run_folder",
+    "ANALYSIS_COLUMNS", "LIVE_SECONDS", "METRIC_CATALOG_KEY", "STATUSES", "BrokenRun", "Run", "RunPaths", "is_run_folder",
     "list_runs", "load_run_json", "probe_set_hash", "read_metrics_lines", "run_summary", "safe_join",
 ]
 
+# The footer key of a metric table's distinct (metric, split) pairs (runwriter.write_metric_table).
+METRIC_CATALOG_KEY = "catalog"
 LIVE_SECONDS = 120.0  # a "training" run whose metrics moved this recently is live
 STATUSES = ("training", "finished", "failed")
 # Columns of an empty analysis table, by kind (other kinds come back with no columns).
@@ -81,6 +84,7 @@ class RunPaths:
     TMP_PREFIX: ClassVar[str] = ".tmp-"  # in-progress writes under checkpoints/; readers ignore them
     _STEP_DIR: ClassVar[re.Pattern] = re.compile(r"^step-(\d+)$")
     _STEP_PART: ClassVar[re.Pattern] = re.compile(r"^step-(\d+)\.parquet$")
+    _SEGMENT: ClassVar[re.Pattern] = re.compile(r"^steps-(\d+)-(\d+)\.parquet$")
 
     @property
     def run_json(self) -> Path:
@@ -109,13 +113,28 @@ class RunPaths:
     def probe_part(self, step: int) -> Path:
         return self.probe_parts / f"step-{step:06d}.parquet"
 
-    def probe_part_files(self) -> list[tuple[int, Path]]:
-        """``(step, file)`` of every per-step probe table, by step."""
+    def probe_segment(self, first: int, last: int) -> Path:
+        return self.probe_parts / f"steps-{first:06d}-{last:06d}.parquet"
+
+    def probe_segment_files(self) -> list[tuple[int, int, Path]]:
+        """``(first, last, file)`` of every segment (``probes/steps-AAAAAA-BBBBBB.parquet``:
+        the parts of steps ``first..last`` merged into one file), by first step."""
         if not self.probe_parts.is_dir():
             return []
+        found = [(int(m.group(1)), int(m.group(2)), p) for p in self.probe_parts.iterdir()
+                 if (m := self._SEGMENT.match(p.name))]
+        return sorted(found)
+
+    def probe_part_files(self, covered: bool = False) -> list[tuple[int, Path]]:
+        """``(step, file)`` of every per-step probe table not merged into a segment, by step.
+        A part whose step a segment covers is a leftover of a merge cut short (the segment
+        holds its rows): ``covered=True`` lists those instead."""
+        if not self.probe_parts.is_dir():
+            return []
+        segments = [(a, b) for a, b, _ in self.probe_segment_files()]
         found = [(int(m.group(1)), p) for p in self.probe_parts.iterdir()
                  if (m := self._STEP_PART.match(p.name))]
-        return sorted(found)
+        return sorted((step, p) for step, p in found if any(a <= step <= b for a, b in segments) == covered)
 
     @property
     def samples(self) -> Path:
@@ -201,6 +220,49 @@ def safe_join(root: str | os.PathLike, name: str) -> Path:
 
 def _warn(message: str) -> None:
     warn(message, stacklevel=4, logger=__name__)
+
+
+_PRUNE_COLUMNS = ("metric", "split", "step")  # the leading keys of runwriter.METRIC_SORT
+
+
+def _read_where(path: Path, columns: list[str], where: dict[str, list]):
+    """The rows of one parquet file whose ``column`` is in ``values`` for every item of
+    ``where``, as an Arrow table of ``columns``.
+
+    Row groups are chosen from the footer's min/max statistics first (a sorted metric file
+    keeps one metric in a few row groups), and only those are decoded. Measured on a
+    32-step segment at 36 x 32 (325 row groups): 7 ms, against 37 ms for a pyarrow dataset
+    scan with the same filter.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(path)
+    meta = file.metadata
+    names = meta.schema.names
+    groups = []
+    # Only the columns metric files are sorted by narrow a row group's range.
+    prune = {c: v for c, v in where.items() if c in _PRUNE_COLUMNS and c in names}
+    for i in range(meta.num_row_groups):
+        group = meta.row_group(i)
+        for column, values in prune.items():
+            stats = group.column(names.index(column)).statistics
+            if stats is not None and stats.has_min_max and not any(stats.min <= v <= stats.max for v in values):
+                break  # no value of this column can be in the row group
+        else:
+            groups.append(i)
+    needed = list(dict.fromkeys(columns + list(where)))
+    table = file.read_row_groups(groups, columns=needed)
+    for column, values in where.items():
+        table = table.filter(pc.is_in(table[column], value_set=_value_set(values, table.schema.field(column).type)))
+    return table.select(columns)
+
+
+def _value_set(values: list, type_):
+    """``values`` as an Arrow array of ``type_`` (the filter's value set)."""
+    import pyarrow as pa
+
+    return pa.array(values).cast(type_)
 
 
 # ---------------------------------------------------------------------------
@@ -322,22 +384,71 @@ class Run:
         """The trainer's built-in probes (METRIC_COLUMNS), every probed step in step order;
         empty when there are none yet. Reads ``probes/step-*.parquet`` and, for runs written
         before them, ``probes.parquet``."""
-        files = ([self.paths.probes] if self.paths.probes.is_file() else []) + [
-            p for _, p in self.paths.probe_part_files()]
-        frames = []
-        for path in files:
+        return self.metric_rows("probe")
+
+    def metric_files(self, source: str, steps: Iterable[int] | None = None) -> list[Path]:
+        """The files of one metric source (``"probe"``: ``probes/``, its segments and parts,
+        and a legacy ``probes.parquet``; ``"analyzer"``: ``analysis/step-*-metrics.parquet``),
+        by step; only those that may hold ``steps`` when given (a legacy single table is
+        always included)."""
+        wanted = None if steps is None else {int(s) for s in steps}
+        if source == "probe":
+            legacy = [self.paths.probes] if self.paths.probes.is_file() else []
+            legacy += [p for a, b, p in self.paths.probe_segment_files()
+                       if wanted is None or any(a <= step <= b for step in wanted)]
+            parts = self.paths.probe_part_files()
+        elif source == "analyzer":
+            legacy, parts = [], self._analysis_files("metrics")
+        else:
+            raise WorkbenchError(f"unknown metric source {source!r}; expected 'probe' or 'analyzer'")
+        return legacy + [p for step, p in parts if wanted is None or step in wanted]
+
+    def metric_rows(self, source: str, *, columns: list[str] | None = None,
+                    **where: Iterable | None) -> pd.DataFrame:
+        """Rows of one metric source (see :meth:`metric_files`) that match ``where``, read
+        with the filter pushed into the parquet scan: only the row groups and columns
+        asked for are decoded, never the whole series.
+
+        Args:
+            source: ``"probe"`` or ``"analyzer"``.
+            columns: the columns to return (default: ``METRIC_COLUMNS``).
+            where: column -> the values to keep, e.g. ``metric=["lens_kl"], head=[-1]``
+                (None: no condition). ``step=`` also picks the per-step files to open.
+
+        Returns:
+            The rows in file (step) order; empty with the columns when nothing matches.
+            An unreadable file is skipped with a warning.
+        """
+        columns = list(columns or METRIC_COLUMNS)
+        unknown = sorted(set(where) - set(METRIC_COLUMNS))
+        if unknown:
+            raise WorkbenchError(f"unknown metric columns {unknown}; expected some of {METRIC_COLUMNS}")
+        import pyarrow as pa
+
+        where = {column: list(values) for column, values in where.items() if values is not None}
+        files = self.metric_files(source, where.get("step"))
+
+        def read(path: Path):
             try:
-                frames.append(pd.read_parquet(path))
+                return _read_where(path, columns, where)
             except Exception as exc:  # a corrupt file must not take the dashboard down
                 _warn(f"{path} is unreadable: {exc}")
-        frames = [f for f in frames if len(f)]
-        if not frames:
-            return pd.DataFrame(columns=METRIC_COLUMNS)
-        return pd.concat(frames, ignore_index=True)
+                return None
+
+        # Files are read on a few threads (parquet decoding releases the GIL) and joined as
+        # Arrow tables: one conversion to pandas, not one per file.
+        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+            tables = [t for t in pool.map(read, files) if t is not None and t.num_rows]
+        if not tables:
+            return pd.DataFrame(columns=columns)
+        try:
+            return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+        except (pa.ArrowInvalid, pa.ArrowTypeError):  # types that Arrow will not unify: let pandas
+            return pd.concat([t.to_pandas() for t in tables], ignore_index=True)
 
     def has_probes(self) -> bool:
         """Whether the trainer wrote built-in probes (without reading them)."""
-        return self.paths.probes.is_file() or bool(self.paths.probe_part_files())
+        return bool(self.metric_files("probe"))
 
     @property
     def num_layers(self) -> int | None:
@@ -414,8 +525,53 @@ class Run:
         found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := pattern.match(p.name))]
         return sorted(found)
 
+    def metric_catalog(self, source: str) -> pd.DataFrame:
+        """What one metric source holds, without its values: the distinct ``(metric,
+        split)`` pairs over every step (columns ``metric, split``), from the files' footers
+        (:func:`workbench.runwriter.write_metric_table` lists them there); a file written
+        before that has its two columns read."""
+        pairs, unlisted = set(), []
+        for path in self.metric_files(source):
+            try:
+                listed = read_provenance(path).get(METRIC_CATALOG_KEY)
+            except Exception as exc:
+                _warn(f"{path} is unreadable: {exc}")
+                continue
+            if listed is None:  # written before the footer listed it: read the two columns
+                unlisted.append(path)
+            else:
+                pairs.update((str(m), str(s)) for m, s in listed)
+        for path in unlisted:
+            try:
+                rows = pd.read_parquet(path, columns=["metric", "split"]).drop_duplicates()
+            except Exception as exc:
+                _warn(f"{path} is unreadable: {exc}")
+                continue
+            pairs.update(zip(rows["metric"].astype(str), rows["split"].astype(str)))
+        return pd.DataFrame(sorted(pairs), columns=["metric", "split"])
+
+    def metric_steps(self, source: str) -> list[int]:
+        """Steps with metric rows of ``source``: from the per-step file names (and a legacy
+        ``probes.parquet``'s step column), without reading any rows of the parts."""
+        legacy_steps: set[int] = set()
+        if source == "probe" and self.paths.probes.is_file():
+            try:
+                legacy_steps = {int(s) for s in pd.read_parquet(self.paths.probes, columns=["step"])["step"].unique()}
+            except Exception as exc:
+                _warn(f"{self.paths.probes} is unreadable: {exc}")
+        if source == "probe":
+            for _, _, path in self.paths.probe_segment_files():
+                try:
+                    legacy_steps.update(int(s) for s in read_provenance(path).get("steps", []))
+                except Exception as exc:
+                    _warn(f"{path} is unreadable: {exc}")
+        parts = self.paths.probe_part_files() if source == "probe" else self._analysis_files("metrics")
+        return sorted(legacy_steps | {step for step, _ in parts})
+
     def analysis(self, kind: str) -> pd.DataFrame:
         """All analyzer tables of one kind, concatenated over checkpoints (sorted by step)."""
+        if kind == "metrics":
+            return self.metric_rows("analyzer")
         frames = []
         for _, path in self._analysis_files(kind):
             try:

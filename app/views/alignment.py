@@ -57,23 +57,24 @@ def render(ctx: ViewContext) -> None:
         return
     source = select(ctx, "Source", sources, "source", format_func=data.SOURCES.get, widget="radio",
                     default="probe", horizontal=True)
-    tables = {}
+    # What each run holds (metric, split) first; then only the rows the heat maps draw.
+    catalogs = {}
     for name, run in ctx.runs.items():
-        table, messages = data.metric_table(run, source)
+        catalog, messages = data.metric_catalog(run, source)
         for message in messages:
             st.error(f"Run `{name}`: {message}")
-        if len(table):
-            tables[name] = table
+        if len(catalog):
+            catalogs[name] = catalog
         else:
             st.info(f"Run `{name}` has no {data.SOURCES[source]} rows.")
-    if not tables:
+    if not catalogs:
         return
-    present = set().union(*(set(t["metric"].unique()) for t in tables.values())) - PAIRWISE - {N_SAMPLES}
+    present = set().union(*(set(c["metric"]) for c in catalogs.values())) - PAIRWISE - {N_SAMPLES}
     metrics = [m for m in METRIC_INFO if m in present] + sorted(present - set(METRIC_INFO))
     left, right = st.columns([1, 2])
     with left:
         metric = select(ctx, "Metric", metrics, "metric", default="lens_kl")
-        splits = sorted(set().union(*(set(t["split"].unique()) for t in tables.values())))
+        splits = sorted(set().union(*(set(c["split"]) for c in catalogs.values())))
         if set(OUTCOME_SPLITS) <= set(splits):
             splits.append(GAP)
         split = select(None, "Split", splits, "alignment_split", default="reference")
@@ -87,7 +88,14 @@ def render(ctx: ViewContext) -> None:
         st.caption("Layers 1..L (L = final layer); one column per checkpoint with probes. "
                    "All runs share one colour scale.")
 
-    rows = {name: per_layer_rows(t, metric, split) for name, t in tables.items()}
+    wanted = list(OUTCOME_SPLITS) if split == GAP else [split]
+    rows = {}
+    for name in catalogs:
+        table, messages = data.metric_rows(ctx.runs[name], source, metric=[metric], head=[-1], ref_layer=[-1],
+                                           split=wanted)
+        for message in messages:
+            st.error(f"Run `{name}`: {message}")
+        rows[name] = per_layer_rows(table, metric, split)
     rows = {name: r for name, r in rows.items() if len(r)}
     if not rows:
         st.info(f"No {metric} rows in the selected runs.")

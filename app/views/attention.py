@@ -33,17 +33,21 @@ def render(ctx: ViewContext) -> None:
         return
     source = select(ctx, "Source", sources, "source", container=top[1], format_func=data.SOURCES.get,
                     default="probe")
-    table, messages = data.metric_table(run, source)
+    catalog, messages = data.metric_catalog(run, source)
     for message in messages:
         st.error(f"Run `{name}`: {message}")
-    table = table[table["metric"].isin(ATTENTION_METRICS)]
-    if table.empty:
+    catalog = catalog[catalog["metric"].isin(ATTENTION_METRICS)]
+    steps = data.metric_steps(run, source)
+    if catalog.empty or not steps:
         st.info(f"Run `{name}` has no attention metrics from the {data.SOURCES[source]}.")
         return
-    steps = sorted(int(s) for s in table["step"].unique())
     step = select(ctx, "Checkpoint step", steps, "step", container=top[2], default=steps[-1])
-    splits = sorted(table["split"].unique())
+    splits = sorted(catalog["split"].unique())
     split = select(None, "Split", splits, "attention_split", container=top[3], default="reference")
+    # One checkpoint's attention rows of one split: only its file is opened.
+    table, messages = data.metric_rows(run, source, step=[step], split=[split], metric=list(ATTENTION_METRICS))
+    for message in messages:
+        st.error(f"Run `{name}`: {message}")
     rows = attention_rows(table, step, split)
 
     left, right = st.columns(2)

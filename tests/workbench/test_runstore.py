@@ -401,3 +401,106 @@ def test_each_probe_step_writes_only_its_own_file(tmp_path):
     # Resuming from step 2 drops the later steps' files.
     RunWriter(run_dir, {"method": "grpo"}, resume=True, resume_step=2)
     assert sorted(Run.open(run_dir).probes()["step"].unique()) == [0, 2]
+
+
+def test_metric_rows_read_only_what_is_asked_and_list_the_catalog_from_footers(tmp_path):
+    """Metric files are sorted by metric and split, in row groups, with their (metric, split)
+    pairs in the footer. Run.metric_rows returns exactly the rows a pandas filter of the whole
+    table would (any order of filters, several steps, a legacy unsorted file beside the
+    parts), opens only the asked steps' files, and skips an unreadable file with a warning."""
+    import pyarrow.parquet as pq
+
+    from workbench.runwriter import METRIC_ROW_GROUP, write_metric_table
+
+    metrics = ["top1_agree", "lens_kl", "attn_entropy"]
+    splits = ["sampled_wrong", "reference", "greedy"]
+
+    def rows(step: int) -> pd.DataFrame:
+        out = [{"run": "r", "step": step, "layer": layer, "head": head, "ref_layer": -1, "metric": metric,
+                "value": step * 1000 + layer * 10 + head + 0.5 * metrics.index(metric) + 0.25 * splits.index(split),
+                "split": split, "source": "probe"}
+               for split in splits for layer in range(1, 40) for head in range(-1, 33) for metric in metrics]
+        return pd.DataFrame(out)[METRIC_COLUMNS]
+
+    run_dir = tmp_path / "r"
+    writer = RunWriter(run_dir, {"method": "grpo"}, resume=False)
+    for step in (0, 10, 20):
+        writer.log_probes(rows(step))
+    part = run_dir / "probes" / "step-000010.parquet"
+    meta = pq.read_metadata(part)
+    assert meta.num_row_groups == -(-len(rows(10)) // METRIC_ROW_GROUP) > 1
+    stored = pd.read_parquet(part)
+    assert stored["metric"].is_monotonic_increasing  # sorted: one metric's rows are a few row groups
+    assert sorted(map(tuple, read_provenance(part)["catalog"])) == sorted((m, s) for m in metrics for s in splits)
+
+    run = Run.open(run_dir)
+    everything = pd.concat([rows(s) for s in (0, 10, 20)], ignore_index=True)
+    picked = run.metric_rows("probe", metric=["lens_kl"], head=[-1], split=["reference", "greedy"])
+    expected = everything.query("metric == 'lens_kl' and head == -1 and split in ['reference', 'greedy']")
+    key = ["step", "split", "layer"]
+    pd.testing.assert_frame_equal(picked.sort_values(key, ignore_index=True),
+                                  expected.sort_values(key, ignore_index=True), check_dtype=False)
+    one_step = run.metric_rows("probe", step=[10], metric=["attn_entropy"], columns=["step", "value"])
+    assert list(one_step.columns) == ["step", "value"] and set(one_step["step"]) == {10}
+    assert len(one_step) == 3 * 39 * 34
+    assert run.metric_rows("probe", metric=["no_such_metric"]).empty
+    with pytest.raises(WorkbenchError, match="unknown metric columns"):
+        run.metric_rows("probe", colour=["red"])
+    assert run.metric_steps("probe") == [0, 10, 20]
+
+    # A run from before the layout: one unsorted probes.parquet, no catalog in its footer.
+    legacy = rows(5).assign(metric="entropy")
+    legacy.sample(frac=1.0, random_state=0).to_parquet(run_dir / "probes.parquet")
+    catalog = run.metric_catalog("probe")
+    assert set(zip(catalog["metric"], catalog["split"])) == {(m, s) for m in metrics + ["entropy"] for s in splits}
+    assert run.metric_steps("probe") == [0, 5, 10, 20]
+    old = run.metric_rows("probe", metric=["entropy"], layer=[3], head=[-1])
+    assert sorted(old["value"]) == sorted(legacy.query("layer == 3 and head == -1")["value"])
+
+    # An unreadable part hides nothing else.
+    (run_dir / "probes" / "step-000020.parquet").write_bytes(b"not parquet")
+    with pytest.warns(UserWarning, match="step-000020.parquet is unreadable"):
+        survived = run.metric_rows("probe", metric=["lens_kl"], head=[-1], split=["reference"])
+    assert sorted(survived["step"].unique()) == [0, 10]
+
+
+def test_probe_parts_merge_into_segments_and_survive_a_cut_merge_and_a_resume(tmp_path):
+    """Once PROBE_SEGMENT parts have gathered before the newest step, they are merged into one
+    segment file; readers see the same rows either way, a merge cut short (the segment
+    written, the parts not yet removed) neither duplicates nor loses rows, and a resume into
+    a segment keeps its earlier steps."""
+    from workbench.runwriter import PROBE_SEGMENT
+
+    def rows(step: int) -> pd.DataFrame:
+        return pd.DataFrame([{"run": "r", "step": step, "layer": layer, "head": -1, "ref_layer": -1,
+                              "metric": "lens_kl", "value": step + layer / 10, "split": "reference",
+                              "source": "probe"} for layer in (1, 2)])[METRIC_COLUMNS]
+
+    run_dir = tmp_path / "r"
+    writer = RunWriter(run_dir, {"method": "grpo"}, resume=False)
+    steps = [5 * i for i in range(PROBE_SEGMENT + 3)]
+    for step in steps:
+        writer.log_probes(rows(step))
+    folder = run_dir / "probes"
+    names = sorted(p.name for p in folder.iterdir())
+    last_merged = steps[PROBE_SEGMENT - 1]
+    assert names == [f"step-{s:06d}.parquet" for s in steps[PROBE_SEGMENT:]] + [
+        f"steps-000000-{last_merged:06d}.parquet"]
+    run = Run.open(run_dir)
+    assert run.metric_steps("probe") == steps
+    table = run.probes()
+    assert sorted(table["step"].tolist()) == sorted(steps * 2)
+    assert sorted(table["value"]) == pytest.approx(sorted(s + layer / 10 for s in steps for layer in (1, 2)))
+    assert set(run.metric_rows("probe", step=[10])["step"]) == {10}  # found inside the segment
+
+    # A merge cut short: a part the segment already holds is back beside it.
+    rows(10).to_parquet(folder / "step-000010.parquet")
+    assert sorted(Run.open(run_dir).probes()["step"].tolist()) == sorted(steps * 2)
+    writer.log_probes(rows(steps[-1] + 5))  # the next log removes the leftover
+    assert not (folder / "step-000010.parquet").exists()
+
+    # Resume at a step inside the segment: its rows up to that step stay, the rest go.
+    RunWriter(run_dir, {"method": "grpo"}, resume=True, resume_step=50)
+    resumed = Run.open(run_dir)
+    assert resumed.metric_steps("probe") == [s for s in steps if s <= 50]
+    assert sorted(p.name for p in folder.iterdir()) == ["steps-000000-000050.parquet"]
