@@ -61,6 +61,33 @@ def _grid(n: int, max_cols: int = 2) -> tuple[int, int]:
 # ---------------------------------------------------------------------------
 
 
+# A curve longer than this is drawn from the minimum and maximum of each of MAX_CURVE_POINTS / 2
+# buckets of steps: a panel is a few hundred pixels wide, so nothing visible is lost (a spike
+# stays: it is its bucket's extreme), and the browser draws a fixed number of points however
+# long the run (the CSV download keeps every step).
+MAX_CURVE_POINTS = 1000
+
+
+def decimate(x: np.ndarray, y: np.ndarray, max_points: int = MAX_CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` as at most about ``max_points`` points: each of ``max_points // 2`` equal
+    buckets keeps its minimum and its maximum, in step order; a shorter curve is returned
+    as it is."""
+    x, y = np.asarray(x), np.asarray(y, dtype=float)
+    n = len(y)
+    if n <= max_points:
+        return x, y
+    edges = np.linspace(0, n, max(1, max_points // 2) + 1).astype(int)
+    keep = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        if hi <= lo:
+            continue
+        block = y[lo:hi]
+        a, b = lo + int(np.argmin(block)), lo + int(np.argmax(block))
+        keep.extend(sorted({a, b}))
+    index = np.asarray(keep)
+    return x[index], y[index]
+
+
 def training_curves(tables: dict[str, pd.DataFrame], keys: list[str], smooth: int = 1) -> go.Figure:
     """One panel per metrics.jsonl key, every run overlaid in its own colour.
 
@@ -80,8 +107,9 @@ def training_curves(tables: dict[str, pd.DataFrame], keys: list[str], smooth: in
             series = pd.to_numeric(table[key], errors="coerce")
             keep = series.notna()
             y = series[keep].rolling(smooth, min_periods=1).mean() if smooth > 1 else series[keep]
+            x, y = decimate(table["step"][keep].to_numpy(), y.to_numpy())
             fig.add_trace(
-                go.Scatter(x=table["step"][keep], y=y, mode="lines", name=name, legendgroup=name,
+                go.Scatter(x=x, y=y, mode="lines", name=name, legendgroup=name,
                            showlegend=j == 0, line=dict(color=colour)),
                 row=j // cols + 1, col=j % cols + 1,
             )

@@ -258,3 +258,24 @@ def test_alignment_view_shows_where_training_changed_the_weights(runs_root, make
     caption = " ".join(c.value for c in at.caption)
     assert f"`oisd` at step {STEPS[-1]}: block 1 moved most" in caption
     assert f"`grpo` at step {STEPS[-1]}: block {N_LAYERS} moved most" in caption
+
+
+def test_long_training_curves_are_drawn_from_bucket_extremes():
+    """A 5,000-step curve is drawn from at most MAX_CURVE_POINTS points that keep each
+    bucket's minimum and maximum (a one-step spike survives), in step order; a short curve
+    is drawn as it is."""
+    from app.figures import MAX_CURVE_POINTS, decimate, training_curves
+
+    steps = np.arange(1, 5001)
+    values = np.sin(steps / 300.0)
+    values[3333] = 9.0  # a spike at step 3334
+    x, y = decimate(steps, values)
+    assert len(x) <= MAX_CURVE_POINTS and np.all(np.diff(x) > 0)
+    assert y.max() == 9.0 and 3334 in x
+    assert y.min() == pytest.approx(values.min())
+    assert np.array_equal(values[x - 1], y)  # every drawn point is a real (step, value)
+    short_x, short_y = decimate(steps[:50], values[:50])
+    assert np.array_equal(short_x, steps[:50]) and np.array_equal(short_y, values[:50])
+    table = pd.DataFrame({"step": steps, "reward": values})
+    trace = training_curves({"run": table}, ["reward"]).data[0]
+    assert len(trace.x) <= MAX_CURVE_POINTS and max(trace.y) == 9.0
