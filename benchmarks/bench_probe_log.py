@@ -4,10 +4,12 @@ The built-in probes of one step at Qwen3-4B's shape (36 layers x 32 heads, 4 spl
 rows ``ProbeResult.to_frame`` makes, about 21k) are logged at step 1 and at step 200 of a
 run that already holds the earlier steps, two ways side by side:
 
-- ``parts``: ``RunWriter.log_probes``, one ``probes/step-NNNNNN.parquet`` per step;
+- ``parts``: ``RunWriter.log_probes``, one ``probes/step-NNNNNN.parquet`` per step, merged
+  into a segment file every ``PROBE_SEGMENT`` (32) steps so that readers open few files;
 - ``one table``: the earlier layout, read the whole ``probes.parquet``, append, rewrite.
 
-Prints the seconds of each and the step-200 / step-1 ratio (1.0 = the cost does not grow).
+Prints the seconds of each and the step-200 / step-1 ratio (1.0 = the cost does not grow);
+for ``parts`` also the mean over every step and the slowest step (a merge).
 
     python benchmarks/bench_probe_log.py [--steps 200] [--layers 36] [--heads 32]
 """
@@ -68,16 +70,20 @@ def main(argv=None) -> dict:
         table.parent.mkdir()
         first_parts = timed(lambda: writer.log_probes(rows))
         first_table = timed(lambda: one_table(table, rows))
-        for step in range(2, args.steps):  # the run so far, untimed
+        every_step = [first_parts]
+        for step in range(2, args.steps):  # the run so far (the one table untimed)
             later = rows.assign(step=step)
-            writer.log_probes(later)
+            every_step.append(timed(lambda: writer.log_probes(later)))
             one_table(table, later)
         last = rows.assign(step=args.steps)
         last_parts = timed(lambda: writer.log_probes(last))
+        every_step.append(last_parts)
         last_table = timed(lambda: one_table(table, last))
         results = {"rows_per_step": len(rows), "steps": args.steps,
                    "parts": {"step_1_s": first_parts, f"step_{args.steps}_s": last_parts,
-                             "ratio": last_parts / first_parts},
+                             "ratio": last_parts / first_parts, "mean_s": float(np.mean(every_step)),
+                             "max_s": float(np.max(every_step)),
+                             "files": sum(1 for _ in (Path(tmp) / "parts" / "probes").iterdir())},
                    "one_table": {"step_1_s": first_table, f"step_{args.steps}_s": last_table,
                                  "ratio": last_table / first_table}}
     print(f"{len(rows)} probe rows per step ({args.layers} layers x {args.heads} heads, {len(SPLITS)} splits)")
@@ -85,6 +91,9 @@ def main(argv=None) -> dict:
     for name in ("parts", "one_table"):
         r = results[name]
         print(f"{name:<12} {r['step_1_s']:>11.4f} {r[f'step_{args.steps}_s']:>13.4f} {r['ratio']:>7.2f}")
+    p = results["parts"]
+    print(f"parts: mean {p['mean_s']:.4f} s per step, slowest {p['max_s']:.4f} s (the merges included), "
+          f"{p['files']} files for {args.steps} steps")
     return results
 
 
