@@ -271,7 +271,7 @@ def child_side(side: str, folder: Path, vocab: int) -> None:
         stages = StageSeconds()
         with stages("boot"):
             bridge, tokenizer = _boot(folder, "cpu", torch.float32)
-            decoder = load_decoder(folder, "cpu", torch.float32)
+            decoder = load_decoder(folder, "cpu", torch.float32, share_with=bridge.original_model)
         baseline = _peak_bytes("cpu")
         start = time.perf_counter()
         tables = probe_checkpoint(bridge, tokenizer, records, run="bench", step=0, detail_prompts=4, greedy=True,

@@ -160,16 +160,57 @@ def _boot(folder: Path, device: str, dtype: torch.dtype):
     return bridge, tokenizer
 
 
-def load_decoder(location: str, device: str, dtype: torch.dtype):
+def load_decoder(location: str, device: str, dtype: torch.dtype, *, share_with: torch.nn.Module | None = None):
     """The checkpoint as a plain HF causal LM with eager attention, in eval mode: the model
-    that decodes the greedy split exactly as the trainer's built-in probes do."""
-    from transformers import AutoModelForCausalLM
+    that decodes the greedy split exactly as the trainer's built-in probes do.
+
+    ``share_with``: the same checkpoint already loaded (the HF model a bridge wraps); the
+    decoder is then built empty and takes that model's parameter and buffer tensors (no
+    copy), so the weights are in memory once, not twice.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype, attn_implementation="eager")
+        if share_with is None:
+            model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype, attn_implementation="eager")
+            return model.to(device).eval()
+        config = AutoConfig.from_pretrained(str(location))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
     except Exception as exc:  # noqa: BLE001 - a loading failure becomes one line
         raise CheckpointError(f"cannot load {location} for greedy decoding: {first_line(exc)}") from None
-    return model.to(device).eval()
+    _share_tensors(model, share_with)
+    return model.eval()
+
+
+def _share_tensors(model: torch.nn.Module, source: torch.nn.Module) -> None:
+    """Point every parameter and buffer of ``model`` (tied ones included) at ``source``'s
+    tensor of the same name: two module trees, one set of weights. ``source`` may be the HF
+    model a TransformerBridge wraps: the bridge nests each original module as
+    ``_original_component``, which is left out of the names.
+
+    Raises:
+        CheckpointError: some tensor of ``model`` has no counterpart of its shape in ``source``.
+    """
+    def tensors(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+        found = dict(m.named_parameters(remove_duplicate=False))
+        found.update(m.named_buffers(remove_duplicate=False))
+        return {name.replace("._original_component", "").replace("_original_component.", ""): t
+                for name, t in found.items()}
+
+    mine, theirs = tensors(model), tensors(source)
+    missing = [k for k in mine if k not in theirs or theirs[k].shape != mine[k].shape]
+    if missing:
+        raise CheckpointError(f"the decoder and the analysed model differ in {len(missing)} tensors "
+                              f"(e.g. {missing[0]}); cannot share weights")
+    for name in mine:
+        tensor = theirs[name]
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if attr in module._parameters:
+            module._parameters[attr] = tensor
+        else:
+            module._buffers[attr] = tensor
 
 
 def _hook_names(n_layers: int, patterns: str = "all") -> list[str]:
@@ -533,7 +574,8 @@ def probe_run(
             with stage("boot"):
                 bridge, tokenizer = _boot(target.location, device, DTYPES[dtype])
                 check_tokenizer(tokenizer, records, target.location)
-                decoder = load_decoder(target.location, device, DTYPES[dtype]) if greedy else None
+                decoder = (load_decoder(target.location, device, DTYPES[dtype], share_with=bridge.original_model)
+                           if greedy else None)
             start = time.perf_counter()
             tables = probe_checkpoint(
                 bridge, tokenizer, records, run=run.name, step=target.step,

@@ -366,3 +366,26 @@ def test_probe_measures_weight_drift_from_the_start_model(tmp_path, tokenizer, r
     # Probing again computes nothing new.
     again = probe_run(run_dir, progress=False, greedy=False, detail_prompts=0)
     assert again.files == [] and sorted(again.up_to_date) == [5, 10]
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "gpt2"])
+def test_greedy_decoder_shares_the_bridge_weights(tmp_path, tokenizer, arch):
+    """The analyzer's greedy decoder takes the tensors of the model the bridge wraps (the
+    weights are in memory once): every parameter is the same storage, nothing is left on
+    the meta device, and it decodes token for token as a decoder loaded on its own."""
+    from workbench.analyzer import _boot, load_decoder
+
+    model = _model(_configs(tokenizer)[arch])
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    bridge, _ = _boot(str(tmp_path / "m"), "cpu", torch.float32)
+    shared = load_decoder(str(tmp_path / "m"), "cpu", torch.float32, share_with=bridge.original_model)
+    alone = load_decoder(str(tmp_path / "m"), "cpu", torch.float32)
+    storage = {p.data_ptr() for p in bridge.original_model.parameters()}
+    assert all(p.data_ptr() in storage for p in shared.parameters())
+    assert not any(t.is_meta for t in [*shared.parameters(), *shared.buffers()])
+    ids = torch.tensor([[1, 5, 7, 9, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(shared(ids).logits, alone(ids).logits)
+        out = shared.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(out, alone.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0))
