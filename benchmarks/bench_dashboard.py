@@ -3,7 +3,7 @@
 Builds a runs root of N runs x M checkpoints with synthetic tables of the real
 shapes (``probes/step-*.parquet`` through ``RunWriter.log_probes`` and
 ``analysis/step-*-metrics.parquet``, both from ``ProbeResult.to_frame`` for all four splits
-with their ``n_samples`` rows; top-k / cells / attention detail for 4 prompts per
+with their ``n_samples`` rows; weight drift per block; top-k / cells / attention detail for 4 prompts per
 checkpoint, in the analyzer's compact dtypes and row groups), starts ``oisd dashboard`` on a
 free port, and times in the browser:
 
@@ -52,6 +52,7 @@ from workbench.probe_runner import n_samples_frame  # noqa: E402
 from workbench.probing import LENS_STAT_NAMES, ProbeResult  # noqa: E402
 from workbench.atomic import atomic_write_parquet  # noqa: E402
 from workbench.runwriter import RunWriter, write_metric_table  # noqa: E402
+from workbench.schema import DRIFT_COLUMNS  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -111,6 +112,15 @@ def _detail(rng: np.random.Generator, layers: int, heads: int, prompts: int, seq
             "attn": attn[["prompt", "layer", "head", "query", "key", "weight"]]}
 
 
+def _drift_frame(rng: np.random.Generator, name: str, step: int, layers: int) -> pd.DataFrame:
+    """One checkpoint's weight-drift table (``DRIFT_COLUMNS``), the rows ``oisd probe`` writes."""
+    rows = [(name, step, module, 0, "all", float(rng.random() * 0.01), float(rng.random()), 10**6)
+            for module in ("embeddings", "final_norm", "head")]
+    rows += [(name, step, "block", block, kind, float(rng.random() * 0.01), float(rng.random()), 10**5)
+             for block in range(1, layers + 1) for kind in ("attention", "mlp", "norm", "all")]
+    return pd.DataFrame(rows, columns=DRIFT_COLUMNS)
+
+
 def build_root(root: Path, runs: int, checkpoints: int, layers: int, heads: int = 4, prompts: int = 4,
                seq: int = 48, scored: int = 16) -> None:
     """Write ``runs`` runs of ``checkpoints`` probed and analysed checkpoints each."""
@@ -151,6 +161,8 @@ def build_root(root: Path, runs: int, checkpoints: int, layers: int, heads: int 
                 atomic_write_parquet(path, frame, metadata={**meta, "kind": kind},
                                      row_group_size=ATTN_ROW_GROUP if kind == "attn" else None)
                 first[kind] = path
+            atomic_write_parquet(folder / f"step-{step:06d}-drift.parquet", _drift_frame(rng, name, step, layers),
+                                 metadata={"kind": "drift", "step": step})
             write_metric_table(folder / f"step-{step:06d}-metrics.parquet",
                                _probe_frame(rng, name, step, layers, heads, "analyzer"), metadata={**meta, "kind": "metrics"})
             bar.update()

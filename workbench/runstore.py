@@ -222,10 +222,34 @@ def _warn(message: str) -> None:
     warn(message, stacklevel=4, logger=__name__)
 
 
+def _read_files(files: list[Path], columns: list[str] | None, where: dict[str, list]) -> pd.DataFrame:
+    """The rows of ``files`` that match ``where`` (:func:`_read_where`), in file order, as one
+    table of ``columns`` (None: every column). Files are read on a few threads (parquet
+    decoding releases the GIL) and joined as Arrow tables, so there is one conversion to
+    pandas, not one per file. An unreadable file is skipped with a warning."""
+    import pyarrow as pa
+
+    def read(path: Path):
+        try:
+            return _read_where(path, columns, where)
+        except Exception as exc:  # a corrupt file must not take the dashboard down
+            _warn(f"{path} is unreadable: {exc}")
+            return None
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        tables = [t for t in pool.map(read, files) if t is not None and t.num_rows]
+    if not tables:
+        return pd.DataFrame(columns=columns or [])
+    try:
+        return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    except (pa.ArrowInvalid, pa.ArrowTypeError):  # types that Arrow will not unify: let pandas
+        return pd.concat([t.to_pandas() for t in tables], ignore_index=True)
+
+
 _PRUNE_COLUMNS = ("metric", "split", "step")  # the leading keys of runwriter.METRIC_SORT
 
 
-def _read_where(path: Path, columns: list[str], where: dict[str, list]):
+def _read_where(path: Path, columns: list[str] | None, where: dict[str, list]):
     """The rows of one parquet file whose ``column`` is in ``values`` for every item of
     ``where``, as an Arrow table of ``columns``.
 
@@ -251,11 +275,11 @@ def _read_where(path: Path, columns: list[str], where: dict[str, list]):
                 break  # no value of this column can be in the row group
         else:
             groups.append(i)
-    needed = list(dict.fromkeys(columns + list(where)))
+    needed = None if columns is None else list(dict.fromkeys(columns + list(where)))
     table = file.read_row_groups(groups, columns=needed)
     for column, values in where.items():
         table = table.filter(pc.is_in(table[column], value_set=_value_set(values, table.schema.field(column).type)))
-    return table.select(columns)
+    return table if columns is None else table.select(columns)
 
 
 def _value_set(values: list, type_):
@@ -423,28 +447,8 @@ class Run:
         unknown = sorted(set(where) - set(METRIC_COLUMNS))
         if unknown:
             raise WorkbenchError(f"unknown metric columns {unknown}; expected some of {METRIC_COLUMNS}")
-        import pyarrow as pa
-
         where = {column: list(values) for column, values in where.items() if values is not None}
-        files = self.metric_files(source, where.get("step"))
-
-        def read(path: Path):
-            try:
-                return _read_where(path, columns, where)
-            except Exception as exc:  # a corrupt file must not take the dashboard down
-                _warn(f"{path} is unreadable: {exc}")
-                return None
-
-        # Files are read on a few threads (parquet decoding releases the GIL) and joined as
-        # Arrow tables: one conversion to pandas, not one per file.
-        with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            tables = [t for t in pool.map(read, files) if t is not None and t.num_rows]
-        if not tables:
-            return pd.DataFrame(columns=columns)
-        try:
-            return pa.concat_tables(tables, promote_options="permissive").to_pandas()
-        except (pa.ArrowInvalid, pa.ArrowTypeError):  # types that Arrow will not unify: let pandas
-            return pd.concat([t.to_pandas() for t in tables], ignore_index=True)
+        return _read_files(self.metric_files(source, where.get("step")), columns, where)
 
     def has_probes(self) -> bool:
         """Whether the trainer wrote built-in probes (without reading them)."""
@@ -572,16 +576,7 @@ class Run:
         """All analyzer tables of one kind, concatenated over checkpoints (sorted by step)."""
         if kind == "metrics":
             return self.metric_rows("analyzer")
-        frames = []
-        for _, path in self._analysis_files(kind):
-            try:
-                frames.append(pd.read_parquet(path))
-            except Exception as exc:
-                _warn(f"{path} is unreadable: {exc}")
-        frames = [f for f in frames if len(f)]
-        if not frames:
-            return pd.DataFrame(columns=ANALYSIS_COLUMNS.get(kind, []))
-        return pd.concat(frames, ignore_index=True)
+        return _read_files([p for _, p in self._analysis_files(kind)], ANALYSIS_COLUMNS.get(kind), {})
 
     def analyzed_steps(self, kind: str, probe_set_hash: str | None = None) -> set[int]:
         """Steps with an analysis file of ``kind`` (made with this probe set hash, if given)."""
