@@ -9,6 +9,7 @@ A run folder::
       metrics.jsonl            one JSON object per training step ("step", "time", ...)
       probe_set.jsonl          the fixed probe prompts and reference completions
       probes/step-NNNNNN.parquet  built-in probes, one file per probed step, METRIC_COLUMNS (schema.py)
+      probes/steps-A-B.parquet    ...merged 32 steps at a time (runwriter.PROBE_SEGMENT)
       checkpoints/step-000050/ HF files + tokenizer + trainer_state + manifest.json
       analysis/step-000050-<kind>.parquet   analyzer output with provenance metadata
 
@@ -69,7 +70,7 @@ class RunPaths:
     """Every path of a run folder: the one place their names are written.
 
     ``run.json``, ``metrics.jsonl``, ``probe_set.jsonl``, ``probes/step-NNNNNN.parquet``
-    (``probes.parquet`` in older runs),
+    and ``probes/steps-AAAAAA-BBBBBB.parquet`` (``probes.parquet`` in older runs),
     ``probe_samples.parquet`` (the sampled completions of the outcome-conditioned
     probes), ``checkpoints/step-NNNNNN/`` (each with its ``manifest.json``),
     ``analysis/``, ``events/``; and ``warmstart.json``, the figures a warm-start model
