@@ -307,8 +307,10 @@ def child_side(side: str, folder: Path, vocab: int) -> None:
                 del out
         seconds = time.perf_counter() - start
     peak = (_peak_bytes("cpu") - baseline) / 2**20
+    growth = {k: round(v, 1) for k, v in getattr(stages, "peak_growth_mb", {}).items()}
     print(json.dumps({"seconds": seconds, "stages": {k: round(v, 3) for k, v in stages.items()},
-                      "peak_above_model_mb": round(peak, 1), "peak_rss_mb": round(_peak_bytes("cpu") / 2**20, 1)}))
+                      "peak_above_model_mb": round(peak, 1), "peak_rss_mb": round(_peak_bytes("cpu") / 2**20, 1),
+                      "peak_growth_mb": growth}))
 
 
 def analyzer_against_floor(size: str, threads: int) -> dict:
@@ -331,6 +333,7 @@ def analyzer_against_floor(size: str, threads: int) -> dict:
     return {"ratio_to_floor": probing / floor["seconds"], "analyzer_s": probing, "floor_s": floor["seconds"],
             "analyzer_stages": analyzer["stages"], "floor_stages": floor["stages"],
             "peak_rss_mb": analyzer["peak_rss_mb"], "peak_above_model_mb": analyzer["peak_above_model_mb"],
+            "peak_growth_mb": analyzer.get("peak_growth_mb", {}),
             "floor_peak_rss_mb": floor["peak_rss_mb"], "weights_mb_on_disk": round(weights_mb, 1),
             "weights_mb": round(weights_mb * (2 if size in FLOOR_ONLY else 1), 1),  # fp32 in memory
             "probe_set": f"{N_PROMPTS} prompts x {SEQ_LEN} tokens, greedy {GREEDY_TOKENS} tokens"}
@@ -369,6 +372,8 @@ def main() -> None:
         print(f"{size}: analyzer {r['analyzer_s']:.2f} s against floor {r['floor_s']:.2f} s = "
               f"{r['ratio_to_floor']:.2f}x (target 1.3x); peak RSS {r['peak_rss_mb']:.0f} MB "
               f"(weights {r['weights_mb']:.0f} MB); stages: {breakdown}; floor: {floor}")
+        growth = ", ".join(f"{k} {v:.0f}" for k, v in r["peak_growth_mb"].items())
+        print(f"  peak resident memory raised by each stage (MB): {growth}")
     if args.json:
         Path(args.json).write_text(json.dumps(floors, indent=2))
     args.sizes = [s for s in args.sizes if s not in FLOOR_ONLY]

@@ -38,6 +38,7 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -84,18 +85,37 @@ ATTN_ROW_GROUP = 1 << 16
 _READOUT_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
+def _max_rss_mb() -> float:
+    """The process's peak resident memory so far, MB (0 where the platform has no getrusage)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KB on Linux
+
+
 class StageSeconds(dict):
     """Seconds per stage of probing one checkpoint (``boot``, ``decode``, ``capture``,
     ``lens``, ``attention``, ``drift``, ``write``), recorded in the analysis
-    files' provenance as ``stage_seconds``: where the time of a probe goes."""
+    files' provenance as ``stage_seconds``: where the time of a probe goes.
+
+    ``peak_growth_mb``: by how much each stage raised the process's peak resident memory
+    (summed over its calls): the stages that set the peak are the ones with a large value.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak_growth_mb: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, stage: str):
-        start = time.perf_counter()
+        start, peak = time.perf_counter(), _max_rss_mb()
         try:
             yield
         finally:
             self[stage] = self.get(stage, 0.0) + time.perf_counter() - start
+            self.peak_growth_mb[stage] = self.peak_growth_mb.get(stage, 0.0) + _max_rss_mb() - peak
 
 
 @dataclass
@@ -603,6 +623,7 @@ def probe_run(
                                      row_group_size=ATTN_ROW_GROUP if kind == "attn" else None)
                 report.files.append(path)
         provenance["stage_seconds"] = {k: round(v, 3) for k, v in stage.items()}
+        provenance["stage_peak_growth_mb"] = {k: round(v, 1) for k, v in stage.peak_growth_mb.items()}
         path = run.analysis_path(target.step, "metrics")
         write_metric_table(path, tables["metrics"], metadata={**provenance, "kind": "metrics"})
         report.files.append(path)

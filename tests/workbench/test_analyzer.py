@@ -389,3 +389,30 @@ def test_greedy_decoder_shares_the_bridge_weights(tmp_path, tokenizer, arch):
         assert torch.equal(shared(ids).logits, alone(ids).logits)
         out = shared.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert torch.equal(out, alone.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0))
+
+
+def test_stage_seconds_attributes_the_peak_memory_to_the_stage_that_raised_it():
+    """A stage that touches 600 MB raises the recorded peak by about that much (less what
+    the peak already stood above the resident memory: the imports' transients); a stage
+    that allocates nothing new raises it by (almost) nothing. In a fresh process: this
+    one's peak may already be higher than anything the test allocates."""
+    import json
+    import subprocess
+    import sys
+
+    code = """
+import json, numpy as np
+from workbench.analyzer import StageSeconds
+stages = StageSeconds()
+with stages("big"):
+    block = np.ones(600 * 2**20 // 8)  # 600 MB, written so that it is resident
+    del block
+with stages("small"):
+    sum(range(1000))
+print(json.dumps([dict(stages), stages.peak_growth_mb]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    seconds, growth = json.loads(out.strip().splitlines()[-1])
+    assert seconds["big"] > 0 and seconds["small"] >= 0
+    assert 450 < growth["big"] < 700
+    assert growth["small"] < 5
