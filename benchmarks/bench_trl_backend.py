@@ -12,7 +12,6 @@ variant's ratio to TRL's plain ``GRPOTrainer``. Targets (issue): OISD <= 1.15x, 
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import tempfile

@@ -410,7 +410,7 @@ def test_metric_rows_read_only_what_is_asked_and_list_the_catalog_from_footers(t
     parts), opens only the asked steps' files, and skips an unreadable file with a warning."""
     import pyarrow.parquet as pq
 
-    from workbench.runwriter import METRIC_ROW_GROUP, write_metric_table
+    from workbench.runwriter import METRIC_ROW_GROUP
 
     metrics = ["top1_agree", "lens_kl", "attn_entropy"]
     splits = ["sampled_wrong", "reference", "greedy"]
