@@ -259,12 +259,11 @@ def stage_builtin(ctx: dict, method: str) -> dict:
 def stage_trl(ctx: dict, method: str, vllm: bool) -> dict:
     if vllm:
         import vllm  # fail here, in one line, when it does not import
-    from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
 
     from trainer.config import load_config
     from trainer.setup import prepare
-    from trainer.trl_backend import SelfDistillGRPOTrainer, build_grpo_config
+    from trainer.trl_backend import SelfDistillGRPOTrainer, build_grpo_config, task_data
 
     device = ctx["device"]
     mem = PeakMemory(device)
@@ -273,17 +272,11 @@ def stage_trl(ctx: dict, method: str, vllm: bool) -> dict:
     cfg = load_config(CONFIGS[method], overrides(ctx, Path(ctx["work"]) / name, extra))
     setup = prepare(cfg)
     setup.model.config.use_cache = True  # as train_trl: TRL's generate decodes with a KV cache
-    task = setup.task
-    examples = task.train_examples()
-    dataset = Dataset.from_list([{"prompt": e.prompt, "teacher_prompt": e.teacher_prompt, "example": i}
-                                 for i, e in enumerate(examples)])
-
-    def accuracy(prompts, completions, example, **kwargs):
-        return [float(task.reward(c, examples[int(i)])) for c, i in zip(completions, example)]
+    dataset, rewards = task_data(cfg, setup.task)
 
     args = build_grpo_config(cfg, Path(ctx["work"]) / name / "trl", setup.accelerator.num_processes)
     args.save_strategy = "no"
-    trainer = SelfDistillGRPOTrainer(model=setup.model, reward_funcs=[accuracy], args=args, train_dataset=dataset,
+    trainer = SelfDistillGRPOTrainer(model=setup.model, reward_funcs=rewards, args=args, train_dataset=dataset,
                                      processing_class=setup.tokenizer, workbench_config=cfg,
                                      reference=setup.reference, oisd_layers=setup.oisd_layers)
     trainer.remove_callback(PrinterCallback)

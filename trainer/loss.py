@@ -63,6 +63,7 @@ class LossComputer:
     num_layers: int
     device: torch.device
     vocab_size: int
+    stop_ids: tuple[int, ...] = ()  # the tokenizer's stop tokens (stop_token_ids), resolved once
     reference: torch.nn.Module | None = None
     frozen_teacher: torch.nn.Module | None = None
     _synced_step: int = -1
@@ -91,7 +92,7 @@ class LossComputer:
         frozen = copy.deepcopy(policy).requires_grad_(False).eval() if spec.needs_frozen_copy else None
         vocab = full_shape(policy.get_output_embeddings().weight)[0]  # ZeRO-3: the tensor is a 0-element shard
         return cls(cfg, spec, model, tokenizer, accelerator, list(oisd_layers), L, accelerator.device, vocab,
-                   reference=reference, frozen_teacher=frozen)
+                   stop_token_ids(tokenizer), reference=reference, frozen_teacher=frozen)
 
     def begin_step(self, step: int) -> None:
         """Before optimizer step ``step``'s first forward: RLSD's frozen teacher is re-synced
@@ -264,7 +265,7 @@ class LossComputer:
             aggregate=lambda t: obj.aggregate(t, mask, cfg.grpo.loss_type, cfg.rollout.max_new_tokens) * scale,
             vocab=grids, lens=lens, attn=attn, attn_rescale=attn_rescale, schedules=schedules,
             tokens_share=mask.sum() / norm["tokens"], seq_share=len(rows) / norm["seqs"],
-            tokens=sb.input_ids[rows, sb.prompt_width:], stop_ids=stop_token_ids(self.tokenizer),
+            tokens=sb.input_ids[rows, sb.prompt_width:], stop_ids=self.stop_ids,
         )
         terms = spec.loss(x)
         total = sum((t.coef * t.value for t in terms.values()), torch.zeros((), device=self.device))

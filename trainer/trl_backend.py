@@ -275,27 +275,17 @@ class RunFolderCallback(TrainerCallback):
         self.recorder.checkpoint(step, save)
 
 
-def train_trl(cfg, setup, *, resume: bool = False) -> Path:
-    """The TRL backend (``backend: trl``): train ``cfg`` with TRL's ``GRPOTrainer`` into the
-    same run folder as the built-in backend. Called by :func:`trainer.run.train` after
-    the shared validation; TRL's batch shape is checked here, before any work.
+def task_data(cfg, task) -> tuple:
+    """``(dataset, reward_funcs)``: TRL's train dataset and reward functions for ``task``, as
+    the built-in backend sees it.
 
-    Raises:
-        WorkbenchError: bad input, before any work.
+    The dataset holds the task's training examples (``prompt``, ``teacher_prompt`` and
+    ``example``, the row's index, which TRL hands back to the reward functions); the rewards
+    are the task's verifier (1 correct, 0 wrong) and, when ``grpo.format_bonus`` > 0, the
+    bonus for an extractable answer.
     """
-    import weakref
-
     from datasets import Dataset
-    from transformers import PrinterCallback
-    from transformers.trainer_utils import get_last_checkpoint
 
-    from workbench.runstore import is_run_folder
-
-    setup.model.config.use_cache = True  # TRL's generate decodes with a KV cache
-    acc = setup.accelerator
-    trl_dir = setup.run_dir / "trl"
-    args = build_grpo_config(cfg, trl_dir, acc.num_processes)
-    task = setup.task
     examples = task.train_examples()
     dataset = Dataset.from_list([{"prompt": e.prompt, "teacher_prompt": e.teacher_prompt, "example": i}
                                  for i, e in enumerate(examples)])
@@ -310,6 +300,29 @@ def train_trl(cfg, setup, *, resume: bool = False) -> Path:
             return [cfg.grpo.format_bonus * float(task.extract_answer(c) is not None) for c in completions]
 
         funcs.append(format_bonus)
+    return dataset, funcs
+
+
+def train_trl(cfg, setup, *, resume: bool = False) -> Path:
+    """The TRL backend (``backend: trl``): train ``cfg`` with TRL's ``GRPOTrainer`` into the
+    same run folder as the built-in backend. Called by :func:`trainer.run.train` after
+    the shared validation; TRL's batch shape is checked here, before any work.
+
+    Raises:
+        WorkbenchError: bad input, before any work.
+    """
+    import weakref
+
+    from transformers import PrinterCallback
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from workbench.runstore import is_run_folder
+
+    setup.model.config.use_cache = True  # TRL's generate decodes with a KV cache
+    acc = setup.accelerator
+    trl_dir = setup.run_dir / "trl"
+    args = build_grpo_config(cfg, trl_dir, acc.num_processes)
+    dataset, funcs = task_data(cfg, setup.task)
     peft_config = None
     if cfg.trl.lora_r:
         try:

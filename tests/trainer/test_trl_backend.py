@@ -193,3 +193,27 @@ def test_builtin_backend_refuses_a_sharded_launch(variable, name, tiny_qwen3_dir
         f"error: backend 'builtin' runs plain data parallel only; this {name} launch needs --backend trl "
         "(TRL's trainer shards the model)")
     assert not run_dir.exists()
+
+
+def test_task_data_scores_completions_as_the_verifier_does():
+    """TRL's dataset holds every training example with its index, and the reward functions
+    TRL calls give 1/0 by the task's verifier for the row's own example, plus the format
+    bonus when it is on."""
+    from trainer.tasks import ArithmeticTask
+    from trainer.trl_backend import task_data
+
+    task = ArithmeticTask(n_operands=2, digits=1, n_train=5, n_test=2, seed=0)
+    examples = task.train_examples()
+    cfg = load_config("grpo")
+    dataset, funcs = task_data(cfg, task)
+    assert len(dataset) == 5 and dataset["example"] == [0, 1, 2, 3, 4]
+    assert dataset["prompt"] == [e.prompt for e in examples]
+    assert dataset["teacher_prompt"] == [e.teacher_prompt for e in examples]
+    right = f"Answer: {examples[3].answer}"
+    wrong = f"Answer: {int(examples[3].answer) + 1}"
+    (accuracy,) = funcs
+    assert accuracy(None, [right, wrong, "junk"], [3, 3, 3]) == [1.0, 0.0, 0.0]
+    assert accuracy(None, [right], [2])[0] == float(examples[2].answer == examples[3].answer)
+    cfg = load_config("grpo", ["grpo.format_bonus=0.25"])
+    _, (accuracy, bonus) = task_data(cfg, task)
+    assert bonus(None, [wrong, "junk"]) == [0.25, 0.0]

@@ -28,24 +28,18 @@ from safetensors.torch import save_file
 
 
 def main(config: str, out: Path, overrides: list[str]) -> None:
-    from datasets import Dataset
 
     from trainer.batching import derive_seed
     from trainer.config import load_config
     from trainer.setup import prepare
-    from trainer.trl_backend import SelfDistillGRPOTrainer, build_grpo_config
+    from trainer.trl_backend import SelfDistillGRPOTrainer, build_grpo_config, task_data
     from workbench.generation import sample
 
     cfg = load_config(config, overrides)
     setup = prepare(cfg)
     setup.model.config.use_cache = True
-    examples = setup.task.train_examples()
-    dataset = Dataset.from_list([{"prompt": e.prompt, "teacher_prompt": e.teacher_prompt, "example": i}
-                                 for i, e in enumerate(examples)])
+    dataset, rewards = task_data(cfg, setup.task)
     tok = setup.tokenizer
-
-    def accuracy(prompts, completions, example, **kwargs):
-        return [float(setup.task.reward(c, examples[int(i)])) for c, i in zip(completions, example)]
 
     shadow = {}  # ZeRO-3: a plain replica of the policy, refreshed before each rollout
 
@@ -79,7 +73,7 @@ def main(config: str, out: Path, overrides: list[str]) -> None:
     setup_copy = copy.deepcopy(setup.model)  # before DeepSpeed partitions it
     args = build_grpo_config(cfg, out / "trl", setup.accelerator.num_processes)
     args.save_strategy = "no"
-    trainer = SelfDistillGRPOTrainer(model=setup.model, reward_funcs=[accuracy], args=args, train_dataset=dataset,
+    trainer = SelfDistillGRPOTrainer(model=setup.model, reward_funcs=rewards, args=args, train_dataset=dataset,
                                      processing_class=tok, rollout_func=rollouts, workbench_config=cfg,
                                      reference=setup.reference, oisd_layers=setup.oisd_layers)
     trainer.train()
