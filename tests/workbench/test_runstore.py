@@ -366,36 +366,37 @@ def test_safe_join_refuses_escapes(tmp_path):
             safe_join(root, name)
 
 
+def _lens_rows(step: int) -> pd.DataFrame:
+    """Two probe rows of one step (lens_kl at layers 1 and 2, value step + layer / 10)."""
+    return pd.DataFrame([{"run": "r", "step": step, "layer": layer, "head": -1, "ref_layer": -1,
+                          "metric": "lens_kl", "value": step + layer / 10, "split": "reference",
+                          "source": "probe"} for layer in (1, 2)])[METRIC_COLUMNS]
+
+
 def test_each_probe_step_writes_only_its_own_file(tmp_path):
     """Built-in probes go to probes/step-NNNNNN.parquet: logging a step leaves every earlier
     step's file untouched (its cost does not grow with the run), Run.probes() reads them
     as one table (with an older run's probes.parquet), and a resume drops later steps."""
     from workbench.runwriter import RunWriter
-    from workbench.schema import METRIC_COLUMNS
-
-    def rows(step: int) -> pd.DataFrame:
-        return pd.DataFrame([{"run": "r", "step": step, "layer": layer, "head": -1, "ref_layer": -1,
-                              "metric": "lens_kl", "value": step + layer / 10, "split": "reference",
-                              "source": "probe"} for layer in (1, 2)])[METRIC_COLUMNS]
 
     run_dir = tmp_path / "r"
     writer = RunWriter(run_dir, {"method": "grpo"}, resume=False)
-    writer.log_probes(rows(0))
+    writer.log_probes(_lens_rows(0))
     first = (run_dir / "probes" / "step-000000.parquet").stat()
     for step in (2, 4, 6):
-        writer.log_probes(rows(step))
+        writer.log_probes(_lens_rows(step))
     after = (run_dir / "probes" / "step-000000.parquet").stat()
     assert (after.st_mtime_ns, after.st_ino) == (first.st_mtime_ns, first.st_ino)
     assert sorted(p.name for p in (run_dir / "probes").iterdir()) == [
         f"step-{s:06d}.parquet" for s in (0, 2, 4, 6)]
-    writer.log_probes(rows(6).assign(split="greedy"))  # a further split of a step: appended to its file
+    writer.log_probes(_lens_rows(6).assign(split="greedy"))  # a further split of a step: appended to its file
     assert len(pd.read_parquet(run_dir / "probes" / "step-000006.parquet")) == 4
     table = Run.open(run_dir).probes()
     table = table[table["split"] == "reference"]
     assert table["step"].tolist() == [0, 0, 2, 2, 4, 4, 6, 6]
     assert table["value"].tolist() == pytest.approx([0.1, 0.2, 2.1, 2.2, 4.1, 4.2, 6.1, 6.2])
     # An older run's single file is read beside the parts.
-    rows(-1).assign(step=1).to_parquet(run_dir / "probes.parquet")
+    _lens_rows(-1).assign(step=1).to_parquet(run_dir / "probes.parquet")
     assert Run.open(run_dir).probes()["step"].tolist()[:2] == [1, 1]
     (run_dir / "probes.parquet").unlink()
     # Resuming from step 2 drops the later steps' files.
@@ -471,16 +472,11 @@ def test_probe_parts_merge_into_segments_and_survive_a_cut_merge_and_a_resume(tm
     a segment keeps its earlier steps."""
     from workbench.runwriter import PROBE_SEGMENT
 
-    def rows(step: int) -> pd.DataFrame:
-        return pd.DataFrame([{"run": "r", "step": step, "layer": layer, "head": -1, "ref_layer": -1,
-                              "metric": "lens_kl", "value": step + layer / 10, "split": "reference",
-                              "source": "probe"} for layer in (1, 2)])[METRIC_COLUMNS]
-
     run_dir = tmp_path / "r"
     writer = RunWriter(run_dir, {"method": "grpo"}, resume=False)
     steps = [5 * i for i in range(PROBE_SEGMENT + 3)]
     for step in steps:
-        writer.log_probes(rows(step))
+        writer.log_probes(_lens_rows(step))
     folder = run_dir / "probes"
     names = sorted(p.name for p in folder.iterdir())
     last_merged = steps[PROBE_SEGMENT - 1]
@@ -494,9 +490,9 @@ def test_probe_parts_merge_into_segments_and_survive_a_cut_merge_and_a_resume(tm
     assert set(run.metric_rows("probe", step=[10])["step"]) == {10}  # found inside the segment
 
     # A merge cut short: a part the segment already holds is back beside it.
-    rows(10).to_parquet(folder / "step-000010.parquet")
+    _lens_rows(10).to_parquet(folder / "step-000010.parquet")
     assert sorted(Run.open(run_dir).probes()["step"].tolist()) == sorted(steps * 2)
-    writer.log_probes(rows(steps[-1] + 5))  # the next log removes the leftover
+    writer.log_probes(_lens_rows(steps[-1] + 5))  # the next log removes the leftover
     assert not (folder / "step-000010.parquet").exists()
 
     # Resume at a step inside the segment: its rows up to that step stay, the rest go.
