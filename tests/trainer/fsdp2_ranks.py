@@ -104,6 +104,7 @@ def main(model_dir: str, config: str, out: Path) -> None:
             "worst": max(diff, key=diff.get), "max_grad": max(float(g.abs().max()) for g in grads_p.values()),
             "sharded": sorted({type(p).__name__ for p in sharded.parameters()}),
         }))
+    dist.barrier()  # both ranks done before the group goes (a teardown race aborted rank 0 once under load)
     dist.destroy_process_group()
 
 

@@ -4,6 +4,7 @@ Qwen3, Llama and GPT-2 checkpoints; incremental runs and broken checkpoints."""
 import logging
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -392,27 +393,39 @@ def test_greedy_decoder_shares_the_bridge_weights(tmp_path, tokenizer, arch):
 
 
 def test_stage_seconds_attributes_the_peak_memory_to_the_stage_that_raised_it():
-    """A stage that touches 600 MB raises the recorded peak by about that much (less what
-    the peak already stood above the resident memory: the imports' transients); a stage
-    that allocates nothing new raises it by (almost) nothing. In a fresh process: this
-    one's peak may already be higher than anything the test allocates."""
+    """A stage that touches 600 MB raises the recorded peak by about what it adds above the
+    previous peak (600 MB less the gap between the peak and the resident memory when it
+    starts, read from /proc); a stage that allocates nothing new raises it by (almost)
+    nothing. In a fresh process, so that nothing else moves the peak meanwhile."""
     import json
     import subprocess
     import sys
 
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc")
     code = """
 import json, numpy as np
 from workbench.analyzer import StageSeconds
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+
 stages = StageSeconds()
+gap = status("VmHWM:") - status("VmRSS:")
 with stages("big"):
     block = np.ones(600 * 2**20 // 8)  # 600 MB, written so that it is resident
     del block
 with stages("small"):
     sum(range(1000))
-print(json.dumps([dict(stages), stages.peak_growth_mb]))
+print(json.dumps([dict(stages), stages.peak_growth_mb, gap]))
 """
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-    seconds, growth = json.loads(out.strip().splitlines()[-1])
+    seconds, growth, gap = json.loads(out.strip().splitlines()[-1])
     assert seconds["big"] > 0 and seconds["small"] >= 0
-    assert 450 < growth["big"] < 700
+    # The kernel's peak counter is updated lazily: under some runners it credits ~85% of a
+    # block freed before the stage ends (measured: 505 of 600 MB), so the check is a band.
+    expected = max(0.0, 600 - gap)
+    assert 0.5 * expected <= growth["big"] <= expected + 40
     assert growth["small"] < 5
