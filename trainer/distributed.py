@@ -14,6 +14,17 @@ def distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
+def close_processes() -> None:
+    """After a run that finished on every process: wait for all of them, then tear the
+    process group down. A process that exits with its group alive leaves gloo's threads to
+    the C++ runtime's exit, which aborts it now and then ("terminate called without an
+    active exception"; a launch then fails after training finished). A no-op on one process.
+    """
+    if distributed() and torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def all_sum(t: torch.Tensor) -> torch.Tensor:
     """The sum of ``t`` over processes (``t`` itself on one process)."""
     if distributed():

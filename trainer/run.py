@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from trainer.config import TrainConfig
+from trainer.distributed import close_processes
 from workbench.errors import ConfigError
 
 #: The environment ``accelerate launch`` sets for a sharded launch -> its name.
@@ -51,7 +52,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     if cfg.backend == "trl":
         from trainer.trl_backend import train_trl
 
-        return train_trl(cfg, setup, resume=resume)
-    from trainer.loop import train_builtin
+        run_dir = train_trl(cfg, setup, resume=resume)
+    else:
+        from trainer.loop import train_builtin
 
-    return train_builtin(cfg, setup, resume=resume)
+        run_dir = train_builtin(cfg, setup, resume=resume)
+    close_processes()  # only once every process got here: a failed run raises past it
+    return run_dir

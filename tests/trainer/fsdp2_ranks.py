@@ -67,6 +67,7 @@ def main(model_dir: str, config: str, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.config import load_config
+    from trainer.distributed import close_processes
     from trainer.loss import LossComputer
 
     dist.init_process_group("gloo")
@@ -104,8 +105,7 @@ def main(model_dir: str, config: str, out: Path) -> None:
             "worst": max(diff, key=diff.get), "max_grad": max(float(g.abs().max()) for g in grads_p.values()),
             "sharded": sorted({type(p).__name__ for p in sharded.parameters()}),
         }))
-    dist.barrier()  # both ranks done before the group goes (a teardown race aborted rank 0 once under load)
-    dist.destroy_process_group()
+    close_processes()  # both ranks done before the group goes (a teardown race aborted rank 0 once)
 
 
 if __name__ == "__main__":

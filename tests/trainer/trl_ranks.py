@@ -31,6 +31,7 @@ def main(config: str, out: Path, overrides: list[str]) -> None:
 
     from trainer.batching import derive_seed
     from trainer.config import load_config
+    from trainer.distributed import close_processes
     from trainer.setup import prepare
     from trainer.trl_backend import SelfDistillGRPOTrainer, build_grpo_config, task_data
     from workbench.generation import sample
@@ -89,6 +90,7 @@ def main(config: str, out: Path, overrides: list[str]) -> None:
         save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
                   str(out / f"rank{rank}.safetensors"))
     (out / f"rank{rank}.json").write_text(json.dumps(trainer.state.log_history))
+    close_processes()  # as `oisd train` does: the group torn down before the processes exit
 
 
 if __name__ == "__main__":
