@@ -86,7 +86,19 @@ _READOUT_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
 def _max_rss_mb() -> float:
-    """The process's peak resident memory so far, MB (0 where the platform has no getrusage)."""
+    """The process's peak resident memory so far, MB (0 where the platform says nothing).
+
+    Linux: ``VmHWM`` of /proc/self/status, this process's own high-water mark; not
+    ``ru_maxrss``, which survives fork + exec (a child started by a large parent would start
+    at the parent's peak and show no growth). Elsewhere ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # not on this platform
