@@ -48,7 +48,7 @@ interpreter and libraries too.
 
 Usage::
 
-    python benchmarks/gpu_check.py --out OUT/gpu_check.json --markdown OUT/gpu_check.md  # then copy the table into benchmarks/README.md
+    python benchmarks/gpu_check.py --out RESULT_JSON  # prints the markdown tables: copy them into benchmarks/README.md
     python benchmarks/gpu_check.py --smoke          # the same code paths on CPU, < 1 minute
 """
 
