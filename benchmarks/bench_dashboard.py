@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout
 
 from app.launch import wait_for_health  # noqa: E402
 from workbench.analyzer import ATTN_ROW_GROUP  # noqa: E402
+from workbench.memory import peak_rss_mb  # noqa: E402
 from workbench.probe_runner import n_samples_frame  # noqa: E402
 from workbench.probing import LENS_STAT_NAMES, ProbeResult  # noqa: E402
 from workbench.atomic import atomic_write_parquet  # noqa: E402
@@ -277,18 +278,9 @@ def measure(root: Path, repeats: int) -> dict[str, list[float]]:
 
 def _peak_rss_mb(pid: int) -> float:
     """Peak resident memory of the process ``pid`` and its children (the Streamlit server
-    runs under ``oisd dashboard``), from ``/proc/*/status`` ``VmHWM``."""
-    def hwm(p: int) -> float:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return 0.0
-
+    runs under ``oisd dashboard``), their ``VmHWM``."""
     children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return max([hwm(pid)] + [hwm(int(c)) for c in children])
+    return max([peak_rss_mb(pid)] + [peak_rss_mb(int(c)) for c in children])
 
 
 def time_compare(root: Path, repeats: int = 2) -> list[float]:

@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -68,6 +67,7 @@ from workbench.probe_runner import probe_batch  # noqa: E402
 from trainer.tokenizer import build_char_tokenizer  # noqa: E402
 from workbench import metrics as wm  # noqa: E402
 from workbench.analyzer import bridge_probe_inputs  # noqa: E402
+from workbench.memory import peak_rss_mb  # noqa: E402
 from workbench.probing import ProbeInputs, _attention_metrics, compute_probe_metrics  # noqa: E402
 
 VARIANTS = ("ours", "capture", "naive", "forward")
@@ -203,14 +203,7 @@ def time_variants(size: str, device: str, repeats: int) -> dict[str, float]:
 def _peak_bytes(device: str) -> int:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated()
-    # VmHWM is this process's own resident high-water mark. ru_maxrss is not used on
-    # Linux: it survives fork + exec, so a child would inherit the parent's peak.
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return int(peak_rss_mb() * 2**20)  # VmHWM: this process's own peak (workbench.memory)
 
 
 def child_memory(size: str, device: str, variant: str) -> None:

@@ -64,6 +64,7 @@ sys.path.insert(0, str(ROOT))  # runnable as a plain script from a checkout
 from trainer.batching import scored_positions  # noqa: E402
 from trainer.loop import StepBatch, Trainer  # noqa: E402
 from workbench.generation import left_pad, sample  # noqa: E402
+from workbench.memory import status_kib  # noqa: E402
 from trainer.setup import prepare  # noqa: E402
 from trainer.tokenizer import build_char_tokenizer  # noqa: E402
 from trainer.config import load_config  # noqa: E402
@@ -194,17 +195,10 @@ def time_variants(size: str, variants: list[str], folder: Path, device: str, rep
 # ------------------------------------------------------------------------------- memory
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def child_memory(size: str, variant: str, folder: Path, device: str) -> None:
     """Run in a fresh process: print the variant's resident and update-peak bytes as JSON."""
     cuda = device.startswith("cuda")
-    base = torch.cuda.memory_allocated() if cuda else _status_kib("VmRSS") * 1024
+    base = torch.cuda.memory_allocated() if cuda else status_kib("VmRSS") * 1024
     tr = make_trainer(size, variant, folder)
     batch = make_batch(tr)
     tr.update(batch, {})  # warm-up: AdamW state exists from here on
@@ -213,10 +207,10 @@ def child_memory(size: str, variant: str, folder: Path, device: str) -> None:
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        before = _status_kib("VmRSS") * 1024
+        before = status_kib("VmRSS") * 1024
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     tr.update(batch, {})
-    peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else status_kib("VmHWM") * 1024
     print(json.dumps({"resident": before - base, "update_peak": peak - before}))
 
 

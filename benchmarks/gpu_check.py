@@ -79,6 +79,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_probe's records, forward a
 
 import torch
 
+from workbench.memory import status_kib  # noqa: E402
+
 CONFIGS = {"grpo": "grpo", "oisd": "oisd", "sdpg": "sdpg-ufkl"}
 BACKENDS = ("builtin", "trl", "trl_vllm")
 # Qwen3-0.6B's body (its config.json), and the smoke shape.
@@ -106,15 +108,6 @@ def first_line(exc: BaseException) -> str:
 # ------------------------------------------------------------------------------- memory
 
 
-def _status_kib(field: str) -> int | None:
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
 class PeakMemory:
     """The peak memory of the code between ``__init__`` and :meth:`result` (see the module
     docstring for what is counted on CUDA and on CPU)."""
@@ -127,7 +120,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.kind = "torch.cuda.max_memory_allocated"
             return
-        rss = _status_kib("VmRSS")
+        rss = status_kib("VmRSS")
         self.baseline = (rss or 0) * 1024
         try:  # reset VmHWM to the current resident set
             Path("/proc/self/clear_refs").write_text("5")
@@ -140,7 +133,7 @@ class PeakMemory:
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()
         else:
-            hwm = _status_kib("VmHWM") if "VmHWM" in self.kind else None
+            hwm = status_kib("VmHWM") if "VmHWM" in self.kind else None
             peak = hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"peak_mib": round(peak / 2**20, 1), "baseline_mib": round(self.baseline / 2**20, 1),
                 "peak_kind": self.kind}

@@ -38,7 +38,6 @@ import hashlib
 import importlib.metadata
 import logging
 import os
-import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,6 +50,7 @@ import torch
 from workbench.errors import CheckpointError, ConfigError, DataError, WorkbenchError
 from workbench.atomic import atomic_write_parquet
 from workbench.checkpoints import MANIFEST_NAME, list_checkpoints, verify_checkpoint
+from workbench.memory import peak_rss_mb
 from workbench.models import DTYPES, first_line, is_local_path, require_model_folder
 from workbench.probe_runner import record_prompt_ids
 from workbench.runstore import Run, probe_set_hash
@@ -83,28 +83,6 @@ ATTN_ROW_GROUP = 1 << 16
 # The read-out of the last block must reproduce the model's logits within this
 # tolerance (absolute, scaled by the logits' magnitude); half precisions round more.
 _READOUT_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
-
-
-def _max_rss_mb() -> float:
-    """The process's peak resident memory so far, MB (0 where the platform says nothing).
-
-    Linux: ``VmHWM`` of /proc/self/status, this process's own high-water mark; not
-    ``ru_maxrss``, which survives fork + exec (a child started by a large parent would start
-    at the parent's peak and show no growth). Elsewhere ``ru_maxrss``.
-    """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    try:
-        import resource
-    except ImportError:  # not on this platform
-        return 0.0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KB on Linux
 
 
 _MMAP_THRESHOLD = 1 << 20
@@ -154,12 +132,12 @@ class StageSeconds(dict):
 
     @contextmanager
     def __call__(self, stage: str):
-        start, peak = time.perf_counter(), _max_rss_mb()
+        start, peak = time.perf_counter(), peak_rss_mb()
         try:
             yield
         finally:
             self[stage] = self.get(stage, 0.0) + time.perf_counter() - start
-            self.peak_growth_mb[stage] = self.peak_growth_mb.get(stage, 0.0) + _max_rss_mb() - peak
+            self.peak_growth_mb[stage] = self.peak_growth_mb.get(stage, 0.0) + peak_rss_mb() - peak
 
 
 @dataclass
