@@ -563,8 +563,8 @@ class _Detail:
     @classmethod
     def of_batch(cls, inputs: ProbeInputs, prompt_index: int, top_k: int,
                  decode: Callable[[int], str] | None) -> _Detail:
-        """The collector of ``prompt_index`` within a pass over every scored position."""
-        _check_prompt(inputs.final_logits.shape[0], prompt_index)
+        """The collector of ``prompt_index`` within a pass over every scored position
+        (``__init__`` checks the index)."""
         first = int(inputs.mask[:prompt_index].sum())
         return cls(inputs, prompt_index, top_k, decode, first_slot=first)
 

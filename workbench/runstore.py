@@ -417,16 +417,16 @@ class Run:
         by step; only those that may hold ``steps`` when given (a legacy single table is
         always included)."""
         wanted = None if steps is None else {int(s) for s in steps}
-        if source == "probe":
-            legacy = [self.paths.probes] if self.paths.probes.is_file() else []
-            legacy += [p for a, b, p in self.paths.probe_segment_files()
-                       if wanted is None or any(a <= step <= b for step in wanted)]
+        if source == "probe":  # files of several steps first: a legacy table, then the segments
+            several = [self.paths.probes] if self.paths.probes.is_file() else []
+            several += [p for a, b, p in self.paths.probe_segment_files()
+                        if wanted is None or any(a <= step <= b for step in wanted)]
             parts = self.paths.probe_part_files()
         elif source == "analyzer":
-            legacy, parts = [], self._analysis_files("metrics")
+            several, parts = [], self._analysis_files("metrics")
         else:
             raise WorkbenchError(f"unknown metric source {source!r}; expected 'probe' or 'analyzer'")
-        return legacy + [p for step, p in parts if wanted is None or step in wanted]
+        return several + [p for step, p in parts if wanted is None or step in wanted]
 
     def metric_rows(self, source: str, *, columns: list[str] | None = None,
                     **where: Iterable | None) -> pd.DataFrame:
