@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[test,trl,deepspeed]" -c constraints.txt
+	$(PY) -m pip install --quiet -e ".[test,trl,deepspeed,peft]" -c constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1,6 +1,6 @@
 """Cached, read-only access to run folders for the dashboard.
 
-Every reader goes through :mod:`workbench.runstore` and is cached with
+Every reader goes through :mod:`workbench.storage.runstore` and is cached with
 ``st.cache_data`` under a key that includes the file's (or folder's) modification
 time and size, so a page load re-reads only what changed: a live run's new metrics
 line or a new analysis file invalidates exactly that entry. Readers return plain
@@ -19,8 +19,10 @@ import pandas as pd
 import streamlit as st
 
 from workbench.errors import WorkbenchError
-from workbench.runstore import BrokenRun, Run, RunPaths, list_runs, run_summary as summarise_run, safe_join
-from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, TOPK_COLUMNS
+from workbench.storage.paths import RunPaths, safe_join
+from workbench.storage.runstore import BrokenRun, Run, list_runs
+from workbench.storage.runstore import run_summary
+from workbench.storage.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, TOPK_COLUMNS
 
 DETAIL_COLUMNS = {"topk": TOPK_COLUMNS, "cells": CELL_COLUMNS, "attn": ATTN_COLUMNS}
 SOURCES = {"probe": "built-in probes (probes/)", "analyzer": "analyzer (analysis/)"}
@@ -167,7 +169,7 @@ def _metric_rows(path: str, source: str, where: tuple, file_key: tuple) -> tuple
 
 
 def metric_rows(run: Run, source: str, **where) -> tuple[pd.DataFrame, list[str]]:
-    """The rows of one metric source a view draws (:meth:`workbench.runstore.Run.metric_rows`:
+    """The rows of one metric source a view draws (:meth:`workbench.storage.runstore.Run.metric_rows`:
     the filter goes into the parquet scan), cached until the source gains a file.
 
     Args:
@@ -268,7 +270,7 @@ class AttentionShape:
 
 @st.cache_data(show_spinner=False, max_entries=128)
 def _attention_shape(path: str, step: int, prompt: int, file_key: tuple) -> AttentionShape | None:
-    from workbench.atomic import read_provenance
+    from workbench.storage.atomic import read_provenance
 
     file = Run(Path(path), {}).analysis_path(step, "attn")
     if not file.is_file():
@@ -339,12 +341,12 @@ def checkpoint_steps(run: Run) -> tuple[list[int], list[str]]:
 # ---------------------------------------------------------------------------
 
 
-def run_summary(name: str, run: Run) -> dict:
-    """One row of the runs table (:func:`workbench.runstore.run_summary`, from the cached
-    tables): method, status, steps (the last step reached), last accuracy, provenance."""
+def runs_table_row(name: str, run: Run) -> dict:
+    """The runs table's row of one run: :func:`workbench.storage.runstore.run_summary` (the one
+    summary of a run) over the cached tables, under the table's column names."""
     table, _ = metrics(run)
     steps, _ = checkpoint_steps(run)
-    row = summarise_run(run, history=table, checkpoint_steps=steps)
+    row = run_summary(run, history=table, checkpoint_steps=steps)
     return {
         "run": name,
         "method": row["method"],
@@ -370,5 +372,5 @@ __all__ = [
     "METRIC_COLUMNS", "RunListing", "SOURCES", "analysed_steps", "available_sources",
     "checkpoint_steps", "clear_caches", "detail", "detail_prompts", "metric_catalog", "metric_rows",
     "metric_steps", "metrics",
-    "probe_set", "resolve_run", "run_summary", "scan_root", "signature",
+    "probe_set", "resolve_run", "runs_table_row", "scan_root", "signature",
 ]

@@ -1,7 +1,7 @@
 """Plotly figures built from the workbench's tidy tables (no Streamlit here).
 
 Each function takes the rows it plots (``METRIC_COLUMNS``, ``TOPK_COLUMNS``, ...
-from ``workbench.schema``) and returns a ``plotly.graph_objects.Figure``, so the
+from ``workbench.storage.schema``) and returns a ``plotly.graph_objects.Figure``, so the
 notebooks can draw the same pictures as the dashboard.
 """
 
@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from workbench.schema import METRIC_INFO
+from workbench.storage.schema import METRIC_INFO
 
 PALETTE = qualitative.Plotly
 SEQUENTIAL = "Viridis"

@@ -14,6 +14,9 @@ from pathlib import Path
 
 from workbench.errors import WorkbenchError
 
+#: The dashboard's port unless ``--port`` names another (Streamlit's own default).
+DEFAULT_PORT = 8501
+DEFAULT_HOST = "127.0.0.1"
 MAIN_SCRIPT = Path(__file__).resolve().parent / "main.py"
 REPO_ROOT = MAIN_SCRIPT.parent.parent
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -62,8 +65,8 @@ def _open_browser_when_ready(url: str) -> None:
 
 def launch(
     runs_root: str | os.PathLike,
-    host: str = "127.0.0.1",
-    port: int = 8501,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
     headless: bool = False,
 ) -> int:
     """Run the dashboard over ``runs_root`` until it is stopped (Ctrl-C).

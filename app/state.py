@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 import streamlit as st
 
-from workbench.runstore import Run
+from workbench.storage.runstore import Run
 
 URL_KEYS = ("view", "runs", "metric", "step", "prompt", "layer", "source")
 _PENDING = "_url_pending"

@@ -47,13 +47,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout
 
 from app.launch import wait_for_health  # noqa: E402
-from workbench.analyzer import ATTN_ROW_GROUP  # noqa: E402
-from workbench.memory import peak_rss_mb  # noqa: E402
-from workbench.probe_runner import n_samples_frame  # noqa: E402
-from workbench.probing import LENS_STAT_NAMES, ProbeResult  # noqa: E402
-from workbench.atomic import atomic_write_parquet  # noqa: E402
-from workbench.runwriter import RunWriter, write_metric_table  # noqa: E402
-from workbench.schema import DRIFT_COLUMNS  # noqa: E402
+from workbench.analysis.analyzer import ATTN_ROW_GROUP  # noqa: E402
+from workbench.analysis.memory import peak_rss_mb  # noqa: E402
+from workbench.analysis.probe_runner import n_samples_frame  # noqa: E402
+from workbench.measures.probing import LENS_STAT_NAMES, ProbeResult  # noqa: E402
+from workbench.storage.atomic import atomic_write_parquet  # noqa: E402
+from workbench.storage.runwriter import RunWriter, write_metric_table  # noqa: E402
+from workbench.storage.schema import DRIFT_COLUMNS  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

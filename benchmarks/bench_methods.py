@@ -78,7 +78,7 @@ def main() -> None:
 
     from workbench.api import experiment
     from workbench.compare import method_summary, print_summary
-    from workbench.atomic import atomic_write_json
+    from workbench.storage.atomic import atomic_write_json
 
     t0 = time.time()
     variants = [v for v in VARIANTS if v[0] in args.methods]

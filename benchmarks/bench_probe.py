@@ -4,7 +4,7 @@ vs one plain HF forward.
 Three ways to get the reference-split metric table of one checkpoint (the model
 booted once, outside the timing):
 
-- ``ours``: what ``workbench.analyzer`` does: ``run_with_cache`` restricted by
+- ``ours``: what ``workbench.analysis.analyzer`` does: ``run_with_cache`` restricted by
   ``names_filter`` to ``blocks.{i}.hook_resid_post`` and ``blocks.{i}.attn.hook_pattern``,
   then ``compute_probe_metrics``, which reads out only the scored positions, in
   chunks, one layer at a time.
@@ -38,7 +38,7 @@ Each size is first measured against the **floor**: what any correct implementati
 do for the same splits (one forward per split with hidden states, one read-out per layer
 at the scored positions, the greedy decode with the same sampler), in a plain HF process,
 against the analyzer's ``probe_checkpoint`` (boot excluded) with its stage breakdown
-(``workbench.analyzer.StageSeconds``: decode, capture, lens, attention, write),
+(``workbench.analysis.memory.StageSeconds``: decode, capture, lens, attention, write),
 each side in a fresh process for its peak memory; ``--json`` writes those figures.
 ``qwen3-0.6b`` (Qwen3-0.6B's body, random init, bf16 on disk) is measured only this way.
 
@@ -63,12 +63,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.presets import preset_config  # noqa: E402
-from workbench.probe_runner import probe_batch  # noqa: E402
+from workbench.analysis.probe_runner import probe_batch  # noqa: E402
 from trainer.tokenizer import build_char_tokenizer  # noqa: E402
-from workbench import metrics as wm  # noqa: E402
-from workbench.analyzer import bridge_probe_inputs  # noqa: E402
-from workbench.memory import peak_rss_mb  # noqa: E402
-from workbench.probing import ProbeInputs, _attention_metrics, compute_probe_metrics  # noqa: E402
+from workbench.measures import metrics as wm  # noqa: E402
+from workbench.analysis.analyzer import bridge_probe_inputs  # noqa: E402
+from workbench.analysis.memory import peak_rss_mb  # noqa: E402
+from workbench.models.readout import LogitLens  # noqa: E402
+from workbench.models.structure import find_readout  # noqa: E402
+from workbench.measures.probing import ProbeInputs, _attention_metrics, compute_probe_metrics  # noqa: E402
 
 VARIANTS = ("ours", "capture", "naive", "forward")
 N_PROMPTS, SEQ_LEN = 16, 64
@@ -153,7 +155,7 @@ def run_naive(bridge, batch):
         lens[layer] = {k: wm.masked_mean(v.float(), mask) for k, v in stats.items() if k != "argmax"}
     inputs = ProbeInputs(
         hidden=[cache[f"blocks.{i}.hook_resid_post"] for i in range(n_layers - 1)],
-        final_logits=logits, readout=lambda h: bridge.unembed(bridge.ln_final(h)),
+        final_logits=logits, lens=LogitLens.of_bridge(bridge),
         targets=batch["targets"], mask=batch["scored"],
         attentions=[cache[f"blocks.{i}.attn.hook_pattern"] for i in range(n_layers)],
         attention_mask=batch["attention_mask"].bool(),
@@ -203,7 +205,7 @@ def time_variants(size: str, device: str, repeats: int) -> dict[str, float]:
 def _peak_bytes(device: str) -> int:
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated()
-    return int(peak_rss_mb() * 2**20)  # VmHWM: this process's own peak (workbench.memory)
+    return int(peak_rss_mb() * 2**20)  # VmHWM: this process's own peak (workbench.analysis.memory)
 
 
 def child_memory(size: str, device: str, variant: str) -> None:
@@ -255,11 +257,12 @@ def save_model(size: str, folder: Path) -> int:
 def child_side(side: str, folder: Path, vocab: int) -> None:
     """Probe the model in ``folder`` one way, in this process; print seconds, stages and the
     peak resident memory above the loaded model (JSON)."""
-    from workbench.probe_runner import find_readout, greedy_responses, probe_batch, probe_splits
+    from workbench.analysis.probe_runner import greedy_responses, probe_batch, probe_splits
 
     records = make_records(vocab)
     if side == "analyzer":
-        from workbench.analyzer import StageSeconds, _boot, load_decoder, probe_checkpoint
+        from workbench.analysis.analyzer import _boot, load_decoder, probe_checkpoint
+        from workbench.analysis.memory import StageSeconds
 
         stages = StageSeconds()
         with stages("boot"):

@@ -6,7 +6,7 @@ A random-init Qwen3 with Qwen3-4B's 36 layers, 32 heads and 8 KV heads but a nar
 --out DIR --prompts FILE`` runs in a child process, as a user would run it; the parent
 reports its wall time, the child's peak resident memory (``ru_maxrss`` of the children)
 and the size of each analysis file of the checkpoint. Before the compact attention table
-(``workbench.analyzer.ATTN_DETAIL_ROWS``) the same command grew to 24 GB and was killed.
+(``workbench.analysis.analyzer.ATTN_DETAIL_ROWS``) the same command grew to 24 GB and was killed.
 
 Usage::
 
@@ -81,7 +81,7 @@ def main() -> None:
             raise SystemExit(f"oisd probe failed ({result.returncode}): {result.stderr.strip().splitlines()[-1]}")
         files = {p.name: p.stat().st_size for p in sorted(out.rglob("*.parquet"))}
         weights_mb = sum(p.stat().st_size for p in (folder / "model").glob("*.safetensors")) / 2**20
-        from workbench.atomic import read_provenance
+        from workbench.storage.atomic import read_provenance
 
         attn = next(p for p in out.rglob("*-attn.parquet"))
         info = read_provenance(attn)

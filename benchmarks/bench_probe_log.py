@@ -27,10 +27,10 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workbench.atomic import atomic_write_parquet  # noqa: E402
-from workbench.probing import LENS_STAT_NAMES, ProbeResult  # noqa: E402
-from workbench.runwriter import RunWriter  # noqa: E402
-from workbench.schema import SPLITS  # noqa: E402
+from workbench.storage.atomic import atomic_write_parquet  # noqa: E402
+from workbench.measures.probing import LENS_STAT_NAMES, ProbeResult  # noqa: E402
+from workbench.storage.runwriter import RunWriter  # noqa: E402
+from workbench.storage.schema import SPLITS  # noqa: E402
 
 
 def step_rows(step: int, layers: int, heads: int) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""Benchmark: ``workbench.generation.sample`` against ``model.generate`` on the same batch.
+"""Benchmark: ``workbench.models.generation.sample`` against ``model.generate`` on the same batch.
 
 Both samplers run in one process on the same random-initialised Qwen3 models and
 the same left-padded prompts, interleaved (ours, generate, ours, generate, ...)
@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, Qwen3Config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from workbench.generation import left_pad, sample
+from workbench.models.generation import left_pad, sample
 
 # Model sizes: ~0.5M and ~5M parameters (vocab as a character-level tokenizer).
 SIZES = {

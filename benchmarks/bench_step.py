@@ -63,13 +63,13 @@ sys.path.insert(0, str(ROOT))  # runnable as a plain script from a checkout
 
 from trainer.batching import scored_positions  # noqa: E402
 from trainer.loop import StepBatch, Trainer  # noqa: E402
-from workbench.generation import left_pad, sample  # noqa: E402
-from workbench.memory import status_kib  # noqa: E402
+from workbench.models.generation import left_pad, sample  # noqa: E402
+from workbench.analysis.memory import status_kib  # noqa: E402
 from trainer.setup import prepare  # noqa: E402
 from trainer.tokenizer import build_char_tokenizer  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 
-CONFIGS = {"grpo": "grpo", "oisd": "oisd", "sdpg": "sdpg-ufkl", "rlsd": "rlsd", "opsd": "opsd"}
+METHODS = ("grpo", "oisd", "sdpg", "rlsd", "opsd")  # each by its bundled config
 # Every term on at step 0 (see the module docstring).
 ALWAYS = ["sdpg.t_warm=0", "data.arithmetic.n_train=200", "data.arithmetic.n_test=20",
           "logging.progress=false", "optim.warmup_steps=0"]
@@ -119,7 +119,7 @@ def make_trainer(size: str, variant: str, folder: Path) -> Trainer:
             f"rollout.max_new_tokens={length}", *ALWAYS]
     if chunk is not None:
         keys.append(f"optim.vocab_chunk_size={chunk}")
-    cfg = load_config(CONFIGS[method], keys)
+    cfg = load_config(method, keys)
     return Trainer(cfg, prepare(cfg))  # accelerate picks the device: CUDA when there is one
 
 

@@ -36,7 +36,7 @@ Setup (defaults: 8 prompts x 8 completions, 40 new tokens, one thread):
 What each timed step contains:
 
 - ours: ``Trainer.train_step()``: tokenise the step's prompts, per-group
-  sampling noise, KV-cache sampling (``workbench.generation.sample``, which also
+  sampling noise, KV-cache sampling (``workbench.models.generation.sample``, which also
   keeps the sampled tokens' log-probs), decode, verifier rewards, group
   advantages and rollout stats; then one policy forward over prompt + response
   and the log-probs and entropy of the response tokens (``micro_loss``: at the

@@ -24,13 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a pl
 
 VARIANTS = ("trl grpo (plain GRPOTrainer)", "trl backend grpo", "trl backend oisd", "trl backend sdpg",
             "built-in grpo", "built-in oisd", "built-in sdpg")
-CONFIGS = {"grpo": "grpo", "oisd": "oisd", "sdpg": "sdpg-ufkl"}
+METHODS = ("grpo", "oisd", "sdpg")  # each by its bundled config
 
 
 def _cfg(method: str, model: str, run_dir: Path, steps: int):
     from trainer.config import load_config
 
-    return load_config(CONFIGS[method], [f"model.path={model}", f"run_dir={run_dir}", f"steps={steps}",
+    return load_config(method, [f"model.path={model}", f"run_dir={run_dir}", f"steps={steps}",
                                          "probe_every=0", "eval_every=0", f"checkpoint_every={steps}",
                                          "logging.progress=false", "sdpg.t_warm=0", "logging.grad_share_every=0"])
 

@@ -79,9 +79,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_probe's records, forward a
 
 import torch
 
-from workbench.memory import status_kib  # noqa: E402
+from workbench.analysis.memory import status_kib  # noqa: E402
 
-CONFIGS = {"grpo": "grpo", "oisd": "oisd", "sdpg": "sdpg-ufkl"}
+METHODS = ("grpo", "oisd", "sdpg")  # each by its bundled config
 BACKENDS = ("builtin", "trl", "trl_vllm")
 # Qwen3-0.6B's body (its config.json), and the smoke shape.
 QWEN3_06B = dict(vocab_size=151_936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
@@ -220,7 +220,7 @@ def stage_builtin(ctx: dict, method: str) -> dict:
 
     device = ctx["device"]
     mem = PeakMemory(device)
-    cfg = load_config(CONFIGS[method], overrides(ctx, Path(ctx["work"]) / f"builtin-{method}"))
+    cfg = load_config(method, overrides(ctx, Path(ctx["work"]) / f"builtin-{method}"))
     tr = Trainer(cfg, prepare(cfg))
     rollout_times: list[float] = []
     rollout = tr.rollout
@@ -262,7 +262,7 @@ def stage_trl(ctx: dict, method: str, vllm: bool) -> dict:
     mem = PeakMemory(device)
     name = f"trl{'-vllm' if vllm else ''}-{method}"
     extra = ["backend=trl", f"trl.use_vllm={str(vllm).lower()}", "trl.vllm_mode=colocate"]
-    cfg = load_config(CONFIGS[method], overrides(ctx, Path(ctx["work"]) / name, extra))
+    cfg = load_config(method, overrides(ctx, Path(ctx["work"]) / name, extra))
     setup = prepare(cfg)
     setup.model.config.use_cache = True  # as train_trl: TRL's generate decodes with a KV cache
     dataset, rewards = task_data(cfg, setup.task)
@@ -313,8 +313,8 @@ def stage_analyzer(ctx: dict) -> dict:
     import bench_probe
     from transformers import AutoModelForCausalLM
 
-    from workbench.analyzer import _boot, probe_checkpoint
-    from workbench.probe_runner import probe_batch
+    from workbench.analysis.analyzer import _boot, probe_checkpoint
+    from workbench.analysis.probe_runner import probe_batch
 
     device, repeats = ctx["device"], ctx["plan"]["repeats"]
     dtype = getattr(torch, ctx["dtype"])
@@ -377,7 +377,7 @@ def stage_rank_sync(ctx: dict, timeout: float) -> dict:
     plan = dict(ctx["plan"], steps=RANK_SYNC_STEPS)
     keys = overrides(dict(ctx, plan=plan), run_dir)
     command = [*accelerate_launch(2), "-m", "workbench.cli", "train", "--backend", "trl",
-               "--config", CONFIGS.get(RANK_SYNC_CONFIG, RANK_SYNC_CONFIG), *[x for k in keys for x in ("--set", k)]]
+               "--config", RANK_SYNC_CONFIG, *[x for k in keys for x in ("--set", k)]]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     start = time.perf_counter()
     result = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -468,8 +468,8 @@ def write_json(path: Path, data: dict) -> None:
 
 def plan_stages(smoke: bool, rank_sync_cpu: bool) -> list[tuple[str, str | None]]:
     """(stage, reason to skip it or None), in the order they run."""
-    stages: list[tuple[str, str | None]] = [(f"builtin/{m}", None) for m in CONFIGS]
-    stages += [(f"trl/{m}", None) for m in CONFIGS]
+    stages: list[tuple[str, str | None]] = [(f"builtin/{m}", None) for m in METHODS]
+    stages += [(f"trl/{m}", None) for m in METHODS]
     stages.append(("analyzer", None))
     gpus = torch.cuda.device_count() if not smoke else 0
     if rank_sync_cpu and smoke:
@@ -482,11 +482,13 @@ def plan_stages(smoke: bool, rank_sync_cpu: bool) -> list[tuple[str, str | None]
         vllm_reason = "vllm is not installed (import vllm fails)"
     else:
         vllm_reason = None
-    stages += [(f"trl_vllm/{m}", vllm_reason) for m in CONFIGS]
+    stages += [(f"trl_vllm/{m}", vllm_reason) for m in METHODS]
     return stages
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from trainer.config import resolve_config_path
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"), help="JSON results (default gpu_check.json)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the markdown tables here")
@@ -528,7 +530,8 @@ def main(argv: list[str] | None = None) -> dict:
         "budget_s": args.budget_s, "deadline_s": args.deadline_s,
         "batch": {"prompts": plan["prompts"], "group_size": plan["group"], "max_new_tokens": plan["new_tokens"],
                   "steps": plan["steps"], "data": "embedded arithmetic task"},
-        "methods": dict(CONFIGS), "model": None,
+        "methods": {m: resolve_config_path(m).stem for m in METHODS},
+        "model": None,
         "steps": {b: {} for b in BACKENDS}, "analyzer": None, "rank_sync": None, "stages": [],
         "complete": False,
     }
@@ -635,7 +638,7 @@ def markdown(results: dict) -> str:
              "| backend | generation | method | step s | steps timed | peak MiB | status |", "|---|---|---|---|---|---|---|"]
     gen = {"builtin": "built-in sampler", "trl": "transformers generate", "trl_vllm": "vLLM colocate"}
     for backend in BACKENDS:
-        for method in CONFIGS:
+        for method in METHODS:
             r = results["steps"][backend].get(method)
             if r is None:
                 continue

@@ -169,3 +169,22 @@ def cli_env() -> dict:
     env.update(PYTHONPATH=str(root), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return env
+
+
+def assert_same_update(got: dict, want: dict, start: dict, rel: float) -> float:
+    """Two trainings of the same start on the same global batch made the same update: for every
+    parameter, ``max |(got - start) - (want - start)| <= rel * max |want - start|`` over all
+    parameters (the update's own scale, so the bound does not depend on how far training
+    moved), and the update is not nothing. Returns the largest difference over that scale.
+
+    Meant for plain-SGD runs, whose update is the learning rate times the gradient: a
+    gradient that was not reduced over processes, or a dropped shard, changes it by its own
+    order, while two summation orders change it by the rounding of a float32 gradient."""
+    scale = max(float((want[k].double() - start[k].double()).abs().max()) for k in start)
+    assert scale > 0, "the update is zero: nothing was trained"
+    worst = 0.0
+    for key in start:
+        diff = float((got[key].double() - want[key].double()).abs().max())
+        worst = max(worst, diff / scale)
+        assert diff <= rel * scale, f"{key}: updates differ by {diff:.3g} ({diff / scale:.3g} of the update's scale)"
+    return worst

@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CODE = ("trainer", "workbench", "app")
 # The run store's module that names every file of a run folder (RunPaths).
-STORE_MODULES = {"workbench/runstore.py"}
+STORE_MODULES = {"workbench/storage/paths.py"}
 FILE_NAMES = ("run.json", "manifest.json", "warmstart.json")
 # A flag as docs write it: `--name` or `-x`, not the hyphen inside a word (warmstart-tiny).
 FLAG = re.compile(r"(?<![\w-])(--?[a-z][a-z0-9-]*)")
@@ -33,7 +33,7 @@ def test_file_names_only_in_the_store():
         assert files & STORE_MODULES, f"{name} is not named in the run store ({sorted(STORE_MODULES)})"
         assert files <= STORE_MODULES, (
             f"the file name {name!r} is typed outside the run store in {sorted(files - STORE_MODULES)}; "
-            "use workbench.runstore.RunPaths"
+            "use workbench.storage.paths.RunPaths"
         )
 
 

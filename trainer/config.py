@@ -20,9 +20,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer import objectives as obj
+from trainer.methods import METHOD_NAMES, METHODS, MethodSpec, spec_of
 from trainer.tasks.arithmetic import EMBEDDED_TASK
-from trainer.methods import METHOD_NAMES, MethodSpec, spec_of
 from workbench.errors import ConfigError
+from workbench.storage.paths import WARMSTART_DIR, run_name
+
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads ``3e-5`` (no dot) as a string; researchers write learning rates that way."""
@@ -45,13 +47,19 @@ def _yaml(text: str):
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
+#: The backends, each ``"module:function"`` training a validated config
+#: (:func:`trainer.run.train` dispatches here), and those that can shard a model
+#: (DeepSpeed or FSDP launches).
+BACKENDS = {"builtin": "trainer.loop:train_builtin", "trl": "trainer.trl_backend:train_trl"}
+SHARDING_BACKENDS = ("trl",)
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
 
 
 class ModelConfig(_Section):
-    path: str = Field("runs/warmstart-tiny", description="HF model folder (or hub name) to start from")
+    path: str = Field(WARMSTART_DIR, description="HF model folder (or hub name) to start from")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="parameter dtype; on GPU prefer float32 weights + precision.mixed=bf16"
     )
@@ -100,8 +108,15 @@ class RolloutConfig(_Section):
     max_resample: int = Field(4, ge=0, description="extra sampling rounds to refill a dynamic-sampling batch")
 
 
+#: The optimizers either backend builds: ours -> TRL's TrainingArguments.optim.
+OPTIMIZERS = {"adamw": "adamw_torch", "sgd": "sgd"}
+
+
 class OptimConfig(_Section):
-    lr: float = Field(1e-5, gt=0, description="AdamW learning rate")
+    name: Literal[tuple(OPTIMIZERS)] = Field(
+        "adamw", description="optimizer: adamw, or plain sgd (no momentum: the update is lr x gradient, what the "
+        "multi-process tests compare)")
+    lr: float = Field(1e-5, gt=0, description="learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1")
     beta2: float = Field(0.99, ge=0, lt=1, description="AdamW beta2")
@@ -186,6 +201,9 @@ class ProbeConfig(_Section):
         "(splits sampled_correct / sampled_wrong); 0 = off")
     sample_temperature: float = Field(1.0, gt=0, description="temperature of the sampled probe completions")
     chunk_size: Optional[int] = Field(None, ge=1, description="positions per chunk of the logit lens (null: ~4M floats)")
+    exit_layers: list[Union[int, float]] = Field(
+        default_factory=list, description="early exit at these layers (blocks 1..L or depth fractions; [] = off): "
+        "exit_accuracy, exit_agree, exit_length of greedy decoding from block l, one decode per layer")
 
 
 class EvalConfig(_Section):
@@ -224,8 +242,9 @@ class TrainConfig(_Section):
     """The whole training config; fixed key names per docs/design.md."""
 
     method: str = Field("grpo", description=f"objective: {' | '.join(METHOD_NAMES)} (trainer.methods)")
-    backend: Literal["builtin", "trl"] = Field(
-        "builtin", description="trainer: the built-in loop, or TRL's GRPOTrainer with the same losses (pip extra 'trl')")
+    backend: Literal[tuple(BACKENDS)] = Field(
+        "builtin", description=f"trainer: {' | '.join(BACKENDS)}: the built-in loop, or TRL's GRPOTrainer with the "
+        "same losses (pip extra 'trl')")
     seed: int = Field(0, description="run seed (sampling, init of anything random)")
     steps: int = Field(100, ge=1, description="training steps (rollout batches)")
     run_dir: Optional[str] = Field(None, description="run folder; null = runs/<method>-seed<seed>")
@@ -262,8 +281,8 @@ class TrainConfig(_Section):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in METHOD_NAMES:
-            raise ValueError(f"Input should be {', '.join(repr(m) for m in METHOD_NAMES)}")
+        if value not in METHODS:  # the table itself: a method added to it is known at once
+            raise ValueError(f"Input should be {', '.join(repr(m) for m in METHODS)}")
         return value
 
     @property
@@ -272,7 +291,7 @@ class TrainConfig(_Section):
         return spec_of(self.method)
 
     def resolved_run_dir(self) -> Path:
-        return Path(self.run_dir) if self.run_dir else Path("runs") / f"{self.method}-seed{self.seed}"
+        return Path(self.run_dir) if self.run_dir else Path("runs") / run_name(self.method, self.seed)
 
 
 # ---------------------------------------------------------------------------------------
@@ -356,11 +375,14 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def resolve_config_path(name: str | Path) -> Path:
-    """A config file path, or the name of a bundled config (``oisd`` -> configs/oisd.yaml)."""
+    """A config file path, or the name of a bundled config (``oisd`` -> configs/oisd.yaml), or a
+    method's name (its bundled config, ``MethodSpec.config``: ``sdpg`` -> configs/sdpg-ufkl.yaml)."""
     p = Path(name)
     if p.is_file():
         return p
-    for cand in (CONFIG_DIR / f"{name}.yaml", CONFIG_DIR / str(name)):
+    spec = METHODS.get(str(name))
+    stem = spec.config if spec is not None and spec.config else name  # a method's name: its config
+    for cand in (CONFIG_DIR / f"{stem}.yaml", CONFIG_DIR / str(name)):
         if cand.is_file():
             return cand
     bundled = ", ".join(sorted(c.stem for c in CONFIG_DIR.glob("*.yaml")))

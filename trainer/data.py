@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from pathlib import Path
 
 import pandas as pd
 
 from trainer.tasks.base import DEFAULT_PROMPT_FORMAT, Example, PromptFormat
+from workbench.measures.answers import math_agree, math_gold, math_parse
 from workbench.errors import DataError
-from workbench.jsonl import read_json_objects
+from workbench.storage.jsonl import read_json_objects
 
 logger = logging.getLogger(__name__)
 
@@ -225,18 +225,15 @@ class MathVerifyTask:
             in the main thread; in other threads it runs without a bound.
     """
 
-    def __init__(self, train: list[Example], test: list[Example], timeout_seconds: int = 3):
-        from math_verify import ExprExtractionConfig, LatexExtractionConfig
+    #: How its completions are checked (:mod:`workbench.measures.answers`), recorded in run.json.
+    answer_check = "math"
 
+    def __init__(self, train: list[Example], test: list[Example], timeout_seconds: int = 3):
         if not train:
             raise DataError("MathVerifyTask needs at least one training example")
         self._train = list(train)
         self._test = list(test)
         self.timeout_seconds = int(timeout_seconds)
-        self._extraction_config = (
-            LatexExtractionConfig(boxed_match_priority=0),
-            ExprExtractionConfig(),
-        )
         self._gold_cache: dict[str, list] = {}
 
     def train_examples(self) -> list[Example]:
@@ -249,50 +246,11 @@ class MathVerifyTask:
 
     def extract_answer(self, completion: str) -> str | None:
         """The text of the completion's final answer as math-verify extracts it, or None."""
-        parsed = self._parse(completion)
+        parsed = math_parse(completion, self.timeout_seconds)
         return str(parsed[-1]) if parsed else None
 
     def reward(self, completion: str, example: Example) -> float:
         """1.0 if math-verify finds the completion's answer equal to the gold, else 0.0."""
-        try:
-            from math_verify import verify
-
-            predicted = self._parse(completion)
-            gold = self._gold(example.answer)
-            if not predicted or not gold:
-                return 0.0
-            return 1.0 if verify(gold, predicted, timeout_seconds=self._timeout()) else 0.0
-        except Exception as error:  # the verifier must never stop training
-            logger.debug("math_verify failed on %r: %r", completion[:200], error)
-            return 0.0
-
-    def _timeout(self) -> int | None:
-        # SIGALRM (math-verify's timer) can only be installed from the main thread.
-        if threading.current_thread() is threading.main_thread() and self.timeout_seconds > 0:
-            return self.timeout_seconds
-        return None
-
-    def _parse(self, text: str) -> list:
-        from math_verify import parse
-
-        if not isinstance(text, str) or not text.strip():
-            return []
-        try:
-            return parse(
-                text,
-                extraction_config=self._extraction_config,
-                parsing_timeout=self._timeout(),
-            )
-        except Exception as error:
-            logger.debug("math_verify could not parse %r: %r", text[:200], error)
-            return []
-
-    def _gold(self, answer: str) -> list:
-        """The parsed gold answer, cached (each example's answer is parsed once)."""
-        if answer not in self._gold_cache:
-            parsed = self._parse(answer)
-            if not parsed:
-                # A bare LaTeX expression ("x^2+1") is only found inside math delimiters.
-                parsed = self._parse(f"${answer}$")
-            self._gold_cache[answer] = parsed
-        return self._gold_cache[answer]
+        if example.answer not in self._gold_cache:  # each example's answer is parsed once
+            self._gold_cache[example.answer] = math_gold(example.answer, self.timeout_seconds)
+        return 1.0 if math_agree(completion, self._gold_cache[example.answer], self.timeout_seconds) else 0.0

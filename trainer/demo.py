@@ -17,7 +17,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from workbench.atomic import atomic_write_json
+from workbench.storage.atomic import atomic_write_json
+from workbench.storage.paths import WARMSTART_DIR
 
 # OISD twice: its default signed weight (w = A, as the contract reconstructs it) and the
 # positive weight (w = max(A, 0): only correct responses pull the layer), whose effect on the
@@ -31,7 +32,7 @@ def _stage(title: str) -> None:
 
 
 def run_demo(root: str = "runs/demo", steps: int | None = None, seeds: list[int] | None = None,
-             methods: list[str] | None = None, warmstart_dir: str = "runs/warmstart-tiny") -> dict:
+             methods: list[str] | None = None, warmstart_dir: str = WARMSTART_DIR) -> dict:
     """Run the demo; returns the summary written to ``<root>/summary.json``."""
     from workbench.api import experiment
     from workbench.compare import method_summary, print_summary
@@ -54,5 +55,5 @@ def run_demo(root: str = "runs/demo", steps: int | None = None, seeds: list[int]
     atomic_write_json(path, summary)
     minutes = (time.time() - t0) / 60
     print(f"\ndemo finished in {minutes:.1f} min; {path} holds these figures. Open the dashboard on these runs:\n"
-          f"  oisd dashboard {root}\n(then browse http://127.0.0.1:8501)")
+          f"  oisd dashboard {root}\n(it prints the address to browse)")
     return summary

@@ -71,12 +71,20 @@ def weight_fingerprint(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
-def weight_spread(model: torch.nn.Module, device: torch.device | str = "cpu") -> float:
+#: Why ``weight_spread`` is not measured under ZeRO-3 (run.json's ``weight_spread_note``).
+ZERO3_SPREAD_NOTE = ("not measured: ZeRO-3 keeps one sharded copy of the weights, so there is no per-process "
+                     "replica to compare (every gather returns the same full tensors)")
+
+
+def weight_spread(model: torch.nn.Module, device: torch.device | str = "cpu") -> float | None:
     """The largest difference of any parameter's fingerprint between two processes
     (:func:`weight_fingerprint`): 0.0 when every process holds the same weights, and on
     one process. Every process must call it (a collective). Under ZeRO-3 the processes
-    hold one sharded copy: the spread is 0.0 by construction, and nothing is gathered."""
-    if not distributed() or is_zero3(model):
+    hold one sharded copy, not replicas: None (nothing to compare, :data:`ZERO3_SPREAD_NOTE`),
+    never a made-up 0.0."""
+    if is_zero3(model):
+        return None
+    if not distributed():
         return 0.0
     fp = weight_fingerprint(model).to(device)
     every = all_gather_cat(fp[None])  # (world, 2 n_parameters)

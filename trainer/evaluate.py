@@ -12,8 +12,8 @@ from typing import Sequence
 
 import torch
 
-from workbench.generation import sample
 from trainer.tasks.base import Example, Task
+from workbench.models.generation import sample
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +96,11 @@ def evaluate(
 
 def evaluate_cli(args) -> None:
     """``oisd eval CHECKPOINT_DIR``: greedy accuracy and mean@k, printed and returned."""
+    from trainer.config import parse_overrides
     from trainer.data import MathVerifyTask, load_examples
     from trainer.tasks import ArithmeticTask
-    from trainer.config import parse_overrides
-    from workbench.models import load_model_and_tokenizer
-    from workbench.checkpoints import has_manifest, verify_checkpoint
+    from workbench.models.loading import load_model_and_tokenizer
+    from workbench.storage.checkpoints import has_manifest, verify_checkpoint
 
     path = args.checkpoint_dir
     if has_manifest(path):

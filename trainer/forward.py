@@ -26,13 +26,13 @@ nothing more:
 Layer numbering follows docs/metrics.md: layer ``l`` (1-based) is the output of block
 ``l``, i.e. HF ``hidden_states[l]``, *before* the final norm. HF's
 ``hidden_states[L]`` is already normed; here ``hidden[L]`` is not, so that
-``readout(model)(hidden[L]) == logits`` like every other layer's logit lens.
+``readout(model)(hidden[L], L) == logits`` like every other layer's logit lens.
 """
 
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -41,9 +41,10 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from workbench.generation import position_ids_from_mask
 from workbench.errors import ConfigError, DataError
-from workbench.probe_runner import find_readout
+from workbench.models.generation import position_ids_from_mask
+from workbench.models.readout import LogitLens
+from workbench.models.structure import decoder_blocks, decoder_stack
 
 __all__ = [
     "SELECTIVE_ATTENTION",
@@ -98,33 +99,14 @@ class PolicyForward:
 # ---------------------------------------------------------------------------
 
 
-def _decoder(model: nn.Module) -> nn.Module:
-    """The base transformer (embeddings + blocks + final norm) of a causal LM."""
-    if hasattr(model, "get_decoder"):
-        return model.get_decoder()
-    return getattr(model, "base_model", model)
-
-
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks, in order (``model.model.layers``, ``transformer.h``, ...)."""
-    decoder = _decoder(model)
-    expected = model.config.get_text_config().num_hidden_layers
-    for child in decoder.children():
-        if isinstance(child, nn.ModuleList) and len(child) == expected:
-            return child
-    raise ConfigError(
-        f"cannot find the {expected} decoder blocks of {type(model).__name__} "
-        "(no ModuleList of that length in its base model)"
-    )
-
-
 def num_layers(model: nn.Module) -> int:
     """Number of decoder blocks ``L`` of a causal LM (layers are numbered 1..L)."""
-    return len(_blocks(model))
+    return len(decoder_blocks(model))
 
 
-def readout(model: nn.Module, detach: bool = False) -> Callable[[Tensor], Tensor]:
-    """The model's own readout ``h -> lm_head(final_norm(h))`` (the logit lens).
+def readout(model: nn.Module, detach: bool = False) -> LogitLens:
+    """The model's logit lens ``lens(h, layer) = lm_head(final_norm(h))``, the read-out OISD's
+    L_think aligns (:class:`workbench.models.readout.LogitLens`, the one the probes read through).
 
     Applied to the pre-norm output of the last block it reproduces the model's
     logits exactly; applied to an earlier block it is the logit lens of docs/metrics.md.
@@ -137,11 +119,12 @@ def readout(model: nn.Module, detach: bool = False) -> Callable[[Tensor], Tensor
             the acting head's weights.
 
     Returns:
-        A function mapping ``(..., d)`` hidden states to ``(..., V)`` logits.
+        A :class:`~workbench.models.readout.LogitLens`: ``(..., d)`` hidden states to ``(..., V)`` logits.
     """
-    norm, head = find_readout(model)  # the one lookup, shared with the built-in probes
+    lens = LogitLens.of_model(model)  # the one lookup, shared with the built-in probes
     if not detach:
-        return lambda hidden: head(norm(hidden))
+        return lens
+    norm, head = lens.norm, lens.head
 
     norm_params, head_params = dict(norm.named_parameters()), dict(head.named_parameters())
     if any(hasattr(p, "ds_id") for p in (*norm_params.values(), *head_params.values())):
@@ -154,18 +137,13 @@ def readout(model: nn.Module, detach: bool = False) -> Callable[[Tensor], Tensor
             norm_params = {name: p.detach().clone() for name, p in norm_params.items()}
             head_params = {name: p.detach().clone() for name, p in head_params.items()}
 
-    def detached_readout(hidden: Tensor) -> Tensor:
-        # functional_call runs the modules' own forward with substituted
-        # parameters, so the detached readout is the same computation (bias,
-        # eps, weight offsets...) without a path to the real weights.
-        normed = torch.func.functional_call(
-            norm, {name: p.detach() for name, p in norm_params.items()}, (hidden,)
-        )
-        return torch.func.functional_call(
-            head, {name: p.detach() for name, p in head_params.items()}, (normed,)
-        )
-
-    return detached_readout
+    # functional_call runs the modules' own forward with substituted parameters, so the
+    # detached read-out is the same computation (bias, eps, weight offsets...) without a
+    # path to the real weights.
+    return LogitLens(
+        lambda h: torch.func.functional_call(norm, {n: p.detach() for n, p in norm_params.items()}, (h,)),
+        lambda h: torch.func.functional_call(head, {n: p.detach() for n, p in head_params.items()}, (h,)),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -429,7 +407,7 @@ def policy_forward(
     # Block outputs, gathered at the scored positions as soon as they exist so
     # that only (n, d) per layer is kept beyond what backward needs anyway.
     hidden: dict[int, Tensor] = {}
-    blocks = _blocks(model)
+    blocks = decoder_blocks(model)
 
     def make_hook(layer: int):
         def hook(_module, _args, output):
@@ -457,7 +435,7 @@ def policy_forward(
         )
     token = _ACTIVE_CAPTURE.set(capture)
     try:
-        outputs = _decoder(model)(
+        outputs = decoder_stack(model)(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -544,7 +522,7 @@ def shared_prompt_hidden(
     """
     from transformers import DynamicCache
 
-    decoder = _decoder(model)
+    decoder = decoder_stack(model)
     prompt_positions = position_ids_from_mask(prompt_mask)  # (U, W)
     cache = DynamicCache(config=model.config)
     prefill = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,

@@ -11,7 +11,7 @@ Each step (docs/objectives.md):
    full-vocabulary term in one chunked pass (logits read out chunk by chunk and
    recomputed in backward, so no ``(tokens, V)`` tensor is kept), and the loss
    ``L_GRPO + sum of auxiliary terms``, every term normalised like the GRPO term;
-4. gradient clipping, a non-finite guard, AdamW;
+4. gradient clipping, a non-finite guard, AdamW (or plain SGD, ``optim.name``);
 5. metrics every step, evaluation / probes / checkpoints every N steps.
 
 Processes: ``accelerate launch`` gives each process a slice of the step's prompts.
@@ -44,11 +44,11 @@ from trainer.distributed import all_gather_cat, all_sum, distributed
 from trainer.loss import LossComputer, StepBatch
 from trainer.methods import Terms, spec_of
 from trainer.recorder import RunRecorder
-from trainer.schedule import warmup_schedule
+from trainer.lr_warmup import warmup_schedule
 from trainer.setup import TrainSetup
 from workbench.errors import WorkbenchError
-from workbench.generation import sample
-from workbench.checkpoints import latest_checkpoint
+from workbench.models.generation import sample
+from workbench.storage.checkpoints import latest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,11 @@ class Trainer:
         self.device = setup.accelerator.device
         self.L = setup.num_layers
         self.stream = PromptStream(setup.task.train_examples(), cfg.seed)
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=cfg.optim.lr,
-            betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay,
-        )
+        params, o = [p for p in self.model.parameters() if p.requires_grad], cfg.optim
+        if o.name == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=o.lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
         self.scheduler = warmup_schedule(self.optimizer, cfg.optim.warmup_steps)
         self.step = 0
         self.bad_steps = 0
@@ -156,7 +157,7 @@ class Trainer:
             ``dynamic_sampling/unfilled_groups`` (kept for lack of replacements),
             ``dynamic_sampling/resample_rounds``.
         """
-        from workbench.generation import concat_batches
+        from workbench.models.generation import concat_batches
 
         cfg, G = self.cfg, self.cfg.rollout.group_size
         acc = self.setup.accelerator
@@ -360,7 +361,7 @@ def train_builtin(cfg: TrainConfig, setup: TrainSetup, *, resume: bool = False) 
         else:
             log.info("training %s: steps %d..%d on %d process(es), device %s", cfg.method, start_step + 1,
                      cfg.steps, acc.num_processes, acc.device)
-    recorder = RunRecorder(cfg, setup, resume=resume, resume_step=resume_step, facts={"backend": "builtin"})
+    recorder = RunRecorder(cfg, setup, resume=resume, resume_step=resume_step, facts={})
     try:
         if start_step == 0:
             recorder.start(acc.unwrap_model(tr.model))

@@ -18,8 +18,10 @@ import torch
 
 from trainer import objectives as obj
 from trainer.batching import teacher_prompts, to_grid
+from trainer.chunked import chunked_rows
 from trainer.distributed import full_parameters, full_shape, is_zero3
 from trainer.forward import policy_forward, readout, shared_prompt_hidden, unique_prompts
+from workbench.models.readout import vocab_chunk_rows
 from trainer.methods import LossInputs, MethodSpec, Terms, gradient_shares, stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,8 @@ class LossComputer:
     :meth:`micro_loss` per micro-batch and :meth:`gradient_shares` on the first one.
 
     Attributes:
-        frozen_teacher: RLSD's frozen copy (re-synced by :meth:`begin_step`), or None.
+        frozen_teacher: the method's frozen-copy teacher (``MethodSpec.needs_frozen_copy``: RLSD's),
+            re-synced by :meth:`begin_step`; None for the other methods.
         reference: the frozen initial model, or None (only when a term uses it).
         accelerator: for ``autocast`` and ``unwrap_model``.
     """
@@ -76,8 +79,8 @@ class LossComputer:
         """The loss of ``cfg.method`` for ``model`` (plain or wrapped by ``accelerator``).
 
         Resolves the OISD layers (unless given, already resolved), switches the policy
-        to selective attention when OISD aligns attention, and makes RLSD's frozen
-        teacher copy when the method's teacher is one (:mod:`trainer.methods` says which).
+        to selective attention when OISD aligns attention, and makes the frozen teacher
+        copy when the method's teacher is one (:mod:`trainer.methods` says which).
         """
         from trainer.forward import enable_selective_attention, num_layers
         from trainer.setup import resolve_layers
@@ -95,12 +98,12 @@ class LossComputer:
                    stop_token_ids(tokenizer), reference=reference, frozen_teacher=frozen)
 
     def begin_step(self, step: int) -> None:
-        """Before optimizer step ``step``'s first forward: RLSD's frozen teacher is re-synced
-        from the policy every ``rlsd.sync_every`` steps (at step 0 it is the initial model
-        as built). Idempotent within a step."""
+        """Before optimizer step ``step``'s first forward: the frozen teacher is re-synced from
+        the policy every ``spec.sync_every(cfg)`` steps (at step 0 it is the initial model as
+        built). Idempotent within a step."""
         if self.frozen_teacher is None or step == self._synced_step:
             return
-        if step % self.cfg.rlsd.sync_every == 0:
+        if step % self.spec.sync_every(self.cfg) == 0:
             policy = self.accelerator.unwrap_model(self.model)
             if is_zero3(policy):
                 # The copy is a full replica (made before DeepSpeed partitioned the policy);
@@ -149,12 +152,12 @@ class LossComputer:
 
     def vocab_chunk_size(self) -> int:
         """Rows per chunk of the full-vocabulary terms (``optim.vocab_chunk_size``, or
-        :func:`~trainer.objectives.auto_chunk_size` for this device)."""
+        :func:`~workbench.models.readout.vocab_chunk_rows` for this device)."""
         size = self.cfg.optim.vocab_chunk_size
-        return obj.auto_chunk_size(self.vocab_size, self.device) if size is None else size
+        return vocab_chunk_rows(self.vocab_size, self.device, "loss") if size is None else size
 
     def _vocab_terms(self, think_layers: list[int], teacher_heads: dict[str, torch.nn.Module]):
-        """The per-token function of every full-vocabulary term, for :func:`~trainer.objectives.chunked_rows`.
+        """The per-token function of every full-vocabulary term, for :func:`~trainer.chunked.chunked_rows`.
 
         It reads the policy's logits ``z`` from the final hidden state once per chunk and
         computes from them: log pi_theta of the sampled token and the entropy; OISD's
@@ -172,7 +175,7 @@ class LossComputer:
             z = head(r["final"])  # (m, V) the acting policy's logits
             out = dict(zip(("logp", "entropy"), obj.sampled_token_logprobs(z, r["tokens"], T)))
             for l in think_layers:
-                out["lens", l] = obj.oisd_logit_alignment(lens(r["layer", l]), z.detach(), temperature=T)
+                out["lens", l] = obj.oisd_logit_alignment(lens(r["layer", l], l), z.detach(), temperature=T)
             with torch.no_grad():
                 q = {name: h(r[name]) for name, h in teacher_heads.items()}  # (m, V) each
             if "ref" in q:
@@ -235,7 +238,7 @@ class LossComputer:
             rows_in[name] = self._frozen_hidden(model, sb, rows, hinted)
             heads[name] = self.accelerator.unwrap_model(model).get_output_embeddings()
         with self.accelerator.autocast():
-            vocab = obj.chunked_rows(self._vocab_terms(think_layers, heads), rows_in, self.vocab_chunk_size())
+            vocab = chunked_rows(self._vocab_terms(think_layers, heads), rows_in, self.vocab_chunk_size())
         logp = to_grid(vocab.pop("logp"), mask)  # (b, R)
         ent = to_grid(vocab.pop("entropy"), mask)
         lens = {l: to_grid(vocab.pop(("lens", l)), mask) for l in think_layers}

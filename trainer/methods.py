@@ -3,8 +3,8 @@
 Every method is one :class:`MethodSpec` in :data:`METHODS`: which auxiliary terms it
 has, who its teacher is, whether it keeps the reward term, and its *composer*, a
 function that adds up the pure objective functions of :mod:`trainer.objectives` into
-named, weighted loss terms. Both the built-in loop (:meth:`trainer.loop.Trainer.micro_loss`)
-and any other backend call the same composer on the output of the chunked
+named, weighted loss terms. Both backends call the same composer, through
+:meth:`trainer.loss.LossComputer.micro_loss`, on the output of the chunked
 full-vocabulary pass, so no term has a second copy. The equations, symbols and
 defaults are in ``docs/objectives.md``.
 
@@ -265,6 +265,13 @@ class MethodSpec:
         teacher_term: per-token function ``(z, q, tokens, cfg, T) -> (m,)`` of the student's
             logits z and the teacher's q, computed in the chunked vocabulary pass.
         schedule: ``(cfg, step) -> {metric: weight}``, the step's scheduled weights.
+        reward_term: the loss keeps GRPO's reward term (OPSD's does not).
+        coefficients: the config keys weighting its auxiliary terms; with all of them 0 the
+            method's loss and gradients are GRPO's exactly (tested for every method that has any).
+        baseline: the plain RL baseline the other methods are compared with (run.json's
+            ``baseline``; ``oisd compare`` and the dashboard read it, never the name).
+        config: the bundled config (``configs/<config>.yaml``) the method's name stands for
+            (``--config sdpg``, the demo, the benchmarks); its own name when None.
     """
 
     name: str
@@ -275,6 +282,10 @@ class MethodSpec:
     needs_solution: bool = False
     teacher_term: Callable | None = None
     schedule: Callable[[object, int], dict[str, float]] = lambda cfg, step: {}
+    reward_term: bool = True
+    coefficients: tuple[str, ...] = ()
+    baseline: bool = False
+    config: str | None = None
 
     @property
     def needs_hint(self) -> bool:
@@ -282,8 +293,14 @@ class MethodSpec:
 
     @property
     def needs_frozen_copy(self) -> bool:
-        """The teacher is a frozen copy of the policy, re-synced every ``rlsd.sync_every`` steps."""
+        """The teacher is a frozen copy of the policy, re-synced every :meth:`sync_every` steps;
+        it is part of the trainer state (saved with every checkpoint, restored on resume)."""
         return self.teacher == "frozen_copy_hinted"
+
+    def sync_every(self, cfg) -> int | None:
+        """Steps between re-syncs of the frozen-copy teacher from the policy (``rlsd.sync_every``);
+        None for a method without one."""
+        return cfg.rlsd.sync_every if self.needs_frozen_copy else None
 
     def needs_reference(self, cfg) -> bool:
         """A frozen initial model is kept only when a term uses it."""
@@ -312,18 +329,23 @@ class MethodSpec:
         return self.needs_hint and schedules.get("sched/beta", 1.0) > 0
 
 
+_OISD_COEFS = ("oisd.lambda_logit", "oisd.lambda_attn")
+_SDPG_COEFS = ("sdpg.beta_base", "sdpg.alpha")
+
 METHODS: dict[str, MethodSpec] = {
     s.name: s
     for s in (
-        MethodSpec("grpo", compose_grpo),
-        MethodSpec("oisd", compose_oisd, oisd=True),
+        MethodSpec("grpo", compose_grpo, baseline=True),
+        MethodSpec("oisd", compose_oisd, oisd=True, coefficients=_OISD_COEFS),
+        # SDPG is bundled in two L_K forms; the name stands for the paper's best, ufkl.
         MethodSpec("sdpg", compose_sdpg, sdpg=True, teacher="current_hinted", teacher_term=_sdpg_teacher,
-                   schedule=_sdpg_schedule),
+                   schedule=_sdpg_schedule, coefficients=_SDPG_COEFS, config="sdpg-ufkl"),
         MethodSpec("rlsd", compose_rlsd, teacher="frozen_copy_hinted", teacher_term=_rlsd_teacher,
-                   schedule=_rlsd_schedule),
-        MethodSpec("opsd", compose_opsd, teacher="initial_hinted", needs_solution=True, teacher_term=_opsd_teacher),
+                   schedule=_rlsd_schedule, coefficients=("rlsd.lambda_init",)),
+        MethodSpec("opsd", compose_opsd, teacher="initial_hinted", needs_solution=True, teacher_term=_opsd_teacher,
+                   reward_term=False),
         MethodSpec("oisd+sdpg", compose_oisd_sdpg, oisd=True, sdpg=True, teacher="current_hinted",
-                   teacher_term=_sdpg_teacher, schedule=_sdpg_schedule),
+                   teacher_term=_sdpg_teacher, schedule=_sdpg_schedule, coefficients=_OISD_COEFS + _SDPG_COEFS),
     )
 }
 METHOD_NAMES = tuple(METHODS)

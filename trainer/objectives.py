@@ -15,7 +15,7 @@ Conventions (shared by every function):
   per token (RLSD's ``A_hat``). They are always treated as constants (``SG[A]``).
 - Teachers are always detached (``SG[.]``) inside the function, so a caller cannot
   leak gradient into a teacher by forgetting to.
-- Divergences come from :mod:`workbench.divergence` (float32, ``-inf``-safe).
+- Divergences come from :mod:`workbench.measures.divergence` (float32, ``-inf``-safe).
 
 Papers: GRPO (arXiv 2402.03300), DAPO (arXiv 2503.14476), Dr. GRPO (arXiv
 2503.20783), dual-clip PPO (arXiv 1912.09729), OISD (arXiv 2605.29089), SDPG
@@ -25,15 +25,14 @@ Papers: GRPO (arXiv 2402.03300), DAPO (arXiv 2503.14476), Dr. GRPO (arXiv
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from workbench.divergence import js_divergence, student_divergence
 from workbench.errors import ConfigError
+from workbench.measures.divergence import js_divergence, student_divergence
 
 ScaleRewards = Literal["group", "batch", "none"]
 LossType = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
@@ -713,79 +712,6 @@ def sampled_token_logprobs(
         # Finite log-probs (finite logits): H = -<p, log p> in one pass, no 0 log 0 guard.
         ent = -(log_probs.exp() * log_probs).sum(-1)
     return selected, ent
-
-
-ChunkInputs = dict[object, torch.Tensor]  # keyed by any hashable name
-
-
-def chunked_rows(
-    fn: Callable[[ChunkInputs], ChunkInputs],
-    inputs: ChunkInputs,
-    chunk_size: int,
-) -> ChunkInputs:
-    """``fn(inputs)`` over row chunks, so that no ``(n, V)`` tensor is kept for backward.
-
-    Every full-vocabulary term (the policy's log-probs, OISD's JSD, SDPG's reverse KL,
-    OPSD's JSD, a teacher's log-probs) is a per-token function of a few ``(n, d)``
-    hidden states. ``fn`` maps a chunk of those rows to per-row outputs, reading the
-    ``(m, V)`` logits out inside. Each chunk of ``chunk_size`` rows runs under
-    ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the forward keeps
-    only the chunk's ``(m, d)`` inputs and its ``(m,)`` outputs, and backward recomputes
-    the chunk's logits. Peak extra memory is then a few ``(chunk, V)`` float32
-    tensors instead of several ``(n, V)`` ones, and values and gradients equal the
-    unchunked ``fn(inputs)`` (tested); the price is one more read-out per chunk in
-    backward.
-
-    ``fn`` must be per-row (row ``i`` of an output depends on row ``i`` of the inputs
-    only) and may compute teacher logits inside under ``torch.no_grad()``, so that a
-    teacher's ``(n, V)`` logits never exist either.
-
-    Args:
-        fn: ``{name: (m, ...)} -> {name: (m,)}``.
-        inputs: tensors with the same first dimension ``n``.
-        chunk_size: rows per chunk; ``0`` runs ``fn`` once on all rows without
-            checkpointing (faster when the ``(n, V)`` tensors fit in memory).
-
-    Returns:
-        ``{name: (n,)}``, the chunks' outputs concatenated.
-    """
-    if chunk_size < 0:
-        raise ConfigError(f"chunk_size must be >= 0 (0 = no chunking); got {chunk_size}")
-    sizes = {k: v.shape[0] for k, v in inputs.items()}
-    if len(set(sizes.values())) > 1:
-        raise ValueError(f"chunked inputs must share their first dimension; got {sizes}")
-    n = next(iter(sizes.values()), 0)
-    if chunk_size == 0 or n <= chunk_size:
-        return fn(inputs)
-    names = list(inputs)
-
-    def run_chunk(*rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        return fn(dict(zip(names, rows)))
-
-    parts = []
-    for start in range(0, n, chunk_size):
-        rows = [inputs[k][start : start + chunk_size] for k in names]
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(run_chunk, *rows, use_reentrant=False))
-        else:
-            parts.append(run_chunk(*rows))
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
-#: Numbers per ``(chunk, V)`` float32 tensor that :func:`auto_chunk_size` aims for. On CPU,
-#: 32 MiB: glibc serves larger blocks with fresh ``mmap`` pages on every allocation (its
-#: threshold cannot exceed 32 MiB), so each pass over a larger tensor also pays its page
-#: faults (measured: elementwise passes 2-4x slower at 110+ rows of a 151,936 vocabulary
-#: than at 55). On CUDA, 128 MiB: the caching allocator reuses blocks, and larger
-#: chunks make larger matrix products.
-CHUNK_BUDGET = {"cpu": 1 << 23, "cuda": 1 << 25}
-
-
-def auto_chunk_size(vocab_size: int, device: str | torch.device = "cpu") -> int:
-    """Rows per chunk so that one ``(rows, V)`` float32 tensor holds
-    ``CHUNK_BUDGET[device type]`` numbers: the chunk :func:`chunked_rows` uses when none is set."""
-    kind = torch.device(device).type
-    return max(1, CHUNK_BUDGET.get(kind, CHUNK_BUDGET["cuda"]) // max(1, vocab_size))
 
 
 # --------------------------------------------------------------------------- helpers

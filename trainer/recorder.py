@@ -22,7 +22,7 @@ import torch
 
 from trainer.config import TrainConfig, config_to_dict
 from trainer.setup import TrainSetup
-from workbench.models import first_line
+from workbench.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +36,12 @@ class RunRecorder:
         resume: continue a run (metrics and probe rows after ``resume_step`` are dropped).
         resume_step: the step of the checkpoint training continues from; -1 when
             resuming without a checkpoint (every logged row is dropped).
-        facts: backend facts recorded in run.json beside the shared ones (``backend``,
-            its version, the distributed launch).
+        facts: facts of the backend recorded in run.json beside the shared ones (the backend
+            itself, the processes, the layer count): e.g. ``trl_version``.
     """
 
     def __init__(self, cfg: TrainConfig, setup: TrainSetup, *, resume: bool, resume_step: int, facts: dict):
-        from workbench.runwriter import RunWriter
+        from workbench.storage.runwriter import RunWriter
 
         self.cfg, self.setup = cfg, setup
         self.main = setup.accelerator.is_main_process
@@ -56,7 +56,8 @@ class RunRecorder:
         acc = setup.accelerator
         # Resolved facts every reader needs, so none of them re-derives them from the config.
         self.writer.record(num_layers=setup.num_layers, oisd_layers=setup.oisd_layers,
-                           probe_max_new_tokens=cfg.rollout.max_new_tokens,
+                           probe_max_new_tokens=cfg.rollout.max_new_tokens, backend=cfg.backend,
+                           baseline=cfg.spec.baseline, answer_check=setup.task.answer_check,
                            distributed={"type": acc.distributed_type.value.lower(),
                                         "processes": acc.num_processes}, **facts)
         self.tensorboard = _tensorboard(cfg, setup.run_dir)
@@ -85,8 +86,11 @@ class RunRecorder:
         if not self.main and not every_process:
             return {}
         from trainer.evaluate import evaluate
-        from workbench.compare import probe_summary, report_layers
-        from workbench.probe_runner import run_builtin_probes, sample_probe_completions
+        import pandas as pd
+
+        from workbench.analysis.early_exit import Verifier, exit_rows
+        from workbench.analysis.probe_runner import eager_attention, run_builtin_probes, sample_probe_completions
+        from workbench.measures.summary import probe_summary, report_layers
 
         cfg, s, out = self.cfg, self.setup, {}
         tok = s.tokenizer
@@ -111,6 +115,14 @@ class RunRecorder:
             df = run_builtin_probes(model, tok, records, run=s.run_dir.name, step=step, greedy=cfg.probe.greedy,
                                     chunk_size=cfg.probe.chunk_size, max_new_tokens=cfg.rollout.max_new_tokens,
                                     samples=samples)
+            if s.exit_layers:  # the task's own verifier; the analyzer checks against the references
+                verifier = Verifier(correct=lambda record, text: s.task.reward(
+                    text, self._probe_examples[int(record["index"])]) > 0, answer=s.task.extract_answer)
+                model.eval()
+                with eager_attention(model):  # as the greedy probes decode
+                    exits = exit_rows(model, tok, records, s.exit_layers, verify=verifier, run=s.run_dir.name,
+                                      step=step, source="probe", max_new_tokens=cfg.rollout.max_new_tokens)
+                df = pd.concat([df, exits], ignore_index=True)
             if self.main:
                 self.writer.log_probes(df)
                 out.update(probe_summary(df, report_layers(s.oisd_layers, s.num_layers)))
@@ -138,7 +150,7 @@ class RunRecorder:
         ones beyond ``keep_last`` pruned. Main process only: the caller syncs processes."""
         if not self.main:
             return
-        from workbench.checkpoints import write_checkpoint
+        from workbench.storage.checkpoints import write_checkpoint
 
         write_checkpoint(self.setup.run_dir, step, save, keep_last=self.cfg.keep_last)
 
@@ -146,15 +158,17 @@ class RunRecorder:
         """The run is finished. Every process calls it: with several processes, run.json's
         ``distributed.weight_spread`` records how far apart the processes' weights ended
         (:func:`~trainer.distributed.weight_spread` of the unwrapped policy ``model``;
-        0.0 when data parallelism kept them identical, as it must)."""
-        from trainer.distributed import weight_spread
+        0.0 when data parallelism kept them identical, as it must; null under ZeRO-3, with
+        ``weight_spread_note`` saying why)."""
+        from trainer.distributed import ZERO3_SPREAD_NOTE, weight_spread
 
         acc = self.setup.accelerator
         spread = weight_spread(model, acc.device) if acc.num_processes > 1 else 0.0
         if self.writer is not None:
             if acc.num_processes > 1:
-                self.writer.record(distributed={**self.writer.info["distributed"], "weight_spread": spread})
-                if spread > 0:
+                facts = {"weight_spread": spread} | ({"weight_spread_note": ZERO3_SPREAD_NOTE} if spread is None else {})
+                self.writer.record(distributed={**self.writer.info["distributed"], **facts})
+                if spread:
                     log.warning("the %d processes ended with different weights (fingerprint spread %.3g): their "
                                 "gradients were not synchronised", acc.num_processes, spread)
             self.writer.set_status("finished")
@@ -180,6 +194,6 @@ def _tensorboard(cfg: TrainConfig, run_dir: Path):
     except ImportError:
         log.warning("logging.tensorboard is on but tensorboard is not installed (pip install 'oisd-workbench[tensorboard]')")
         return None
-    from workbench.runstore import RunPaths
+    from workbench.storage.paths import RunPaths
 
     return SummaryWriter(str(RunPaths(run_dir).events))

@@ -8,10 +8,11 @@ imports the other; this module picks one.
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
-from trainer.config import TrainConfig
+from trainer.config import BACKENDS, SHARDING_BACKENDS, TrainConfig
 from trainer.distributed import close_processes
 from workbench.errors import ConfigError
 
@@ -42,20 +43,14 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     from trainer.setup import prepare
 
     sharding = sharded_launch()
-    if sharding and cfg.backend != "trl":
-        raise ConfigError(f"backend 'builtin' runs plain data parallel only; this {sharding} launch needs "
-                          "--backend trl (TRL's trainer shards the model)")
+    if sharding and cfg.backend not in SHARDING_BACKENDS:
+        raise ConfigError(f"backend '{cfg.backend}' runs plain data parallel only; this {sharding} launch needs "
+                          f"--backend {SHARDING_BACKENDS[0]} (TRL's trainer shards the model)")
     setup = prepare(cfg, resume=resume)  # validates everything before any work
     if sharding == "FSDP" and setup.accelerator.distributed_type.name != "FSDP":
         raise ConfigError("this FSDP launch would run as plain data parallel: accelerate shards with FSDP only "
                           f"on GPUs (here: {setup.accelerator.distributed_type.value}); on CPU launch without FSDP")
-    if cfg.backend == "trl":
-        from trainer.trl_backend import train_trl
-
-        run_dir = train_trl(cfg, setup, resume=resume)
-    else:
-        from trainer.loop import train_builtin
-
-        run_dir = train_builtin(cfg, setup, resume=resume)
+    module, _, function = BACKENDS[cfg.backend].partition(":")
+    run_dir = getattr(importlib.import_module(module), function)(cfg, setup, resume=resume)
     close_processes()  # only once every process got here: a failed run raises past it
     return run_dir

@@ -9,15 +9,15 @@ that is not one, a run folder that already holds a run.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from trainer.tasks.base import Task
 from trainer.config import TrainConfig
+from trainer.tasks.base import Task
 from workbench.errors import ConfigError, DataError
-from workbench.runstore import is_run_folder
+from workbench.storage.paths import is_run_folder
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ class TrainSetup:
     num_layers: int  # L, decoder blocks
     oisd_layers: list[int]  # S, resolved block indices (empty unless OISD is on)
     run_dir: Path
-    probe_records: list[dict]  # the fixed probe set (workbench.probe_runner.make_probe_set)
+    probe_records: list[dict]  # the fixed probe set (workbench.analysis.probe_runner.make_probe_set)
+    exit_layers: list[int] = field(default_factory=list)  # probe.exit_layers resolved (empty: no early exit)
 
 
 def resolve_layers(spec: list, num_layers: int, key: str = "oisd.layers") -> list[int]:
@@ -133,13 +134,16 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> TrainSetup:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from workbench.probe_runner import make_probe_set
-    from workbench.models import load_model_and_tokenizer, load_model_config
+    from workbench.analysis.early_exit import resolve_exit_layers
+    from workbench.analysis.probe_runner import make_probe_set
+    from workbench.models.loading import load_model_and_tokenizer, load_model_config
 
     hf_cfg = load_model_config(cfg.model.path)  # cheap: the folder is checked first
     L = int(hf_cfg.num_hidden_layers)
     spec = cfg.spec
     oisd_layers = resolve_layers(cfg.oisd.layers, L) if spec.oisd else []
+    exit_layers = (resolve_exit_layers(cfg.probe.exit_layers, L, oisd_layers, key="probe.exit_layers")
+                   if cfg.probe.exit_layers else [])
     accelerator = Accelerator(mixed_precision=cfg.precision.mixed, cpu=not torch.cuda.is_available())
     check_batch(cfg, accelerator.num_processes)
     task = build_task(cfg)
@@ -180,4 +184,5 @@ def prepare(cfg: TrainConfig, *, resume: bool = False) -> TrainSetup:
         reference, _ = load_model_and_tokenizer(cfg.model.path, dtype=cfg.model.dtype,
                                                 attn_implementation=cfg.model.attn_implementation)
         reference.to(accelerator.device).eval().requires_grad_(False)
-    return TrainSetup(accelerator, model, tokenizer, reference, task, L, oisd_layers, run_dir, probe_records)
+    return TrainSetup(accelerator, model, tokenizer, reference, task, L, oisd_layers, run_dir, probe_records,
+                      exit_layers)

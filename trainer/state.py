@@ -1,9 +1,10 @@
 """Trainer state inside a checkpoint, and loading it back for ``--resume``.
 
-A checkpoint folder (written atomically by :func:`workbench.checkpoints.write_checkpoint`,
+A checkpoint folder (written atomically by :func:`workbench.storage.checkpoints.write_checkpoint`,
 manifest last) holds the HF model (``save_pretrained``: config + safetensors), the
 tokenizer, and ``trainer_state.pt``: optimizer, scheduler, step, RNG states, the data
-position, the non-finite counter, and RLSD's frozen teacher when there is one.
+position, the non-finite counter, and the frozen teacher when the method has one (RLSD's
+frozen copy: :func:`save_frozen_teacher`, also written into the TRL backend's checkpoints).
 
 Randomness of rollouts and the prompt order are stateless functions of (seed, step)
 (see :mod:`trainer.batching`), so the step alone fixes the data position; RNG states
@@ -22,7 +23,28 @@ from safetensors.torch import load_file, save_file
 from workbench.errors import CheckpointError
 
 STATE_FILE = "trainer_state.pt"
-TEACHER_FILE = "rlsd_teacher.safetensors"
+#: The frozen teacher's weights in a checkpoint (a method whose ``MethodSpec.needs_frozen_copy``).
+TEACHER_FILE = "frozen_teacher.safetensors"
+_OLD_TEACHER_FILE = "rlsd_teacher.safetensors"  # checkpoints written before 2026-12-06
+
+
+def save_frozen_teacher(teacher: torch.nn.Module, folder: Path) -> None:
+    """The frozen teacher's weights into ``folder`` (``TEACHER_FILE``), as they are now."""
+    sd = {k: v.detach().contiguous().cpu() for k, v in teacher.state_dict().items()}
+    save_file(_untie(sd), str(Path(folder) / TEACHER_FILE))
+
+
+def load_frozen_teacher(teacher: torch.nn.Module, folder: Path, device: torch.device | str) -> None:
+    """Restore the frozen teacher saved in ``folder`` by :func:`save_frozen_teacher`.
+
+    Raises:
+        CheckpointError: the checkpoint has no teacher, or it does not fit the model.
+    """
+    folder = Path(folder)
+    path = next((folder / name for name in (TEACHER_FILE, _OLD_TEACHER_FILE) if (folder / name).is_file()), None)
+    if path is None:
+        raise CheckpointError(f"checkpoint '{folder}' has no {TEACHER_FILE} (needed by the frozen teacher)")
+    _load_weights(teacher, _load_tensors(path, torch.device(device)), folder)
 
 
 def save_checkpoint_fn(tr, step: int):
@@ -47,8 +69,7 @@ def save_checkpoint_fn(tr, step: int):
         }
         torch.save(state, folder / STATE_FILE)
         if tr.loss.frozen_teacher is not None:
-            sd = {k: v.detach().contiguous().cpu() for k, v in tr.loss.frozen_teacher.state_dict().items()}
-            save_file(_untie(sd), str(folder / TEACHER_FILE))
+            save_frozen_teacher(tr.loss.frozen_teacher, folder)
 
     return save
 
@@ -117,8 +138,5 @@ def load_trainer_state(tr, folder: Path) -> int:
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     if tr.loss.frozen_teacher is not None:
-        teacher = folder / TEACHER_FILE
-        if not teacher.is_file():
-            raise CheckpointError(f"checkpoint '{folder}' has no {TEACHER_FILE} (needed by the frozen teacher)")
-        _load_weights(tr.loss.frozen_teacher, _load_tensors(teacher, tr.device), folder)
+        load_frozen_teacher(tr.loss.frozen_teacher, folder, tr.device)
     return int(state["step"])

@@ -36,9 +36,10 @@ from pathlib import Path
 import torch
 
 from trainer.batching import scored_positions
+from trainer.config import OPTIMIZERS
 from trainer.loss import LossComputer, StepBatch
 from trainer.recorder import RunRecorder
-from trainer.schedule import warmup_schedule
+from trainer.lr_warmup import warmup_schedule
 from workbench.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -85,12 +86,24 @@ class SelfDistillGRPOTrainer(GRPOTrainer):
                                                 reference=reference, oisd_layers=oisd_layers)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """The built-in backend's warm-up (:func:`trainer.schedule.warmup_schedule`), not HF's
+        """The built-in backend's warm-up (:func:`trainer.lr_warmup.warmup_schedule`), not HF's
         ``constant_with_warmup``, whose first update runs at rate 0."""
         if self.lr_scheduler is None:
             self.lr_scheduler = warmup_schedule(optimizer or self.optimizer, self.workbench_config.optim.warmup_steps)
             self._created_lr_scheduler = True
         return self.lr_scheduler
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        """TRL's checkpoint (``trl/checkpoint-N``) also holds the frozen teacher, when the
+        method has one (``MethodSpec.needs_frozen_copy``), before ``trainer_state.json``, which
+        HF writes last: a resume restores it as the built-in backend's does
+        (:func:`trainer.state.load_frozen_teacher`), not the start model until the next sync."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        teacher = self.loss_computer.frozen_teacher
+        if teacher is not None and self.args.should_save:
+            from trainer.state import save_frozen_teacher
+
+            save_frozen_teacher(teacher, Path(output_dir))
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
@@ -190,7 +203,8 @@ def build_grpo_config(cfg, output_dir: Path, num_processes: int) -> GRPOConfig:
         epsilon_high=cfg.grpo.eps_high, scale_rewards=cfg.grpo.scale_rewards,
         learning_rate=cfg.optim.lr, adam_beta1=cfg.optim.beta1, adam_beta2=cfg.optim.beta2,
         weight_decay=cfg.optim.weight_decay, max_grad_norm=cfg.optim.max_grad_norm,
-        lr_scheduler_type="constant_with_warmup", warmup_steps=cfg.optim.warmup_steps, optim="adamw_torch",
+        # TRL validates a scheduler name; create_scheduler above replaces the schedule it names.
+        lr_scheduler_type="constant_with_warmup", warmup_steps=cfg.optim.warmup_steps, optim=OPTIMIZERS[cfg.optim.name],
         logging_steps=1, save_strategy="steps", save_steps=cfg.checkpoint_every, save_total_limit=cfg.keep_last,
         report_to="none", disable_tqdm=not cfg.logging.progress, log_completions=False,
         remove_unused_columns=False, shuffle_dataset=True, dataloader_num_workers=0,
@@ -261,7 +275,11 @@ class RunFolderCallback(TrainerCallback):
     def _checkpoint(self, step: int) -> None:
         """``checkpoints/step-N``: full HF weights. Under ZeRO-3 every process takes part
         in ``accelerator.get_state_dict`` (it gathers the shards; only the main process
-        receives them) and the main process writes them."""
+        receives them) and the main process writes them. A LoRA policy (``trl.lora_r``) is
+        written merged, its adapter in ``step-N/adapter/``, so that every reader (``oisd
+        probe``, drift, ``oisd eval``) opens a full model; the live adapters stay unmerged."""
+        from accelerate.utils import is_peft_model
+
         from trainer.distributed import is_zero3
 
         trainer = self.trainer_ref()
@@ -269,7 +287,14 @@ class RunFolderCallback(TrainerCallback):
         state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped) if is_zero3(model) else None
 
         def save(folder):
-            model.save_pretrained(folder, state_dict=state_dict)
+            if is_peft_model(model):
+                from workbench.models.adapters import merged_lora_state_dict
+
+                full = merged_lora_state_dict(model, state_dict)
+                model.get_base_model().save_pretrained(folder, state_dict=full)
+                model.save_pretrained(Path(folder) / "adapter", state_dict=state_dict)
+            else:
+                model.save_pretrained(folder, state_dict=state_dict)
             tok.save_pretrained(folder)
 
         self.recorder.checkpoint(step, save)
@@ -303,6 +328,17 @@ def task_data(cfg, task) -> tuple:
     return dataset, funcs
 
 
+def last_complete_checkpoint(trl_dir: Path) -> str | None:
+    """The newest of TRL's ``checkpoint-N`` folders that was written to the end (HF writes its
+    ``trainer_state.json`` last; a process killed while writing leaves a folder without it,
+    from which TRL's resume would fail); None when there is none."""
+    if not trl_dir.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in trl_dir.iterdir()
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "trainer_state.json").is_file()]
+    return str(max(found)[1]) if found else None
+
+
 def train_trl(cfg, setup, *, resume: bool = False) -> Path:
     """The TRL backend (``backend: trl``): train ``cfg`` with TRL's ``GRPOTrainer`` into the
     same run folder as the built-in backend. Called by :func:`trainer.run.train` after
@@ -314,9 +350,8 @@ def train_trl(cfg, setup, *, resume: bool = False) -> Path:
     import weakref
 
     from transformers import PrinterCallback
-    from transformers.trainer_utils import get_last_checkpoint
 
-    from workbench.runstore import is_run_folder
+    from workbench.storage.paths import is_run_folder
 
     setup.model.config.use_cache = True  # TRL's generate decodes with a KV cache
     acc = setup.accelerator
@@ -333,7 +368,7 @@ def train_trl(cfg, setup, *, resume: bool = False) -> Path:
                                  target_modules=cfg.trl.lora_target_modules, task_type="CAUSAL_LM")
     resume_from, resume_step = None, -1
     if resume:
-        resume_from = get_last_checkpoint(str(trl_dir)) if trl_dir.is_dir() else None
+        resume_from = last_complete_checkpoint(trl_dir)
         if resume_from is not None:
             resume_step = int(re.search(r"checkpoint-(\d+)$", resume_from).group(1))
             log.info("resuming %s from TRL's %s (step %d)", setup.run_dir, Path(resume_from).name, resume_step)
@@ -346,8 +381,12 @@ def train_trl(cfg, setup, *, resume: bool = False) -> Path:
                                      processing_class=setup.tokenizer, peft_config=peft_config,
                                      workbench_config=cfg, reference=setup.reference, oisd_layers=setup.oisd_layers)
     trainer.remove_callback(PrinterCallback)
+    if resume_from is not None and trainer.loss_computer.frozen_teacher is not None:
+        from trainer.state import load_frozen_teacher
+
+        load_frozen_teacher(trainer.loss_computer.frozen_teacher, Path(resume_from), trainer.accelerator.device)
     recorder = RunRecorder(cfg, setup, resume=resume, resume_step=resume_step,
-                           facts={"backend": "trl", "trl_version": trl_version()})
+                           facts={"trl_version": trl_version()})
     trainer.add_callback(RunFolderCallback(recorder, weakref.ref(trainer), new_run=not resume))
     try:
         trainer.train(resume_from_checkpoint=resume_from)

@@ -31,7 +31,7 @@ from trainer.presets import PRESETS, preset_config
 from trainer.tasks import ArithmeticTask
 from trainer.tokenizer import build_char_tokenizer
 from workbench.errors import ConfigError
-from workbench.runstore import RunPaths
+from workbench.storage.paths import WARMSTART_DIR, RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class WarmstartConfig:
     """Warm start settings (``oisd warmstart --help`` documents the flags)."""
 
     preset: str = "tiny"
-    out: str = "runs/warmstart-tiny"
+    out: str = WARMSTART_DIR
     steps: int = 220
     batch_size: int = 64
     lr: float = 3e-3

@@ -1,6 +1,6 @@
 """The notebook API: run folders as pandas DataFrames.
 
-A thin layer over :mod:`workbench.runstore` for Jupyter::
+A thin layer over :mod:`workbench.storage.runstore` for Jupyter::
 
     from workbench.api import runs, metrics, probes, analyze, analysis
 
@@ -11,7 +11,7 @@ A thin layer over :mod:`workbench.runstore` for Jupyter::
     analysis("runs/oisd-tiny", kind="metrics")      # read its tables
     experiment("runs/demo", ["grpo", "oisd"], seeds=[0, 1])   # warm start + runs + probing
 
-Every function takes a :class:`~workbench.runstore.Run` or a path. Importing this
+Every function takes a :class:`~workbench.storage.runstore.Run` or a path. Importing this
 module is cheap (no torch, no TransformerLens): :func:`analyze` imports the analyzer
 and :func:`experiment` the trainer when they are called (this module is an entry
 point, like the command line: the only place the analysis side reaches the trainer).
@@ -29,10 +29,11 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from workbench.errors import WorkbenchError
-from workbench.runstore import BrokenRun, Run, RunPaths, is_run_folder, list_runs, run_summary
+from workbench.storage.paths import WARMSTART_DIR, RunPaths, is_run_folder, run_name
+from workbench.storage.runstore import BrokenRun, Run, list_runs, run_summary
 
 if TYPE_CHECKING:
-    from workbench.analyzer import ProbeReport
+    from workbench.analysis.analyzer import ProbeReport
 
 __all__ = ["load_run", "runs", "metrics", "probes", "analyze", "analysis", "experiment", "Experiment"]
 
@@ -56,7 +57,7 @@ def _run(run: RunLike) -> Run:
 def runs(root: str | os.PathLike) -> pd.DataFrame:
     """One row per run under ``root`` (``root`` itself if it is a run).
 
-    Columns (from :func:`workbench.runstore.run_summary`, as the dashboard's Runs table):
+    Columns (from :func:`workbench.storage.runstore.run_summary`, as the dashboard's Runs table):
     ``name, method, status, live, steps`` (the last step the run reached: its last logged
     step, or an analysis folder's last checkpoint), ``last_step`` (the last logged step;
     None when nothing is logged), ``checkpoints`` (complete step folders, sizes checked,
@@ -93,13 +94,13 @@ def analysis(run: RunLike, kind: str = "metrics") -> pd.DataFrame:
 
 
 def analyze(run: RunLike, **kwargs) -> ProbeReport:
-    """Run the TransformerLens analyzer on a run (:func:`workbench.analyzer.probe_run`, what
+    """Run the TransformerLens analyzer on a run (:func:`workbench.analysis.analyzer.probe_run`, what
     ``oisd probe`` does): writes ``analysis/``, which :func:`analysis` reads.
 
     Keyword arguments (``device``, ``dtype``, ``force``, ``detail_prompts``,
     ``progress``, ...) are passed through.
     """
-    from workbench.analyzer import probe_run
+    from workbench.analysis.analyzer import probe_run
 
     path = run.path if isinstance(run, Run) else run
     return probe_run(path, **kwargs)
@@ -109,8 +110,6 @@ def analyze(run: RunLike, **kwargs) -> ProbeReport:
 # Experiments: a warm start and a grid of (method, seed) runs, made or reused
 # ---------------------------------------------------------------------------
 
-# Bundled config of each method the demo and notebooks name by method.
-CONFIG_OF = {"sdpg": "sdpg-ufkl"}
 
 
 @dataclass
@@ -164,7 +163,7 @@ def experiment(
     methods: Sequence[str | tuple[str, str, Sequence[str]]] = ("grpo", "oisd", "sdpg"),
     seeds: Sequence[int] = (0, 1),
     *,
-    warmstart: str | os.PathLike = "runs/warmstart-tiny",
+    warmstart: str | os.PathLike = WARMSTART_DIR,
     overrides: Sequence[str] = (),
     probe: bool = True,
     workers: int | None = None,
@@ -179,7 +178,7 @@ def experiment(
     resumes from its newest checkpoint, an analysed checkpoint is skipped. Every config
     is validated before the first minute of work. Runs are named ``<label>-seed<seed>``
     under ``root``. Each entry of ``methods`` is a method name (its bundled config,
-    :data:`CONFIG_OF`), a bundled config name, or ``(label, config, overrides)`` for a
+    ``sdpg`` stands for ``sdpg-ufkl``), a bundled config name, or ``(label, config, overrides)`` for a
     variant, e.g. ``("oisd-positive", "oisd", ["oisd.weight=positive"])``.
 
     Args:
@@ -195,7 +194,7 @@ def experiment(
         progress: one progress bar per stage.
         warmstart_options: :class:`~trainer.warmstart.WarmstartConfig` fields for a new
             warm start (``steps``, ``eval_n``, ...).
-        probe_options: :func:`~workbench.analyzer.probe_run` keywords (``detail_prompts``,
+        probe_options: :func:`~workbench.analysis.analyzer.probe_run` keywords (``detail_prompts``,
             ``greedy``, ``device``, ...).
 
     Returns:
@@ -215,9 +214,9 @@ def experiment(
     root_p, ws = Path(root), Path(warmstart)
     configs = {}
     for entry in methods:
-        label, name, own = (entry, CONFIG_OF.get(entry, entry), []) if isinstance(entry, str) else entry
+        label, name, own = (entry, entry, []) if isinstance(entry, str) else entry
         for seed in seeds:
-            run_dir = root_p / f"{label}-seed{seed}"
+            run_dir = root_p / run_name(label, seed)
             cfg = load_config(name, [*overrides, *own, f"model.path={ws}", f"seed={seed}", f"run_dir={run_dir}",
                                      "logging.progress=false"])
             configs[(label, seed)] = cfg
@@ -270,7 +269,7 @@ def experiment(
 
     t0 = time.time()
     if probe:
-        from workbench.analyzer import probe_run
+        from workbench.analysis.analyzer import probe_run
 
         for run_dir in tqdm(exp.run_dirs, desc="probe", unit="run", disable=not progress, dynamic_ncols=True):
             report = probe_run(run_dir, **{"progress": False, **(probe_options or {})})

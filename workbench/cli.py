@@ -16,7 +16,8 @@ import sys
 
 from workbench import __version__
 from workbench.errors import ConfigError, WorkbenchError
-from workbench.schema import DEFAULT_PROBE_MAX_NEW_TOKENS
+from workbench.storage.paths import WARMSTART_DIR
+from workbench.storage.schema import DEFAULT_PROBE_MAX_NEW_TOKENS
 
 EPILOG = "Docs: README.md. Every subcommand has --help."
 
@@ -35,11 +36,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.help_config:
         print("\n".join(describe_config()))
         return 0
-    cfg = load_config(args.config, args.set)
-    if args.run_dir:
-        cfg.run_dir = args.run_dir
-    if args.backend:
-        cfg.backend = args.backend
+    # --run-dir and --backend are config keys: validated (one line naming the key) like any --set.
+    flags = [f"run_dir={args.run_dir}"] * bool(args.run_dir) + [f"backend={args.backend}"] * bool(args.backend)
+    cfg = load_config(args.config, [*args.set, *flags])
     from trainer.run import train
 
     train(cfg, resume=args.resume)
@@ -47,7 +46,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from workbench.external import (
+    from workbench.analysis.external import (
         check_inputs,
         check_probe_args,
         load_prompts,
@@ -61,7 +60,7 @@ def _cmd_probe(args: argparse.Namespace) -> int:
                      n_prompts=args.n_prompts, dtype=args.dtype, device=args.device)
     sources = check_inputs(args.paths, args.out)
     if args.base is not None:  # the start weights drift is measured from: a model folder
-        from workbench.models import require_model_folder
+        from workbench.models.loading import require_model_folder
 
         require_model_folder(args.base)
     external = [s for s in sources if s.kind != "run"]
@@ -83,12 +82,12 @@ def _cmd_probe(args: argparse.Namespace) -> int:
             prompts = [{"prompt": e.prompt, "reference": e.reference} for e in examples[: args.n_prompts]]
         length = args.max_new_tokens or DEFAULT_PROBE_MAX_NEW_TOKENS
         plans = {id(s): plan_analysis_folder(s, args.out, prompts, chat_template=args.chat_template,
-                                             max_new_tokens=length) for s in external}
+                                             max_new_tokens=length, base=args.base) for s in external}
         note = reference_note(prompts)
         if note:
             print(note)
 
-    from workbench.analyzer import probe_run
+    from workbench.analysis.analyzer import probe_run
 
     failed = 0
     for source in sources:
@@ -98,7 +97,9 @@ def _cmd_probe(args: argparse.Namespace) -> int:
             plan = plans[id(source)]
             folder, length = write_analysis_folder(plan), plan.max_new_tokens
         report = probe_run(folder, device=args.device, dtype=args.dtype, force=args.force,
-                           detail_prompts=args.detail_prompts, max_new_tokens=length, base=args.base)
+                           detail_prompts=args.detail_prompts, max_new_tokens=length, base=args.base,
+                           exit=args.exit or bool(args.exit_layers), exit_layers=args.exit_layers,
+                           learned_lens=args.learned_lens, patch=args.patch)
         print(report)
         failed += len(report.skipped)
     if failed:  # a checkpoint that could not be analysed is a failure, said in the last line
@@ -110,9 +111,10 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from app.launch import launch
+    from app.launch import DEFAULT_HOST, DEFAULT_PORT, launch
 
-    return launch(args.runs_root, host=args.host, port=args.port, headless=args.headless)
+    return launch(args.runs_root, host=args.host or DEFAULT_HOST, port=args.port or DEFAULT_PORT,
+                  headless=args.headless)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -134,6 +136,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     evaluate_cli(args)
     return 0
+
+
+def _layer(text: str) -> int | float:
+    """A layer argument: a block index (``6``) or a depth fraction (``0.25``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a block index or a depth fraction") from None
+    return int(value) if value.is_integer() and value >= 1 else value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -159,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Supervised warm start on the embedded arithmetic task, with a share of "
                        "hinted (privileged-context) examples. Writes an HF folder (safetensors + tokenizer).")
     p.add_argument("--preset", default="tiny", help="model preset: tiny | small (default tiny)")
-    p.add_argument("--out", default="runs/warmstart-tiny", help="output model folder")
+    p.add_argument("--out", default=WARMSTART_DIR, help="output model folder")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the preset's budget)")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
@@ -178,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config key, e.g. --set oisd.lambda_attn=0.2 (repeatable)")
     p.add_argument("--run-dir", default=None, help="run folder (overrides run_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
-    p.add_argument("--backend", choices=["builtin", "trl"], default=None,
-                   help="trainer (overrides `backend`): the built-in loop or TRL's GRPOTrainer")
+    p.add_argument("--backend", default=None,
+                   help="trainer (overrides `backend`; --help-config lists the choices): the built-in loop or TRL's "
+                   "GRPOTrainer")
     p.add_argument("--help-config", action="store_true", help="print every config key with its default")
     p.set_defaults(func=_cmd_train)
 
@@ -199,18 +211,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="re-analyse checkpoints already analysed")
     p.add_argument("--detail-prompts", type=int, default=4, help="probe prompts kept in per-prompt detail")
     p.add_argument("--base", default=None,
-                   help="model folder that weight drift is measured from (default: the run's start model, "
+                   help="the start model: weight drift is measured from it, and LoRA adapter checkpoints are "
+                        "merged onto it (default: the run's start model, the adapters' base_model_name_or_path, "
                         "else the first checkpoint)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="greedy completion length (default: a run's own; "
                    f"{DEFAULT_PROBE_MAX_NEW_TOKENS} for other inputs)")
+    p.add_argument("--exit", action="store_true",
+                   help="early exit: task accuracy of greedy decoding from block l through the final norm and head "
+                        "(exit_accuracy, exit_agree, exit_length); one greedy decode per exit layer")
+    p.add_argument("--exit-layers", nargs="+", type=_layer, default=None, metavar="L",
+                   help="exit layers: blocks 1..L or depth fractions (default: every layer up to 8 blocks, else the "
+                        "OISD layers, the quarters and L); implies --exit")
+    p.add_argument("--learned-lens", action="store_true",
+                   help="the learned-lens control: the lens metrics through an affine map fitted per layer "
+                        "(lens 'affine', analysis/step-N-lens.parquet)")
+    p.add_argument("--patch", action="store_true",
+                   help="activation patching from the start model (--base) to each checkpoint, per layer and "
+                        "component (block, attn, mlp): analysis/step-N-patch.parquet")
     p.set_defaults(func=_cmd_probe)
 
     p = sub.add_parser("dashboard", help="browse runs in a Streamlit web app",
                        description="Start the dashboard over RUNS_ROOT (read-only).")
     p.add_argument("runs_root", nargs="?", default="runs", metavar="RUNS_ROOT")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8501)
+    p.add_argument("--host", default=None, help="bind address (default: this machine only, 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="TCP port (default: Streamlit's own)")
     p.add_argument("--headless", action="store_true", help="do not open a browser")
     p.set_defaults(func=_cmd_dashboard)
 

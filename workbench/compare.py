@@ -26,7 +26,6 @@ Every value is the ``reference`` split (teacher-forced probe set), all heads
 from __future__ import annotations
 
 import math
-import re
 import os
 from collections.abc import Sequence
 
@@ -34,15 +33,14 @@ import numpy as np
 import pandas as pd
 
 from workbench.errors import WorkbenchError
-from workbench.runstore import Run
-from workbench.schema import OUTCOME_SPLITS
+from workbench.measures.summary import ALIGNMENT_METRICS, GAP_METRICS, outcome_gap, report_layers
+from workbench.storage.paths import run_label
+from workbench.storage.runstore import Run, last_value
+from workbench.storage.schema import OUTCOME_SPLITS
 
-__all__ = ["ALIGNMENT_METRICS", "COLUMNS", "ENTROPY_WINDOW", "GAP_METRICS", "comparability_warnings",
-           "comparison_table", "outcome_gap", "print_comparison", "probe_summary", "reference_notes",
-           "report_layers"]
+__all__ = ["COLUMNS", "ENTROPY_WINDOW", "comparability_warnings", "comparison_table", "print_comparison",
+           "reference_notes"]
 
-ALIGNMENT_METRICS = ("top1_agree", "attn_js_final")
-GAP_METRICS = ("top1_agree", "lens_js", "attn_js_final")  # correct-minus-wrong gaps reported
 ENTROPY_WINDOW = 5  # "final entropy" = mean over the last this-many logged training steps
 
 # Per-run table. Numeric columns after "layer" are the ones aggregated over seeds.
@@ -110,54 +108,6 @@ def _num_layers(run: Run, rows: pd.DataFrame) -> int | None:
     return max(found) if found else None
 
 
-def report_layers(oisd_layers: Sequence[int], num_layers: int | None) -> list[int]:
-    """The layers a run's alignment is reported at: its OISD layers, else the middle block
-    ``[max(1, L // 2)]``. The trainer's ``probe/...`` metrics and ``oisd compare`` use it.
-
-    Raises:
-        ValueError: no OISD layers and no layer count to take the middle of.
-    """
-    if oisd_layers:
-        return [int(x) for x in oisd_layers]
-    if num_layers is None:
-        raise ValueError("report_layers needs the OISD layers or the number of layers")
-    return [max(1, int(num_layers) // 2)]
-
-
-def probe_summary(df: pd.DataFrame, layers: Sequence[int]) -> dict[str, float]:
-    """The built-in probes of one step as scalars for metrics.jsonl.
-
-    ``probe/<metric>/layer<l>``: each of :data:`GAP_METRICS` at each of ``layers`` on the
-    reference split; ``probe/gap/<metric>/layer<l>``: its correct-minus-wrong gap
-    (:func:`outcome_gap`) where both outcome splits hold sequences. All heads
-    (``head = -1``), not pairwise (``ref_layer = -1``).
-
-    Args:
-        df: one step's probe rows (``METRIC_COLUMNS``).
-        layers: the layers to report (:func:`report_layers`).
-    """
-    base = df[(df["head"] == -1) & (df["ref_layer"] == -1)]  # df["head"]: df.head is a method
-    out: dict[str, float] = {}
-    for layer in layers:
-        at_layer = base[base["layer"] == layer]
-        for metric in GAP_METRICS:
-            rows = at_layer[at_layer["metric"] == metric]
-            reference = rows.loc[rows["split"] == "reference", "value"]
-            if len(reference):
-                out[f"probe/{metric}/layer{layer}"] = float(reference.iloc[0])
-            gap = outcome_gap(rows)
-            if len(gap):
-                out[f"probe/gap/{metric}/layer{layer}"] = float(gap.iloc[0])
-    return out
-
-
-def _last_value(frame: pd.DataFrame, column: str) -> float:
-    if column not in frame.columns:
-        return math.nan
-    values = frame[column].dropna()
-    return float(values.iloc[-1]) if len(values) else math.nan
-
-
 def _run_row(run: Run, rows: pd.DataFrame, layer: int | None) -> dict:
     """The comparison row of one run, read at ``layer``."""
     history = run.metrics()
@@ -180,9 +130,9 @@ def _run_row(run: Run, rows: pd.DataFrame, layer: int | None) -> dict:
         "seed": run.info.get("seed", run.config.get("seed")),
         "steps": steps,
         "layer": layer,
-        "accuracy_before": _last_value(before, "eval/accuracy"),
-        "accuracy_after": _last_value(after, "eval/accuracy"),
-        "mean_at_k_after": _last_value(after, "eval/mean_at_k"),
+        "accuracy_before": last_value(before, "eval/accuracy", math.nan),
+        "accuracy_after": last_value(after, "eval/accuracy", math.nan),
+        "mean_at_k_after": last_value(after, "eval/mean_at_k", math.nan),
         "entropy_final": float(entropy.iloc[-ENTROPY_WINDOW:].mean()) if len(entropy) else math.nan,
         "probe_step": None,
         "source": None,
@@ -203,21 +153,6 @@ def _run_row(run: Run, rows: pd.DataFrame, layer: int | None) -> dict:
     if last is not None:
         row["source"] = "+".join(sorted(set(reference.loc[reference["step"] == last, "source"])))
     return row
-
-
-def outcome_gap(rows: pd.DataFrame) -> pd.Series:
-    """The correct-minus-wrong gap per step: ``value(sampled_correct) - value(sampled_wrong)``.
-
-    Args:
-        rows: one metric at one layer, columns ``step, split, value``.
-
-    Returns:
-        Series indexed by step, only steps where both outcome splits have a value.
-    """
-    wide = rows[rows["split"].isin(OUTCOME_SPLITS)].pivot_table(index="step", columns="split", values="value")
-    if not set(OUTCOME_SPLITS) <= set(wide.columns):
-        return pd.Series(dtype=float)
-    return (wide["sampled_correct"] - wide["sampled_wrong"]).dropna()
 
 
 # ---------------------------------------------------------------------------
@@ -371,7 +306,7 @@ def drift_lines(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
     """Per run with weight drift (``oisd probe`` measures it): at its last analysed checkpoint,
     the block whose weights moved most from the start, and the share of parameters whose
     bf16 value changed."""
-    from workbench.drift import drift_summary
+    from workbench.measures.drift import drift_summary
 
     lines = []
     for run_dir in run_dirs:
@@ -516,17 +451,14 @@ def print_comparison(
 # Per-method summary with the seed spread (the demo's summary.json)
 # ---------------------------------------------------------------------------
 
-_SEED_SUFFIX = re.compile(r"-seed\d+$")
 # Per-run values listed per method (one entry per seed), and what the verdict compares.
 SUMMARY_AFTER = ("accuracy_after", "top1_agree_after", "top1_agree_gap_after", "entropy_final")
 
 
-def _label(run_name: str) -> str:
-    return _SEED_SUFFIX.sub("", run_name)
-
-
-def method_summary(run_dirs: Sequence[str | os.PathLike], baseline: str = "grpo") -> dict:
-    """Per method (runs named ``<method>-seed<k>``): values before, after per seed, and the verdict.
+def method_summary(run_dirs: Sequence[str | os.PathLike], baseline: str | None = None) -> dict:
+    """Per method (runs named ``<method>-seed<k>``): values before, after per seed, and the verdict
+    against ``baseline`` (a label; None: the label whose runs trained the baseline, run.json's
+    ``baseline``, :attr:`Run.is_baseline`).
 
     Returns:
         ``{"layer": l, "methods": {name: {"seeds": n, "accuracy_before": x,
@@ -538,9 +470,12 @@ def method_summary(run_dirs: Sequence[str | os.PathLike], baseline: str = "grpo"
         a difference counts as larger than the spread only when both have at least 2 seeds.
     """
     table = comparison_table(run_dirs)
-    table["label"] = table["run"].map(_label)
+    table["label"] = table["run"].map(run_label)
+    if baseline is None:
+        runs = [Run.open(d) for d in run_dirs]
+        baseline = next((run_label(r.name) for r in runs if r.is_baseline), None)
     out: dict = {"layer": None if table["layer"].isna().all() else int(table["layer"].dropna().iloc[0]),
-                 "methods": {}}
+                 "baseline": baseline, "methods": {}}
 
     def clean(values) -> list[float | None]:
         return [None if (v is None or (isinstance(v, float) and math.isnan(v))) else float(v) for v in values]
@@ -579,8 +514,9 @@ _WORDS = {"accuracy_after": "accuracy", "top1_agree_after": "top1_agree",
           "top1_agree_gap_after": "correct-minus-wrong top1_agree gap", "entropy_final": "entropy"}
 
 
-def summary_lines(summary: dict, baseline: str = "grpo") -> list[str]:
-    """The verdicts in words, one line per (method, value)."""
+def summary_lines(summary: dict) -> list[str]:
+    """The verdicts in words, one line per (method, value), against ``summary["baseline"]``."""
+    baseline = summary.get("baseline")
     lines = []
     for label, entry in summary["methods"].items():
         for value, v in entry.get("vs_baseline", {}).items():

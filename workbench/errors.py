@@ -33,3 +33,9 @@ def warn(message: str, stacklevel: int = 3, logger: str = "workbench") -> None:
 
     warnings.warn(message, stacklevel=stacklevel)
     logging.getLogger(logger).warning(message)
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line (its type and the first line of its message), for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -7,9 +7,9 @@ import streamlit as st
 
 from app import data, figures
 from app.state import ViewContext, download_csv, select
-from workbench.compare import outcome_gap
-from workbench.drift import drift_summary
-from workbench.schema import METRIC_INFO, N_SAMPLES, OUTCOME_SPLITS
+from workbench.measures.drift import drift_summary
+from workbench.measures.summary import outcome_gap
+from workbench.storage.schema import METRIC_INFO, N_SAMPLES, OUTCOME_SPLITS
 
 PAIRWISE = {"attn_js", "attn_head_match", "attn_head_identity"}  # shown in the attention view
 # A pseudo split: the metric on sampled completions the verifier accepts minus those it rejects.
@@ -20,7 +20,7 @@ def per_layer_rows(table: pd.DataFrame, metric: str, split: str | None) -> pd.Da
     """Rows of one metric over all heads (``head = -1``), not pairwise, of one split.
 
     ``split = GAP``: the correct-minus-wrong gap per (step, layer), where both outcome
-    splits hold sequences (:func:`workbench.compare.outcome_gap`).
+    splits hold sequences (:func:`workbench.measures.summary.outcome_gap`).
     """
     rows = table[(table["metric"] == metric) & (table["head"] == -1) & (table["ref_layer"] == -1)]
     if split == GAP:
@@ -35,12 +35,13 @@ def per_layer_rows(table: pd.DataFrame, metric: str, split: str | None) -> pd.Da
     return rows
 
 
-def _default_pair(names: list[str], methods: dict[str, str | None]) -> tuple[str, str]:
-    """(A, B) for "A minus B": a self-distillation run minus a GRPO run when there are both."""
-    grpo = [n for n in names if methods.get(n) == "grpo"]
-    other = [n for n in names if methods.get(n) not in (None, "grpo")]
-    if grpo and other:
-        return other[0], grpo[0]
+def _default_pair(names: list[str], baseline: dict[str, bool]) -> tuple[str, str]:
+    """(A, B) for "A minus B": a self-distillation run minus a baseline (GRPO) run when there are
+    both (run.json's ``baseline``, :attr:`Run.is_baseline`)."""
+    base = [n for n in names if baseline.get(n)]
+    other = [n for n in names if not baseline.get(n)]
+    if base and other:
+        return other[0], base[0]
     return names[0], names[1]
 
 
@@ -109,7 +110,7 @@ def render(ctx: ViewContext) -> None:
         if len(matrices) >= 2:
             st.subheader("Difference between two runs")
             names = list(matrices)
-            default_a, default_b = _default_pair(names, {n: ctx.runs[n].method for n in names})
+            default_a, default_b = _default_pair(names, {n: ctx.runs[n].is_baseline for n in names})
             col_a, col_b = st.columns(2)
             a = select(None, "Run A", names, "diff_a", container=col_a, default=default_a)
             b = select(None, "minus run B", names, "diff_b", container=col_b, default=default_b)

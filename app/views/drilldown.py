@@ -117,7 +117,7 @@ def render(ctx: ViewContext) -> None:
     if shape.top_k is not None:
         st.caption(f"Each query shows its {shape.top_k} heaviest keys, which hold {shape.mass_kept:.0%} of its "
                    "attention on average (the model's depth, heads and length exceed the table's budget; "
-                   "`workbench.analyzer.ATTN_DETAIL_ROWS`).")
+                   "`workbench.analysis.analyzer.ATTN_DETAIL_ROWS`).")
     tokens = {int(p): t for p, t in cells.drop_duplicates("position")[["position", "token"]].itertuples(index=False)}
     head_text = "mean over heads" if head == -1 else f"head {head}"
 

@@ -11,7 +11,7 @@ from app.state import ViewContext, download_csv
 
 def runs_table(ctx: ViewContext) -> pd.DataFrame:
     """One row per run under the root, broken ones included with their error."""
-    rows = [data.run_summary(name, run) for name, run in ctx.all_runs.items()]
+    rows = [data.runs_table_row(name, run) for name, run in ctx.all_runs.items()]
     rows += [{"run": name, "status": "unreadable", "error": error} for name, error in ctx.broken.items()]
     table = pd.DataFrame(rows)
     if "error" not in table.columns:

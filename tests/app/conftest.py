@@ -19,11 +19,13 @@ import pandas as pd
 import pytest
 import streamlit as st
 
-from workbench.probing import LENS_STAT_NAMES, ProbeResult
-from workbench.atomic import atomic_write_parquet
-from workbench.checkpoints import write_checkpoint
-from workbench.runwriter import RunWriter
-from workbench.schema import DRIFT_COLUMNS
+from trainer.methods import METHODS
+
+from workbench.measures.probing import LENS_STAT_NAMES, ProbeResult
+from workbench.storage.atomic import atomic_write_parquet
+from workbench.storage.checkpoints import write_checkpoint
+from workbench.storage.runwriter import RunWriter
+from workbench.storage.schema import DRIFT_COLUMNS
 
 N_LAYERS = 4
 N_HEADS = 2
@@ -115,6 +117,7 @@ def _write_run(root: Path, name: str, method: str) -> None:
     config = {"method": method, "seed": 0, "steps": STEPS[-1], "checkpoint_every": 10, "probe_every": 10,
               "model": {"path": "runs/warmstart-tiny"}, "run_dir": str(root / name)}
     writer = RunWriter(root / name, config, resume=False)
+    writer.record(baseline=method in METHODS and METHODS[method].baseline)  # as the trainer records it
     writer.write_probe_set([{"prompt": "12+34=", "reference": "46", "prompt_ids": [1, 2, 3, 4, 5, 6],
                              "reference_ids": [7, 8]},
                             {"prompt": "5+17=", "reference": "22", "prompt_ids": [9, 3, 1, 10, 6],

@@ -14,8 +14,8 @@ def test_bench_dashboard_root_is_read_as_the_dashboard_reads_it(tmp_path):
     import bench_dashboard
 
     from workbench.compare import comparison_table
-    from workbench.runstore import Run
-    from workbench.runwriter import PROBE_SEGMENT
+    from workbench.storage.runstore import Run
+    from workbench.storage.runwriter import PROBE_SEGMENT
 
     root = tmp_path / "runs"
     bench_dashboard.build_root(root, runs=2, checkpoints=PROBE_SEGMENT + 2, layers=6, heads=3)

@@ -6,8 +6,8 @@ import pytest
 
 from tests.workbench.test_external import PROMPTS, _save
 from trainer.tokenizer import build_char_tokenizer
-from workbench.analyzer import probe_run
-from workbench.external import prepare_analysis_folder, resolve_source
+from workbench.analysis.analyzer import probe_run
+from workbench.analysis.external import prepare_analysis_folder, resolve_source
 
 
 @pytest.fixture(scope="module")

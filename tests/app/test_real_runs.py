@@ -20,11 +20,11 @@ L = 4  # blocks of the tiny preset
 def real_root(tmp_path_factory) -> Path:
     from transformers import AutoModelForCausalLM
 
-    from trainer.run import train
-    from trainer.presets import preset_config
-    from trainer.tokenizer import build_char_tokenizer
-    from workbench.analyzer import probe_run
     from trainer.config import load_config
+    from trainer.presets import preset_config
+    from trainer.run import train
+    from trainer.tokenizer import build_char_tokenizer
+    from workbench.analysis.analyzer import probe_run
 
     root = tmp_path_factory.mktemp("real-runs")
     tok = build_char_tokenizer()

@@ -12,7 +12,15 @@ import pandas as pd
 import pytest
 
 from tests.app.conftest import (
-    N_HEADS, N_LAYERS, RUN_SCALE, STEPS, TOKENS, expected_drift, expected_value, make_runs_root, plotly_figures,
+    N_HEADS,
+    N_LAYERS,
+    RUN_SCALE,
+    STEPS,
+    TOKENS,
+    expected_drift,
+    expected_value,
+    make_runs_root,
+    plotly_figures,
 )
 
 
@@ -195,7 +203,7 @@ def test_live_run_refreshes_when_files_change(tmp_path, make_app):
 
 def test_gap_split_is_correct_minus_wrong_per_layer_and_step():
     from app.views.alignment import GAP, per_layer_rows
-    from workbench.schema import METRIC_COLUMNS
+    from workbench.storage.schema import METRIC_COLUMNS
 
     rows = []
     for step, layer, split, value in [(0, 1, "sampled_correct", 0.7), (0, 1, "sampled_wrong", 0.5),

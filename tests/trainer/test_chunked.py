@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from trainer import objectives as obj
-from workbench.divergence import entropy
+from trainer.chunked import chunked_rows
 from workbench.errors import ConfigError
+from workbench.measures.divergence import entropy
+from workbench.models.readout import vocab_chunk_rows
 
 N, D, V = 7, 5, 13
 
@@ -75,7 +77,7 @@ def test_chunked_rows_match_unchunked(setup, name, chunk_size):
     inputs = {"hidden": hidden, "teacher": teacher_hidden, "tokens": tokens}
     terms = _terms(FUNCTIONS[name], readout)
     expected = terms(inputs)
-    got = obj.chunked_rows(terms, inputs, chunk_size)
+    got = chunked_rows(terms, inputs, chunk_size)
     assert got.keys() == expected.keys()
     for key in expected:
         assert got[key].shape == (N,)
@@ -107,7 +109,7 @@ def test_teacher_is_read_out_chunk_by_chunk_forward_and_backward(setup, chunk_si
         return readout(h)
 
     inputs = {"hidden": hidden, "teacher": teacher_hidden, "tokens": torch.zeros(N, dtype=torch.long)}
-    out = obj.chunked_rows(_terms(obj.oisd_logit_alignment, readout, teacher_readout), inputs, chunk_size)
+    out = chunked_rows(_terms(obj.oisd_logit_alignment, readout, teacher_readout), inputs, chunk_size)
     n_chunks = -(-N // chunk_size)
     assert len(calls) == n_chunks and max(calls) <= chunk_size
     out["div"].sum().backward()
@@ -134,9 +136,9 @@ def test_chunking_keeps_no_full_vocabulary_tensor():
             out = compute()
         return max(sizes), out
 
-    full, _ = largest_activation_saved(lambda: obj.chunked_rows(terms, inputs, 0))
+    full, _ = largest_activation_saved(lambda: chunked_rows(terms, inputs, 0))
     assert full >= n * vocab  # unchunked keeps (n, V): the check can fail
-    saved, out = largest_activation_saved(lambda: obj.chunked_rows(terms, inputs, chunk))
+    saved, out = largest_activation_saved(lambda: chunked_rows(terms, inputs, chunk))
     assert saved < chunk * vocab
     (out["div"] + out["logp"]).sum().backward()
     assert hidden.grad is not None and head.weight.grad is not None
@@ -146,7 +148,7 @@ def test_no_grad_mode_skips_checkpointing(setup):
     readout, hidden, teacher_hidden = setup
     inputs = {"hidden": hidden, "teacher": teacher_hidden, "tokens": torch.zeros(N, dtype=torch.long)}
     with torch.no_grad():
-        got = obj.chunked_rows(_terms(obj.opsd_jsd, readout), inputs, 2)
+        got = chunked_rows(_terms(obj.opsd_jsd, readout), inputs, 2)
     torch.testing.assert_close(got["div"], obj.opsd_jsd(readout(hidden), readout(teacher_hidden)).detach())
     assert not got["logp"].requires_grad
 
@@ -156,13 +158,15 @@ def test_bad_inputs(setup):
     terms = _terms(obj.opsd_jsd, readout)
     inputs = {"hidden": hidden, "teacher": teacher_hidden, "tokens": torch.zeros(N, dtype=torch.long)}
     with pytest.raises(ConfigError, match="chunk_size"):
-        obj.chunked_rows(terms, inputs, -1)
+        chunked_rows(terms, inputs, -1)
     with pytest.raises(ValueError, match="first dimension"):
-        obj.chunked_rows(terms, {**inputs, "teacher": teacher_hidden[:3]}, 2)
+        chunked_rows(terms, {**inputs, "teacher": teacher_hidden[:3]}, 2)
 
 
-def test_auto_chunk_size():
-    assert obj.auto_chunk_size(151_936) == (1 << 23) // 151_936 == 55  # CPU: 32 MiB chunks
-    assert obj.auto_chunk_size(151_936, "cuda") == (1 << 25) // 151_936 == 220
-    assert obj.auto_chunk_size(101, "cpu") == (1 << 23) // 101
-    assert obj.auto_chunk_size(10**9) == 1
+def test_vocab_chunk_rows():
+    assert vocab_chunk_rows(151_936) == (1 << 23) // 151_936 == 55  # the loss on CPU: 32 MiB chunks
+    assert vocab_chunk_rows(151_936, "cuda") == (1 << 25) // 151_936 == 220
+    assert vocab_chunk_rows(101, "cpu") == (1 << 23) // 101
+    assert vocab_chunk_rows(10**9) == 1
+    assert vocab_chunk_rows(151_936, "cpu", "lens") == (1 << 22) // 151_936 == 27  # the probes' lens pass: 16 MiB
+    assert vocab_chunk_rows(151_936, "cuda", "lens") == 220

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import CONFIG_DIR, describe_config, load_config, parse_overrides
+from trainer.config import CONFIG_DIR, describe_config, load_config, parse_overrides, resolve_config_path
+from trainer.methods import METHOD_NAMES
 from workbench.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,10 +54,14 @@ def test_set_without_equals_is_an_error():
 
 def test_every_bundled_config_validates():
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    assert names == ["grpo", "oisd", "oisd+sdpg", "opsd", "rlsd", "sdpg-ufkl", "sdpg-urkl"]
+    assert {"grpo", "oisd", "oisd+sdpg", "opsd", "rlsd", "sdpg-ufkl", "sdpg-urkl"} <= set(names)
     methods = {n: load_config(n).method for n in names}
     assert methods["sdpg-urkl"] == "sdpg" and load_config("sdpg-urkl").sdpg.ref_kl == "urkl"
     assert methods["oisd+sdpg"] == "oisd+sdpg"
+    # Every method of the table has a bundled config, which its name stands for.
+    for method in METHOD_NAMES:
+        assert load_config(method).method == method
+    assert resolve_config_path("sdpg").stem == "sdpg-ufkl"
 
 
 def _needs_reference(overrides):

@@ -94,10 +94,10 @@ def test_hidden_states_and_final_layer_readout(arch):
     assert (out.hidden[4] - states[4][index]).abs().max() > 0.1
     torch.testing.assert_close(final_norm(out.hidden[4]), states[4][index], atol=ATOL, rtol=0)
     # The readout of the pre-norm final block is the model's logits, exactly.
-    torch.testing.assert_close(readout(model)(out.hidden[4]), out.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(readout(model)(out.hidden[4], 4), out.logits, atol=ATOL, rtol=0)
     # Logit lens of layer 1 = lm_head(norm(h^1)) computed by hand.
     lens = model.lm_head(final_norm(states[1][index]))
-    torch.testing.assert_close(readout(model)(out.hidden[1]), lens, atol=ATOL, rtol=0)
+    torch.testing.assert_close(readout(model)(out.hidden[1], 1), lens, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
@@ -217,7 +217,7 @@ def test_enable_selective_attention_is_idempotent():
 def test_readout_detach_blocks_gradient_to_norm_and_head():
     model = make_model("qwen3")
     hidden = torch.randn(3, 64, requires_grad=True)
-    attached, detached = readout(model)(hidden), readout(model, detach=True)(hidden)
+    attached, detached = readout(model)(hidden, 1), readout(model, detach=True)(hidden, 1)
     torch.testing.assert_close(detached, attached, atol=0, rtol=0)
     detached.log_softmax(-1)[:, 0].sum().backward()
     assert hidden.grad is not None and hidden.grad.abs().sum() > 0
@@ -247,7 +247,7 @@ def test_gpt2_style_model():
     assert num_layers(model) == 3
     torch.testing.assert_close(out.logits, ref.logits[b, t], atol=ATOL, rtol=0)
     torch.testing.assert_close(out.hidden[1], ref.hidden_states[1][b, t], atol=ATOL, rtol=0)
-    torch.testing.assert_close(readout(model)(out.hidden[3]), out.logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(readout(model)(out.hidden[3], 3), out.logits, atol=ATOL, rtol=0)
     torch.testing.assert_close(out.attentions[3], ref.attentions[2][b, :, t], atol=ATOL, rtol=0)
 
 

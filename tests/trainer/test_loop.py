@@ -21,32 +21,34 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import trainer.objectives as objectives
+from trainer.config import load_config
 from trainer.loop import NonFiniteError, Trainer
+from trainer.methods import METHOD_NAMES, METHODS, spec_of
 from trainer.run import train
-from workbench.runstore import Run
 from trainer.setup import check_batch, prepare, resolve_layers
 from workbench.cli import main as cli_main
-from trainer.config import load_config
-from trainer.methods import spec_of
 from workbench.errors import ConfigError
-from workbench.checkpoints import write_checkpoint
+from workbench.storage.checkpoints import write_checkpoint
+from workbench.storage.runstore import Run
 
-METHODS = ("grpo", "oisd", "sdpg", "rlsd", "opsd", "oisd+sdpg")
 # Names every training step logs, and those each method adds (docs/objectives.md, "Per-step metrics").
 COMMON = {"reward", "reward_std", "frac_reward_zero_std", "accuracy", "completions/mean_length",
           "completions/clipped_ratio", "entropy", "loss", "perf/step_time", "perf/tokens_per_s"}
 GRPO_TERM = {"loss/policy", "clip_ratio/region_mean"}
 SDPG = GRPO_TERM | {"loss/opd", "loss/ref_kl", "kl", "sched/beta", "sdpg/gate_fraction"}
 OISD = GRPO_TERM | {"loss/think", "loss/attn"}
-EXPECTED = {
-    "grpo": GRPO_TERM,
-    "oisd": OISD,
-    "sdpg": SDPG,
-    "rlsd": GRPO_TERM | {"rlsd/w_mean", "sched/lambda"},
-    "opsd": {"loss/policy", "kl"},
-    "oisd+sdpg": OISD | SDPG,
-}
-CONFIG = {m: m for m in METHODS} | {"sdpg": "sdpg-ufkl"}  # bundled config of each method
+# What a method's own terms log beyond its kind's (its schedule's names come from the table).
+OWN_LOGS = {"rlsd": {"rlsd/w_mean"}, "opsd": {"kl"}}
+
+
+def expected_logs(method: str) -> set[str]:
+    """The metric names a training step of ``method`` logs beyond COMMON, from its row of the
+    method table: the reward term's, OISD's, SDPG's, its schedule's, and its own."""
+    spec = spec_of(method)
+    names = set(GRPO_TERM) if spec.reward_term else {"loss/policy"}
+    names |= (OISD if spec.oisd else set()) | (SDPG if spec.sdpg else set())
+    names |= set(spec.schedule(load_config(method), 1))
+    return names | OWN_LOGS.get(method, set())
 # Small arithmetic split (the default 20000 questions cost time to build).
 SMALL_TASK = {"data.arithmetic.n_train": 200, "data.arithmetic.n_test": 20}
 
@@ -59,12 +61,12 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHOD_NAMES)
 def test_every_method_trains_two_steps(method, arch, request, tmp_path, run_overrides):
     model_dir = request.getfixturevalue(f"tiny_{arch}_dir")
     run_dir = tmp_path / "run"
     # t_warm 0: beta(0) > 0, so the OPD term is computed (and logged) from the first step.
-    cfg = load_config(CONFIG[method], run_overrides(model_dir, run_dir, **SMALL_TASK, sdpg__t_warm=0))
+    cfg = load_config(method, run_overrides(model_dir, run_dir, **SMALL_TASK, sdpg__t_warm=0))
     assert train(cfg) == run_dir
 
     info = json.loads((run_dir / "run.json").read_text())
@@ -77,12 +79,12 @@ def test_every_method_trains_two_steps(method, arch, request, tmp_path, run_over
         assert {"eval/accuracy", f"probe/top1_agree/layer{layer}", f"probe/lens_js/layer{layer}",
                 f"probe/attn_js_final/layer{layer}"} <= r.keys()
     for r in rows[1:]:
-        want = COMMON | EXPECTED[method]
+        want = COMMON | expected_logs(method)
         assert want <= r.keys(), sorted(want - r.keys())
         assert all(isinstance(r[k], float) and r[k] == r[k] for k in want)  # numbers, no NaN
         assert r["nonfinite_skipped"] == 0.0
         assert r["frac_reward_zero_std"] == 1.0  # a random model never earns a reward
-    if method != "opsd":  # OPSD's loss needs no reward; the others log a clip ratio of 0 here
+    if spec_of(method).reward_term:  # OPSD's loss needs no reward; the others log a clip ratio of 0 here
         assert rows[1]["clip_ratio/region_mean"] == 0.0
 
     steps = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
@@ -105,7 +107,7 @@ def test_every_method_trains_two_steps(method, arch, request, tmp_path, run_over
 def test_gradient_share_of_every_term_is_logged(method, terms, coin_model_dir, coin_data, tmp_path,
                                                 run_overrides):
     # The coin task earns rewards (advantages != 0), so every term has a gradient.
-    cfg = load_config(CONFIG[method], run_overrides(coin_model_dir, tmp_path / "r", data=coin_data, steps=2,
+    cfg = load_config(method, run_overrides(coin_model_dir, tmp_path / "r", data=coin_data, steps=2,
                                                     rollout__prompts_per_step=4, probe_every=0, eval_every=0,
                                                     sdpg__t_warm=0, sdpg__gate=False, logging__grad_share_every=2))
     train(cfg)
@@ -173,7 +175,7 @@ def test_sdpg_opd_term_off_during_warmup_is_not_logged(tiny_qwen3_dir, tmp_path,
 
 def _trainer(model_dir, tmp_path, run_overrides, data, method, **keys) -> Trainer:
     """A Trainer on a validated setup (``prepare`` writes nothing, so runs may share a path)."""
-    cfg = load_config(CONFIG[method], run_overrides(model_dir, tmp_path / method, data=data, **keys))
+    cfg = load_config(method, run_overrides(model_dir, tmp_path / method, data=data, **keys))
     return Trainer(cfg, prepare(cfg))
 
 
@@ -197,19 +199,13 @@ def coin_batch(coin_model_dir, coin_data, tmp_path_factory, run_overrides):
     return sb
 
 
-ZERO_AUX = {
-    "oisd": {"oisd__lambda_logit": 0.0, "oisd__lambda_attn": 0.0},
-    "sdpg": {"sdpg__beta_base": 0.0, "sdpg__alpha": 0.0},
-    "rlsd": {"rlsd__lambda_init": 0.0},
-    "oisd+sdpg": {"oisd__lambda_logit": 0.0, "oisd__lambda_attn": 0.0, "sdpg__beta_base": 0.0,
-                  "sdpg__alpha": 0.0},
-}
-SOME_AUX = {  # the same methods with their terms on: the comparison must be able to fail
-    "oisd": {"oisd__lambda_logit": 1.0, "oisd__lambda_attn": 0.1},
-    "sdpg": {"sdpg__beta_base": 0.1, "sdpg__t_warm": 0, "sdpg__gate": False},
-    "rlsd": {"rlsd__lambda_init": 0.5},
-    "oisd+sdpg": {"oisd__lambda_logit": 1.0, "sdpg__beta_base": 0.1, "sdpg__t_warm": 0},
-}
+# Every method with auxiliary terms (the table's MethodSpec.coefficients): those weights at 0...
+ZERO_AUX = {m: {k.replace(".", "__"): 0.0 for k in spec.coefficients} for m, spec in METHODS.items()
+            if spec.coefficients}
+# ...and the same methods with their terms on (SDPG's from step 0, on every response): the
+# comparison must be able to fail.
+SOME_AUX = {m: {k.replace(".", "__"): 0.5 for k in spec.coefficients} | {"sdpg__t_warm": 0, "sdpg__gate": False}
+            for m, spec in METHODS.items() if spec.coefficients}
 
 
 @pytest.mark.parametrize("method", sorted(ZERO_AUX))
@@ -231,11 +227,8 @@ def test_zero_auxiliary_coefficients_reproduce_grpo_exactly(method, coin_model_d
     assert not torch.equal(loss_on, loss_g) or any(not torch.equal(grads_on[n], grads_g[n]) for n in grads_g)
 
 
-EVERY_TERM = {  # each method with every term it has switched on, so chunking covers them all
-    "grpo": {"grpo__kl_coef": 0.1},
-    "opsd": {},
-    **SOME_AUX,
-}
+# Each method with every term it has switched on (the KL to the reference too), so chunking covers them all.
+EVERY_TERM = {m: SOME_AUX.get(m, {}) | {"grpo__kl_coef": 0.1} for m in METHOD_NAMES}
 
 
 def _vocab_rows(tr: Trainer, sb) -> tuple[list[int], list[int]]:
@@ -263,7 +256,7 @@ def _vocab_rows(tr: Trainer, sb) -> tuple[list[int], list[int]]:
     return saved, calls
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHOD_NAMES)
 def test_chunked_vocabulary_terms_equal_unchunked(method, coin_model_dir, coin_data, coin_batch, tmp_path,
                                                   run_overrides):
     """optim.vocab_chunk_size: the loss and every gradient equal the unchunked ones to float

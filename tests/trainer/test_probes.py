@@ -8,19 +8,19 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
 from trainer.presets import preset_config
-from workbench.probe_runner import (
+from trainer.tasks import Example
+from trainer.tokenizer import BOS_ID, EOS_ID, PAD_ID, build_char_tokenizer
+from workbench.analysis.probe_runner import (
     eager_attention,
-    find_readout,
     hf_probe_inputs,
     make_probe_set,
     probe_batch,
     run_builtin_probes,
 )
-from trainer.tasks import Example
-from trainer.tokenizer import BOS_ID, EOS_ID, PAD_ID, build_char_tokenizer
 from workbench.errors import ConfigError, DataError
-from workbench.runstore import probe_set_hash
-from workbench.schema import METRIC_COLUMNS
+from workbench.models.structure import find_readout
+from workbench.storage.paths import probe_set_hash
+from workbench.storage.schema import METRIC_COLUMNS
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_hf_probe_inputs_match_model(model, tokenizer, examples):
         # (already normed by HF) is not in ``hidden``.
         assert len(inputs.hidden) == n_layers - 1
         manual = model.lm_head(model.model.norm(out.hidden_states[n_layers - 1]))
-        assert torch.allclose(inputs.readout(inputs.hidden[-1])[real], manual[real], atol=1e-5)
+        assert torch.allclose(inputs.lens(inputs.hidden[-1], inputs.n_layers - 1)[real], manual[real], atol=1e-5)
     # Attention rows of real queries are distributions with zero weight on padding.
     for i in range(real.shape[0]):
         rows = inputs.attentions[0][i][:, real[i]]  # (H, real queries, T)

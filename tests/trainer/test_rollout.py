@@ -1,4 +1,4 @@
-"""Tests for workbench.generation: batched KV-cache sampling against generate and a full forward."""
+"""Tests for workbench.models.generation: batched KV-cache sampling against generate and a full forward."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-from workbench.generation import RolloutBatch, _truncate_logits, left_pad, sample
 from workbench.errors import ConfigError, DataError
+from workbench.models.generation import RolloutBatch, _truncate_logits, left_pad, sample
 
 PAD = 0
 PROMPTS = [

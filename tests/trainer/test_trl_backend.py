@@ -16,20 +16,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 pytest.importorskip("trl")
 
 from trainer.config import load_config  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
+from trainer.methods import METHOD_NAMES, METHODS  # noqa: E402
 from trainer.setup import prepare  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = {"data.arithmetic.n_train": 200, "data.arithmetic.n_test": 20}
-CONFIG = {"grpo": "grpo", "oisd": "oisd", "sdpg": "sdpg-ufkl", "rlsd": "rlsd", "opsd": "opsd", "oisd+sdpg": "oisd+sdpg"}
 
 
 def _cfg(method, model_dir, run_dir, run_overrides, data=None, **keys):
-    return load_config(CONFIG[method], run_overrides(model_dir, run_dir, data=data, **keys))
+    return load_config(method, run_overrides(model_dir, run_dir, data=data, **keys))
 
 
 def _trl_trainers(cfg, plain: bool):
@@ -88,7 +89,7 @@ def test_zero_auxiliary_coefficients_equal_plain_grpo_trainer(coin_model_dir, co
     assert max(float(g.abs().max()) for g in gp.values()) > 1e-4  # the gradients are not all zero
 
 
-@pytest.mark.parametrize("method", ["oisd", "sdpg", "rlsd", "opsd"])
+@pytest.mark.parametrize("method", [m for m in METHOD_NAMES if not METHODS[m].baseline])
 def test_auxiliary_terms_equal_the_builtin_backend(method, coin_model_dir, coin_data, tmp_path, run_overrides):
     cfg = _cfg(method, coin_model_dir, tmp_path / "r", run_overrides, data=coin_data, rollout__prompts_per_step=4,
                sdpg__t_warm=0, sdpg__gate=False, grpo__kl_coef=0.05)
@@ -113,12 +114,11 @@ def test_auxiliary_terms_equal_the_builtin_backend(method, coin_model_dir, coin_
         assert logged[key] == pytest.approx(float(logs_builtin[key]), abs=1e-5), key
 
 
-@pytest.mark.parametrize("method", ["grpo", "oisd", "sdpg", "rlsd", "opsd", "oisd+sdpg"])
+@pytest.mark.parametrize("method", METHOD_NAMES)
 def test_each_method_trains_into_a_run_folder_that_probes(method, tiny_qwen3_dir, tmp_path, run_overrides):
-    from workbench.analyzer import probe_run
-    from workbench.runstore import Run
-
     from trainer.run import train
+    from workbench.analysis.analyzer import probe_run
+    from workbench.storage.runstore import Run
 
     run_dir = tmp_path / "run"
     cfg = _cfg(method, tiny_qwen3_dir, run_dir, run_overrides, **SMALL, backend="trl", steps=2, checkpoint_every=2,
@@ -128,9 +128,11 @@ def test_each_method_trains_into_a_run_folder_that_probes(method, tiny_qwen3_dir
     assert run.status == "finished" and run.info["backend"] == "trl" and run.info["trl_version"].startswith("1.16")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2]
+    spec = METHODS[method]
     want = {"reward", "accuracy", "entropy", "loss/policy", "grad_share/policy"}
-    want |= {"oisd": {"loss/think", "loss/attn"}, "sdpg": {"loss/opd", "loss/ref_kl", "sdpg/gate_fraction"},
-             "rlsd": {"rlsd/w_mean"}, "oisd+sdpg": {"loss/think", "loss/opd"}}.get(method, set())
+    want |= ({"loss/think", "loss/attn"} if spec.oisd else set()) | (
+        {"loss/opd", "loss/ref_kl", "sdpg/gate_fraction"} if spec.sdpg else set())
+    want |= {"rlsd/w_mean"} if spec.needs_frozen_copy else set()
     assert want <= rows[1].keys(), sorted(want - rows[1].keys())
     assert {"eval/accuracy"} <= rows[0].keys() and {"eval/accuracy"} <= rows[2].keys()
     assert set(run.probes()["step"]) == {0, 2} and set(run.samples()["step"]) == {0, 2}
@@ -217,3 +219,38 @@ def test_task_data_scores_completions_as_the_verifier_does():
     cfg = load_config("grpo", ["grpo.format_bonus=0.25"])
     _, (accuracy, bonus) = task_data(cfg, task)
     assert bonus(None, [wrong, "junk"]) == [0.25, 0.0]
+
+
+def test_a_lora_run_writes_full_checkpoints_that_probe(coin_model_dir, coin_data, tmp_path, run_overrides):
+    """``trl.lora_r``: TRL trains a LoRA adapter; each ``checkpoints/step-N`` holds the merged
+    full model (what every reader opens) and the adapter in ``adapter/``; ``oisd probe``
+    analyses every checkpoint, none skipped."""
+    from trainer.run import train
+    from workbench.analysis.analyzer import probe_run
+    from workbench.storage.runstore import Run
+
+    run_dir = tmp_path / "lora"
+    # The coin task earns rewards, so the adapters get a gradient.
+    cfg = _cfg("oisd", coin_model_dir, run_dir, run_overrides, data=coin_data, backend="trl", steps=2,
+               rollout__prompts_per_step=4, checkpoint_every=1, probe_every=2, eval_every=2, trl__lora_r=4,
+               trl__lora_dropout=0.0, optim__lr=0.05)
+    train(cfg)
+    step = run_dir / "checkpoints" / "step-000002"
+    assert (step / "config.json").is_file() and (step / "adapter" / "adapter_config.json").is_file()
+    saved, start = load_file(step / "model.safetensors"), load_file(coin_model_dir / "model.safetensors")
+    assert set(start) <= set(saved) and not any("lora" in k for k in saved)
+    adapted = [k for k in start if any(f"self_attn.{m}.weight" in k for m in ("q_proj", "k_proj", "v_proj", "o_proj"))]
+    # Only the adapted projections moved, and by exactly (alpha / r) B A of the saved adapter.
+    assert all(torch.equal(saved[k], start[k]) for k in start if k not in adapted)
+    lora = load_file(step / "adapter" / "adapter_model.safetensors")
+    scale = cfg.trl.lora_alpha / cfg.trl.lora_r
+    moved = 0
+    for key in adapted:
+        prefix = "base_model.model." + key.removesuffix(".weight")
+        delta = scale * (lora[f"{prefix}.lora_B.weight"] @ lora[f"{prefix}.lora_A.weight"])
+        torch.testing.assert_close(saved[key], start[key] + delta, rtol=0, atol=1e-6, msg=key)
+        moved += int(delta.abs().max() > 0)
+    assert moved > 0  # the adapters trained
+    report = probe_run(run_dir, progress=False, detail_prompts=1)
+    assert report.analysed == [1, 2] and report.skipped == []
+    assert len(Run.open(run_dir).analysis("drift"))

@@ -20,10 +20,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import assert_same_update
+
 pytest.importorskip("trl")
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
+# Plain SGD (see test_zero3.py): 2 processes' update equals 1 process's to the rounding of the
+# gradients' two summation orders, whatever the CPU.
+SGD_LR, SGD_REL = 0.05, 1e-3
 
 
 def _launch(processes: int) -> list[str]:
@@ -48,8 +53,8 @@ def _steps(history: list[dict]) -> list[dict]:
 def test_two_processes_hold_the_same_weights_and_match_one(coin_model_dir, coin_data, tmp_path, run_overrides,
                                                            cli_env):
     keys = run_overrides(coin_model_dir, tmp_path / "unused", data=coin_data, steps=STEPS, backend="trl",
-                         rollout__prompts_per_step=4, optim__micro_batch_size=2, optim__lr=1e-3,
-                         probe_every=0, eval_every=0)
+                         rollout__prompts_per_step=4, optim__micro_batch_size=2, optim__name="sgd",
+                         optim__lr=SGD_LR, probe_every=0, eval_every=0)
     keys = [k for k in keys if not k.startswith("run_dir=")]
     runs = {}
     for n in (1, 2):
@@ -65,8 +70,7 @@ def test_two_processes_hold_the_same_weights_and_match_one(coin_model_dir, coin_
     start = load_file(coin_model_dir / "model.safetensors")
     for key in one:
         assert torch.equal(ranks[0][key], ranks[1][key]), f"ranks differ on {key}"
-        torch.testing.assert_close(ranks[0][key], one[key], rtol=0, atol=1e-5, msg=key)
-    assert max(float((one[k] - start[k]).abs().max()) for k in start) > 1e-3  # training moved them (100x atol)
+    print("worst difference over the update's scale:", assert_same_update(ranks[0], one, start, SGD_REL))
 
     rows_one = _steps(json.loads((runs[1] / "rank0.json").read_text()))
     rows_two = _steps(json.loads((runs[2] / "rank0.json").read_text()))

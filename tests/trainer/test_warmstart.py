@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
-from trainer.warmstart import WarmstartConfig, make_sft_batch, run_warmstart
 from trainer.tokenizer import build_char_tokenizer
+from trainer.warmstart import WarmstartConfig, make_sft_batch, run_warmstart
 from workbench.errors import ConfigError
 
 

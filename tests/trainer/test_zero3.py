@@ -23,6 +23,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import assert_same_update
+from trainer.distributed import ZERO3_SPREAD_NOTE
+
 pytest.importorskip("trl")
 pytest.importorskip("deepspeed")
 
@@ -74,18 +77,22 @@ def _terms_add_up(config: str, info: dict, rows: list[dict]) -> None:
         assert total == pytest.approx(r["loss"], rel=1e-4, abs=1e-6), (config, r["step"])
 
 
-# The untied Llama's tolerance: Adam's second update divides a sum of two gradients that
-# nearly cancel on a few entries (embedding rows, layer-0 q/k), which turns rounding into
-# ~2e-5; one process with micro-batches of 4 instead of 2 differs from itself as much
-# (1.7e-5). 1e-4 is still 20x below the 2e-3 two updates move a weight.
-@pytest.mark.parametrize("model, atol", [("coin_model_dir", 1e-5), ("coin_llama_dir", 1e-4)],
-                         ids=["qwen3-tied", "llama-untied"])
-def test_zero3_update_equals_one_process(model, atol, request, coin_data, tmp_path, run_overrides, cli_env,
-                                         ds_env):
+# Compared on plain SGD, whose update is the learning rate times the (clipped) gradient: a
+# gradient not reduced over the processes, or a shard dropped, changes the update by its own
+# order, while ZeRO-3's reduce-scatter and one process's accumulation differ by the rounding
+# of float32 gradients (SGD_REL: measured below 1e-5 of the update's scale on this project's
+# machines; see the printed worst case). Adam is not compared: it divides each entry by its
+# own gradient's magnitude, so entries whose gradient is nearly 0 move by up to the full
+# learning rate on rounding alone (8.8e-4 apart on an AVX-512 CPU with equal gradient norms).
+SGD_LR, SGD_REL = 0.05, 1e-3
+
+
+@pytest.mark.parametrize("model", ["coin_model_dir", "coin_llama_dir"], ids=["qwen3-tied", "llama-untied"])
+def test_zero3_update_equals_one_process(model, request, coin_data, tmp_path, run_overrides, cli_env, ds_env):
     coin_model_dir = request.getfixturevalue(model)
     keys = run_overrides(coin_model_dir, tmp_path / "unused", data=coin_data, steps=STEPS, backend="trl",
-                         rollout__prompts_per_step=4, optim__micro_batch_size=2, optim__lr=1e-3,
-                         probe_every=0, eval_every=0)
+                         rollout__prompts_per_step=4, optim__micro_batch_size=2, optim__name="sgd",
+                         optim__lr=SGD_LR, probe_every=0, eval_every=0)
     keys = [k for k in keys if not k.startswith("run_dir=")]
     runs = {}
     for name, launch, env in (("one", [sys.executable], cli_env), ("zero3", _zero3_launch(), ds_env)):
@@ -101,9 +108,7 @@ def test_zero3_update_equals_one_process(model, atol, request, coin_data, tmp_pa
     one, zero3 = (load_file(runs[n] / "rank0.safetensors") for n in ("one", "zero3"))
     start = load_file(coin_model_dir / "model.safetensors")
     assert set(zero3) >= set(start)
-    for key in start:
-        torch.testing.assert_close(zero3[key], one[key], rtol=0, atol=atol, msg=key)
-    assert max(float((one[k] - start[k]).abs().max()) for k in start) > 1e-3  # training moved them
+    print("worst difference over the update's scale:", assert_same_update(zero3, one, start, SGD_REL))
 
     rows_one = _steps(json.loads((runs["one"] / "rank0.json").read_text()))
     rows_z3 = _steps(json.loads((runs["zero3"] / "rank0.json").read_text()))
@@ -128,7 +133,8 @@ def test_oisd_train_under_zero3_and_probe_the_checkpoint(model, request, coin_da
     _train("oisd", keys, ds_env)
     info = json.loads((run_dir / "run.json").read_text())
     assert info["backend"] == "trl" and info["status"] == "finished"
-    assert info["distributed"] == {"type": "deepspeed", "processes": 2, "weight_spread": 0.0}
+    assert info["distributed"] == {"type": "deepspeed", "processes": 2, "weight_spread": None,
+                                   "weight_spread_note": ZERO3_SPREAD_NOTE}
     rows = _metrics(run_dir)
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert "eval/accuracy" in rows[0] and "eval/accuracy" in rows[-1]
@@ -161,7 +167,8 @@ def test_method_trains_under_zero3(config, coin_model_dir, coin_data, tmp_path, 
     _train(config, keys, ds_env)
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "finished"
-    assert info["distributed"] == {"type": "deepspeed", "processes": 2, "weight_spread": 0.0}
+    assert info["distributed"] == {"type": "deepspeed", "processes": 2, "weight_spread": None,
+                                   "weight_spread_note": ZERO3_SPREAD_NOTE}
     rows = _metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2] and all(r["grad_norm"] > 0 for r in rows)
     _terms_add_up(config, info, rows)
@@ -188,7 +195,8 @@ def test_grpo_trains_and_resumes_under_zero3(coin_model_dir, coin_data, tmp_path
     _train("grpo", keys(full, STEPS + 1), ds_env)
     info = json.loads((full / "run.json").read_text())
     assert info["status"] == "finished"
-    assert info["distributed"] == {"type": "deepspeed", "processes": 2, "weight_spread": 0.0}
+    assert info["distributed"] == {"type": "deepspeed", "processes": 2, "weight_spread": None,
+                                   "weight_spread_note": ZERO3_SPREAD_NOTE}
     rows_full = _metrics(full)
     assert [r["step"] for r in rows_full] == [1, 2, 3] and all(r["grad_norm"] > 0 for r in rows_full)
     _terms_add_up("grpo", info, rows_full)

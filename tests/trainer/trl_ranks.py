@@ -14,6 +14,7 @@ forwards, which ZeRO-3's hooks would have to match), and only process 0 writes t
 gathered weights (``rank0.safetensors``).
 
     python tests/trainer/trl_ranks.py CONFIG OUT_DIR key=value ...
+
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def main(config: str, out: Path, overrides: list[str]) -> None:
     from trainer.distributed import close_processes
     from trainer.setup import prepare
     from trainer.trl_backend import SelfDistillGRPOTrainer, build_grpo_config, task_data
-    from workbench.generation import sample
+    from workbench.models.generation import sample
 
     cfg = load_config(config, overrides)
     setup = prepare(cfg)

@@ -2,7 +2,6 @@
 Qwen3, Llama and GPT-2 checkpoints; incremental runs and broken checkpoints."""
 
 import logging
-
 import math
 from pathlib import Path
 
@@ -12,16 +11,16 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from trainer.presets import preset_config
-from workbench.probe_runner import make_probe_set, probe_batch, run_builtin_probes
 from trainer.tasks import ArithmeticTask
 from trainer.tokenizer import build_char_tokenizer
-from workbench.analyzer import PROCESSING_MODE, bridge_probe_inputs, probe_run
+from workbench.analysis.analyzer import PROCESSING_MODE, bridge_probe_inputs, probe_run
+from workbench.analysis.probe_runner import make_probe_set, probe_batch, run_builtin_probes
 from workbench.errors import WorkbenchError
-from workbench.atomic import read_provenance
-from workbench.checkpoints import write_checkpoint
-from workbench.runstore import Run
-from workbench.runwriter import RunWriter
-from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, TOPK_COLUMNS
+from workbench.storage.atomic import read_provenance
+from workbench.storage.checkpoints import write_checkpoint
+from workbench.storage.runstore import Run
+from workbench.storage.runwriter import RunWriter
+from workbench.storage.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, TOPK_COLUMNS
 
 KEYS = ["step", "layer", "head", "ref_layer", "metric", "split"]
 
@@ -130,7 +129,7 @@ def test_bridge_last_layer_reproduces_hf_logits(tmp_path, tokenizer, records):
             batch["input_ids"], attention_mask=batch["attention_mask"],
             position_ids=batch["position_ids"], names_filter=["blocks.3.hook_resid_post"],
         )
-        readout_last = inputs.readout(cache["blocks.3.hook_resid_post"])
+        readout_last = inputs.lens(cache["blocks.3.hook_resid_post"], 4)
     real = batch["attention_mask"].bool()
     assert (inputs.final_logits - hf_logits)[real].abs().max() <= 1e-5
     assert (readout_last - hf_logits)[real].abs().max() <= 1e-5
@@ -151,7 +150,7 @@ def test_broken_checkpoints_are_skipped_and_runs_are_incremental(
     data[-1] ^= 0xFF  # same size, different sha256
     weights.write_bytes(bytes(data))
 
-    with caplog.at_level(logging.WARNING, logger="workbench.analyzer"):
+    with caplog.at_level(logging.WARNING, logger="workbench.analysis.analyzer"):
         report = probe_run(run_dir, progress=False, greedy=False, detail_prompts=2)
     assert report.analysed == [10]
     assert [step for step, _ in report.skipped] == [20, 30]
@@ -159,7 +158,7 @@ def test_broken_checkpoints_are_skipped_and_runs_are_incremental(
     assert "sha256 mismatch for model.safetensors" in reasons[20]
     assert "not a model folder" in reasons[30]
     assert all("\n" not in reason for reason in reasons.values())
-    warned = [r.getMessage() for r in caplog.records if r.name == "workbench.analyzer"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "workbench.analysis.analyzer"]
     assert len(warned) == 2 and all("\n" not in m for m in warned)
 
     run = Run.open(run_dir)
@@ -221,7 +220,7 @@ def test_analyzer_agrees_on_sampled_splits_and_long_greedy(tmp_path, tokenizer, 
     """The stored sampled completions, split by the verifier's verdict, and greedy
     completions of up to 60 tokens (the run's length, from run.json) score the same through
     TransformerLens as through the built-in probes, to 1e-4."""
-    from workbench.probe_runner import sample_probe_completions
+    from workbench.analysis.probe_runner import sample_probe_completions
 
     model = _model(_configs(tokenizer)["qwen3"])
     run_dir = _make_run(tmp_path, tokenizer, records, {10: model})
@@ -300,8 +299,8 @@ def test_attention_table_keeps_top_k_keys_beyond_its_budget(tmp_path, tokenizer,
     """Beyond ``ATTN_DETAIL_ROWS`` each query keeps its heaviest keys: the table stays within
     the budget, the file says how many keys and how much weight they hold, and the kept
     rows are the full table's heaviest ones with their exact weights."""
-    from workbench import analyzer
-    from workbench.atomic import read_provenance
+    from workbench.analysis import analyzer
+    from workbench.storage.atomic import read_provenance
 
     model = _model(_configs(tokenizer)["qwen3"])
     full_dir = _make_run(tmp_path / "full", tokenizer, records, {5: model})
@@ -337,7 +336,7 @@ def test_probe_measures_weight_drift_from_the_start_model(tmp_path, tokenizer, r
     import copy
 
     from workbench.compare import drift_lines
-    from workbench.runwriter import RunWriter
+    from workbench.storage.runwriter import RunWriter
 
     start = _model(_configs(tokenizer)["qwen3"])
     start_dir = tmp_path / "start"
@@ -374,7 +373,7 @@ def test_greedy_decoder_shares_the_bridge_weights(tmp_path, tokenizer, arch):
     """The analyzer's greedy decoder takes the tensors of the model the bridge wraps (the
     weights are in memory once): every parameter is the same storage, nothing is left on
     the meta device, and it decodes token for token as a decoder loaded on its own."""
-    from workbench.analyzer import _boot, load_decoder
+    from workbench.analysis.analyzer import _boot, load_decoder
 
     model = _model(_configs(tokenizer)[arch])
     model.save_pretrained(tmp_path / "m")
@@ -406,7 +405,7 @@ def test_stage_seconds_attributes_the_peak_memory_to_the_stage_that_raised_it():
         pytest.skip("needs /proc")
     code = """
 import json, numpy as np
-from workbench.analyzer import StageSeconds
+from workbench.analysis.memory import StageSeconds
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -442,7 +441,7 @@ def test_the_analyzer_fixes_glibc_malloc_threshold_once():
         pytest.skip("needs /proc")
     code = """
 import json, sys, torch
-from workbench.analyzer import fix_malloc_threshold
+from workbench.analysis.memory import fix_malloc_threshold
 
 def rss():
     for line in open("/proc/self/status"):

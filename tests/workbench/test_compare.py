@@ -11,13 +11,20 @@ from rich.console import Console
 
 from trainer.methods import METHODS, spec_of
 from trainer.setup import resolve_layers
-from workbench.compare import (COLUMNS, ENTROPY_WINDOW, comparability_warnings, comparison_table, method_summary,
-                               print_comparison, summary_lines)
+from workbench.compare import (
+    COLUMNS,
+    ENTROPY_WINDOW,
+    comparability_warnings,
+    comparison_table,
+    method_summary,
+    print_comparison,
+    summary_lines,
+)
 from workbench.errors import WorkbenchError
-from workbench.atomic import atomic_write_parquet
-from workbench.runstore import Run
-from workbench.runwriter import RunWriter
-from workbench.schema import METRIC_COLUMNS
+from workbench.storage.atomic import atomic_write_parquet
+from workbench.storage.runstore import Run
+from workbench.storage.runwriter import RunWriter
+from workbench.storage.schema import METRIC_COLUMNS
 
 
 def probe_value(metric: str, step: int, layer: int, scale: float) -> float:
@@ -51,7 +58,8 @@ def make_run(root, name, method, *, seed=0, n_layers=4, layers=(0.5,), steps=(0,
     writer = RunWriter(path, config, resume=False)
     # What the trainer records: L and the resolved OISD layers (none when OISD is off).
     oisd = spec_of(method).oisd if method in METHODS else False
-    writer.record(num_layers=n_layers, oisd_layers=resolve_layers(list(layers), n_layers) if oisd else [])
+    writer.record(num_layers=n_layers, oisd_layers=resolve_layers(list(layers), n_layers) if oisd else [],
+                  baseline=spec_of(method).baseline if method in METHODS else False)
     last = steps[-1]
     entropy = entropy or {k: 2.0 - 0.1 * k for k in range(1, last + 1)}
     evals = dict(zip(steps, accuracy))
@@ -233,6 +241,7 @@ def test_method_summary_says_whether_a_difference_beats_the_seed_spread(tmp_path
              for s, a in ((0, 0.70), (1, 0.74))]
     summary = method_summary(runs)
     assert summary["layer"] == 2 and list(summary["methods"]) == ["grpo", "oisd"]
+    assert summary["baseline"] == "grpo"  # from run.json's baseline, which the method table decides
     oisd = summary["methods"]["oisd"]
     assert oisd["seeds"] == 2 and oisd["accuracy_before"] == pytest.approx(0.3)
     assert oisd["accuracy_after"] == pytest.approx([0.70, 0.74])

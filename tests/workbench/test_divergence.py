@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from workbench.divergence import generalized_jsd, kl_divergence, student_divergence
+from workbench.measures.divergence import generalized_jsd, kl_divergence, student_divergence
 
 
 def _reference(logits, log_q, temperature, beta):

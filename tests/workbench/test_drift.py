@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from workbench.drift import most_moved_block, parameter_group, weight_drift
 from workbench.errors import CheckpointError
+from workbench.measures.drift import most_moved_block, parameter_group, weight_drift
 
 
 def _save(folder, tensors):

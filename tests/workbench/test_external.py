@@ -12,14 +12,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig, MistralConfig)
+from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig, MistralConfig
 
 from trainer.presets import preset_config
 from trainer.tokenizer import build_char_tokenizer
-from workbench.analyzer import probe_run
+from workbench.analysis.analyzer import probe_run
+from workbench.analysis.external import load_prompts, prepare_analysis_folder, resolve_source
 from workbench.errors import ConfigError, DataError
-from workbench.external import load_prompts, prepare_analysis_folder, resolve_source
-from workbench.runstore import Run
+from workbench.storage.runstore import Run
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = [{"prompt": "Compute 1+2.\n", "reference": "1+2=3. Answer: 3"},
@@ -195,9 +195,9 @@ def _trl_copies(root: Path, model: Path, steps=(2, 4)) -> Path:
 def test_references_of_some_prompts_make_a_reference_split_of_those(tmp_path, tiny_qwen3_dir, capsys):
     """Only some --prompts rows have a reference: each keeps its own, the reference split is
     scored on those prompts (said in one line), the greedy split on all; compare reads it."""
+    from workbench.analysis.probe_runner import probe_splits
     from workbench.cli import main
     from workbench.compare import comparison_table
-    from workbench.probe_runner import probe_splits
 
     items = [{"prompt": f"Compute {a}+{b}.\n"} | ({"reference": f"{a}+{b}={a + b}. Answer: {a + b}"} if a % 2 else {})
              for a, b in ((1, 2), (2, 3), (3, 4), (4, 5), (5, 1))]  # references on prompts 0, 2, 4
@@ -237,7 +237,7 @@ def test_a_trainer_dir_analysis_folder_counts_its_steps_and_checkpoints(tmp_path
     API and the dashboard's Runs table say steps 4 and 2 checkpoints, not 0 and 0."""
     from workbench.api import runs
     from workbench.cli import main
-    from workbench.runstore import run_summary
+    from workbench.storage.runstore import run_summary
 
     trl = _trl_copies(tmp_path / "trl-out", tiny_qwen3_dir)
     out = tmp_path / "analysis"

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from workbench import metrics
+from workbench.measures import metrics
 
 LN2 = math.log(2.0)
 
@@ -218,7 +218,7 @@ def test_head_match_rejects_different_head_counts():
 
 # --- fast paths agree with the reference definitions ------------------------------
 
-from workbench import divergence  # noqa: E402
+from workbench.measures import divergence  # noqa: E402
 
 
 def _reference_lens(logp_l, logp_final, targets):

@@ -7,16 +7,16 @@ import pandas as pd
 import pytest
 import torch
 
-from workbench import metrics
 from workbench.errors import ConfigError, DataError, WorkbenchError
-from workbench.probing import (
+from workbench.measures import metrics
+from workbench.measures.probing import (
     LENS_STAT_NAMES,
     ProbeInputs,
     attention_detail,
     compute_probe_metrics,
     per_position_detail,
 )
-from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, TOPK_COLUMNS
+from workbench.storage.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, TOPK_COLUMNS
 
 LN3 = math.log(3.0)
 P_FINAL = [0.1, 0.2, 0.7]
@@ -64,7 +64,7 @@ def _hand_inputs():
     return ProbeInputs(
         hidden=[hidden1, hidden2],
         final_logits=final_logits,
-        readout=lambda h: h,
+        lens=lambda h, layer: h,
         targets=targets,
         mask=mask,
         attentions=attentions,
@@ -141,7 +141,7 @@ def _random_inputs(seed=0, n_seq=3, seq_len=7, d=8, vocab=13, n_layers=4, n_head
     return ProbeInputs(
         hidden=[torch.randn(n_seq, seq_len, d, generator=g) for _ in range(n_layers - 1)],
         final_logits=torch.randn(n_seq, seq_len, vocab, generator=g) * 2,
-        readout=readout,
+        lens=lambda h, layer: readout(h),
         targets=torch.randint(0, vocab, (n_seq, seq_len), generator=g),
         mask=mask,
         attentions=attentions,
@@ -201,7 +201,7 @@ def test_padding_mask_sets_key_count_and_first_token():
     inputs = ProbeInputs(
         hidden=[torch.zeros(1, 4, 3)],
         final_logits=torch.zeros(1, 4, 3),
-        readout=lambda h: h,
+        lens=lambda h, layer: h,
         targets=torch.zeros(1, 4, dtype=torch.long),
         mask=torch.tensor([[False, False, True, True]]),
         attentions=[a, a],

@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workbench.checkpoints import write_checkpoint
-from workbench.compare import comparison_table, probe_summary, report_layers
-from workbench.runstore import Run, run_summary
-from workbench.runwriter import RunWriter
-from workbench.schema import METRIC_COLUMNS
+from workbench.compare import comparison_table
+from workbench.measures.summary import probe_summary, report_layers
+from workbench.storage.checkpoints import write_checkpoint
+from workbench.storage.runstore import Run, run_summary
+from workbench.storage.runwriter import RunWriter
+from workbench.storage.schema import METRIC_COLUMNS
 
 
 def _save(folder):

@@ -12,18 +12,24 @@ import pytest
 
 from workbench import __version__
 from workbench.errors import CheckpointError, ConfigError, DataError, WorkbenchError
-from workbench.atomic import (
+from workbench.models.loading import is_model_folder, require_model_folder
+from workbench.storage.atomic import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_parquet,
     atomic_write_text,
     read_provenance,
 )
-from workbench.checkpoints import latest_checkpoint, list_checkpoints, verify_checkpoint, write_checkpoint
-from workbench.models import is_model_folder, require_model_folder
-from workbench.runstore import BrokenRun, Run, list_runs, probe_set_hash, safe_join
-from workbench.runwriter import RunWriter
-from workbench.schema import METRIC_COLUMNS, TOPK_COLUMNS
+from workbench.storage.checkpoints import (
+    latest_checkpoint,
+    list_checkpoints,
+    verify_checkpoint,
+    write_checkpoint,
+)
+from workbench.storage.paths import probe_set_hash, safe_join
+from workbench.storage.runstore import BrokenRun, Run, list_runs
+from workbench.storage.runwriter import RunWriter
+from workbench.storage.schema import METRIC_COLUMNS, TOPK_COLUMNS
 
 
 def _save_fn(payload: bytes = b"weights-0123456789"):
@@ -377,7 +383,7 @@ def test_each_probe_step_writes_only_its_own_file(tmp_path):
     """Built-in probes go to probes/step-NNNNNN.parquet: logging a step leaves every earlier
     step's file untouched (its cost does not grow with the run), Run.probes() reads them
     as one table (with an older run's probes.parquet), and a resume drops later steps."""
-    from workbench.runwriter import RunWriter
+    from workbench.storage.runwriter import RunWriter
 
     run_dir = tmp_path / "r"
     writer = RunWriter(run_dir, {"method": "grpo"}, resume=False)
@@ -411,7 +417,7 @@ def test_metric_rows_read_only_what_is_asked_and_list_the_catalog_from_footers(t
     parts), opens only the asked steps' files, and skips an unreadable file with a warning."""
     import pyarrow.parquet as pq
 
-    from workbench.runwriter import METRIC_ROW_GROUP
+    from workbench.storage.runwriter import METRIC_ROW_GROUP
 
     metrics = ["top1_agree", "lens_kl", "attn_entropy"]
     splits = ["sampled_wrong", "reference", "greedy"]
@@ -470,7 +476,7 @@ def test_probe_parts_merge_into_segments_and_survive_a_cut_merge_and_a_resume(tm
     segment file; readers see the same rows either way, a merge cut short (the segment
     written, the parts not yet removed) neither duplicates nor loses rows, and a resume into
     a segment keeps its earlier steps."""
-    from workbench.runwriter import PROBE_SEGMENT
+    from workbench.storage.runwriter import PROBE_SEGMENT
 
     run_dir = tmp_path / "r"
     writer = RunWriter(run_dir, {"method": "grpo"}, resume=False)

@@ -23,17 +23,11 @@ never share a question.
 from __future__ import annotations
 
 import random
-import re
 from functools import cached_property
 
 from trainer.tasks.base import DEFAULT_PROMPT_FORMAT, Example, PromptFormat
 from workbench.errors import ConfigError
-
-_ANSWER_MARK = "Answer:"
-# After the last "Answer:": optional spaces, an optional sign, spaces, ASCII
-# digits; the integer must not continue as a decimal ("51.5") or a digit
-# group ("51,000"), but may be followed by anything else ("51.", "51<eos>").
-_INTEGER_AFTER_MARK = re.compile(r"\s*([+-]?)\s*([0-9]+)(?![0-9]|[.,][0-9])", re.ASCII)
+from workbench.measures.answers import canonical_integer, extract_integer_answer, integer_agree  # noqa: F401
 
 # The embedded default, chosen by measurement (docs/calibration.md): three one-digit operands
 # ("Compute 7+2-5.", two chain-of-thought steps). The tiny preset's warm start lands at about
@@ -45,37 +39,6 @@ EMBEDDED_TASK = dict(n_operands=3, digits=1, operators="+-", n_train=2000, n_tes
 # Attempts to draw one more distinct question before concluding that the knobs
 # cannot give n_train + n_test of them (checked against the space size first).
 _MAX_DRAWS_PER_EXAMPLE = 50
-
-
-def canonical_integer(sign: str, digits: str) -> str:
-    """The canonical spelling of an integer: no leading zeros or plus, no ``-0``.
-
-    Works on strings so that arbitrarily long numbers compare exactly without
-    Python's int/str conversion limit.
-    """
-    digits = digits.lstrip("0") or "0"
-    return f"-{digits}" if sign == "-" and digits != "0" else digits
-
-
-def extract_integer_answer(completion: str) -> str | None:
-    """The integer after the last ``"Answer:"`` in a completion, canonicalised.
-
-    Args:
-        completion: Model output text; anything at all.
-
-    Returns:
-        E.g. ``"51"`` or ``"-5"``; None if there is no ``"Answer:"`` or no
-        integer right after the last one.
-    """
-    if not isinstance(completion, str):
-        return None
-    position = completion.rfind(_ANSWER_MARK)
-    if position < 0:
-        return None
-    match = _INTEGER_AFTER_MARK.match(completion, position + len(_ANSWER_MARK))
-    if match is None:
-        return None
-    return canonical_integer(match.group(1), match.group(2))
 
 
 def _apply(left: int, operator: str, right: int) -> int:
@@ -171,13 +134,12 @@ class ArithmeticTask:
         """The integer after the last ``"Answer:"``, canonicalised; None on junk."""
         return extract_integer_answer(completion)
 
+    #: How its completions are checked (:mod:`workbench.measures.answers`), recorded in run.json.
+    answer_check = "integer"
+
     def reward(self, completion: str, example: Example) -> float:
         """1.0 if the completion's final integer equals the example's answer, else 0.0."""
-        predicted = extract_integer_answer(completion)
-        if predicted is None:
-            return 0.0
-        gold = extract_integer_answer(f"{_ANSWER_MARK} {example.answer}")
-        return 1.0 if predicted == gold else 0.0
+        return 1.0 if integer_agree(completion, example.answer) else 0.0
 
     @cached_property
     def _split(self) -> tuple[list[Example], list[Example]]:

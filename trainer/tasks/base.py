@@ -186,8 +186,12 @@ class Task(Protocol):
     """A source of examples with a verifier.
 
     ``reward`` returns 1.0 for a correct completion and 0.0 otherwise; it never
-    raises, whatever the completion holds.
+    raises, whatever the completion holds. ``answer_check`` names the check it applies
+    (``workbench.measures.answers.ANSWER_CHECKS``: ``"integer"`` or ``"math"``), which run.json
+    records so that the analyzer checks completions the same way.
     """
+
+    answer_check: str
 
     def train_examples(self) -> list[Example]:
         """The training examples, in a fixed order."""

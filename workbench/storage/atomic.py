@@ -2,8 +2,8 @@
 
 Every file of a run folder is written through here (temporary dot-file in the same
 folder, fsync, ``os.replace``, fsync of the folder), except ``metrics.jsonl``, which is
-appended one fsynced line at a time (:class:`workbench.runwriter.RunWriter`), and
-checkpoints, which are whole folders renamed into place (:mod:`workbench.checkpoints`).
+appended one fsynced line at a time (:class:`workbench.storage.runwriter.RunWriter`), and
+checkpoints, which are whole folders renamed into place (:mod:`workbench.storage.checkpoints`).
 Parquet tables can carry provenance in their schema metadata (:func:`read_provenance`).
 """
 

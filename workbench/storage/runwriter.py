@@ -1,8 +1,8 @@
 """Writing a run folder: :class:`RunWriter` (run.json, metrics, probe set, probes, samples).
 
-Every file is written atomically (:mod:`workbench.atomic`) except ``metrics.jsonl``,
+Every file is written atomically (:mod:`workbench.storage.atomic`) except ``metrics.jsonl``,
 which is appended one fsynced line at a time so a kill loses at most the line being
-written. Checkpoints are written by :func:`workbench.checkpoints.write_checkpoint`.
+written. Checkpoints are written by :func:`workbench.storage.checkpoints.write_checkpoint`.
 """
 
 from __future__ import annotations
@@ -19,13 +19,22 @@ from typing import Any
 
 import pandas as pd
 
-from workbench.atomic import atomic_write_json, atomic_write_parquet, atomic_write_text, json_default
-from workbench.checkpoints import latest_checkpoint
 from workbench.errors import DataError, WorkbenchError
-from workbench.runstore import (
-    METRIC_CATALOG_KEY, STATUSES, RunPaths, load_run_json, probe_set_hash, read_metrics_lines,
+from workbench.storage.atomic import (
+    atomic_write_json,
+    atomic_write_parquet,
+    atomic_write_text,
+    json_default,
 )
-from workbench.schema import METRIC_COLUMNS, SAMPLE_COLUMNS
+from workbench.storage.checkpoints import latest_checkpoint
+from workbench.storage.paths import RunPaths, probe_set_hash
+from workbench.storage.runstore import (
+    METRIC_CATALOG_KEY,
+    STATUSES,
+    load_run_json,
+    read_metrics_lines,
+)
+from workbench.storage.schema import METRIC_COLUMNS, SAMPLE_COLUMNS
 
 __all__ = ["METRIC_ROW_GROUP", "METRIC_SORT", "PROBE_SEGMENT", "RunWriter", "write_metric_table"]
 
@@ -46,7 +55,7 @@ PROBE_SEGMENT = 32
 def write_metric_table(path: str | os.PathLike, df: pd.DataFrame, metadata: dict | None = None) -> None:
     """Write a metric table (``METRIC_COLUMNS``) atomically, sorted and grouped for filtered
     reads, with its distinct ``(metric, split)`` pairs in the footer
-    (:data:`~workbench.runstore.METRIC_CATALOG_KEY`) so that listing what a long series
+    (:data:`~workbench.storage.runstore.METRIC_CATALOG_KEY`) so that listing what a long series
     holds reads footers, not rows."""
     rows = df[METRIC_COLUMNS].sort_values(METRIC_SORT, kind="stable", ignore_index=True)
     catalog = rows[["metric", "split"]].drop_duplicates().values.tolist()

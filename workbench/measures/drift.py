@@ -24,14 +24,15 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from workbench.errors import CheckpointError  # torch is imported where tensors are read: the app imports this module
-from workbench.schema import DRIFT_COLUMNS
+from workbench.errors import (
+    CheckpointError,  # torch is imported where tensors are read: the app imports this module
+)
+from workbench.storage.schema import DRIFT_COLUMNS
 
 if TYPE_CHECKING:
     import torch
 
 #: Module kinds inside a decoder block, and the row that adds them up.
-BLOCK_KINDS = ("attention", "mlp", "norm", "other")
 ALL = "all"
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
@@ -61,7 +62,7 @@ def parameter_group(name: str, n_layers: int) -> tuple[str, int, str]:
     return "other", n_layers + 3, "other"
 
 
-def _tensor_files(folder: Path) -> dict[str, Path]:
+def tensor_files(folder: Path) -> dict[str, Path]:
     """Parameter name -> the safetensors file holding it (one file or an index's shards)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -100,7 +101,7 @@ def weight_drift(start: str | Path, now: str | Path, n_layers: int | None = None
         CheckpointError: a folder without safetensors weights, or parameters that differ
             in name or shape between the two.
     """
-    start_files, now_files = _tensor_files(Path(start)), _tensor_files(Path(now))
+    start_files, now_files = tensor_files(Path(start)), tensor_files(Path(now))
     if start_files.keys() != now_files.keys():
         missing = sorted(start_files.keys() ^ now_files.keys())[:3]
         raise CheckpointError(f"{now} and {start} hold different parameters (e.g. {missing}): no weight drift")
@@ -171,21 +172,3 @@ def most_moved_block(drift: pd.DataFrame) -> tuple[int, float] | None:
         return None
     best = rows.loc[rows["rel_change"].idxmax()]
     return int(best["block"]), float(best["rel_change"])
-
-
-def drift_base(run) -> str | None:
-    """The weights a run's drift is measured from: the model it started from (run.json's
-    ``config.model.path``, when it is a local folder with safetensors weights), else its
-    first checkpoint (for a series trained elsewhere, ``oisd probe --base`` names it)."""
-    config = run.info.get("config") or {}
-    start = (config.get("model") or {}).get("path")
-    if start and Path(start).is_dir():
-        try:
-            _tensor_files(Path(start))
-            return str(start)
-        except CheckpointError:
-            pass
-    from workbench.analyzer import checkpoint_targets
-
-    targets = checkpoint_targets(run)
-    return targets[0].location if targets and Path(targets[0].location).is_dir() else None

@@ -1,7 +1,7 @@
 """Checkpoints and their manifests: ``checkpoints/step-NNNNNN/`` of a run folder.
 
 A checkpoint is assembled in ``checkpoints/.tmp-*``, gets its manifest (sha256 and
-size of every file, :attr:`RunPaths.MANIFEST <workbench.runstore.RunPaths.MANIFEST>`)
+size of every file, :attr:`RunPaths.MANIFEST <workbench.storage.paths.RunPaths.MANIFEST>`)
 last, and only then is renamed to ``step-NNNNNN``: a reader never sees half a
 checkpoint, and a killed run resumes from the last complete one.
 """
@@ -18,9 +18,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-from workbench.atomic import atomic_write_json, fsync_dir
 from workbench.errors import CheckpointError, ConfigError, warn
-from workbench.runstore import RunPaths
+from workbench.storage.atomic import atomic_write_json, fsync_dir
+from workbench.storage.paths import RunPaths
 
 __all__ = [
     "MANIFEST_FORMAT", "MANIFEST_NAME", "MANIFEST_VERSION", "Checkpoint", "latest_checkpoint",

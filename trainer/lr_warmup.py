@@ -1,4 +1,4 @@
-"""The learning-rate schedule both backends use."""
+"""The learning-rate warm-up both backends use (linear, then constant)."""
 
 from __future__ import annotations
 

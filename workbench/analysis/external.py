@@ -5,7 +5,10 @@ Each PATH is one of:
 - a **run folder** of this project (``run.json``): analysed in place, as always;
 - an **HF model folder** (``config.json`` and weights) or a **hub name**: one checkpoint, step 0;
 - a **TRL / HF Trainer output dir**: its ``checkpoint-N/`` folders, step N from
-  ``trainer_state.json`` (``global_step``) or else from the name;
+  ``trainer_state.json`` (``global_step``) or else from the name; the folders may be full
+  models or LoRA adapters (``adapter_config.json`` + ``adapter_model.safetensors``, a LoRA
+  or PEFT run), each merged onto its base while it is analysed (``--base``, else the
+  adapter's ``base_model_name_or_path``; :mod:`workbench.models.adapters`);
 - a **verl checkpoint dir**: its ``global_step_N/actor/huggingface`` folders (verl's
   actor merged to HF format), step N.
 
@@ -28,12 +31,15 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from workbench.errors import ConfigError, DataError, WorkbenchError
-from workbench.jsonl import read_json_objects
-from workbench.models import DTYPES, first_line, is_local_path, is_model_folder
-from workbench.runstore import Run, is_run_folder, probe_set_hash
-from workbench.runwriter import RunWriter
-from workbench.schema import DEFAULT_PROBE_MAX_NEW_TOKENS
+from workbench.errors import ConfigError, DataError, WorkbenchError, first_line
+from workbench.models.adapters import adapter_base, is_adapter_folder, require_peft
+from workbench.models.generation import check_max_new_tokens
+from workbench.models.loading import DTYPES, is_local_path, is_model_folder
+from workbench.storage.jsonl import read_json_objects
+from workbench.storage.paths import is_run_folder, probe_set_hash
+from workbench.storage.runstore import Run
+from workbench.storage.runwriter import RunWriter
+from workbench.storage.schema import DEFAULT_PROBE_MAX_NEW_TOKENS
 
 KINDS = ("run", "model", "hub", "trainer", "verl")
 ACCEPTED = ("a run folder (run.json), an HF model folder (config.json + weights) or hub name, a TRL / HF "
@@ -51,11 +57,13 @@ class Source:
         kind: one of :data:`KINDS`.
         checkpoints: ``(step, model folder or hub name, origin)``, sorted by step
             (empty for a run folder: it lists its own).
+        adapters: the checkpoints are LoRA adapters, not full models.
     """
 
     path: str
     kind: str
     checkpoints: tuple[tuple[int, str, str], ...] = ()
+    adapters: bool = False
 
     @property
     def name(self) -> str:
@@ -90,13 +98,16 @@ def resolve_source(path: str | os.PathLike) -> Source:
     if folder.is_dir():
         if is_model_folder(folder):
             return Source(text, "model", ((0, str(folder), str(folder)),))
-        found = []
+        found, adapters = [], []
         for child in folder.iterdir():
             match = _TRAINER_CKPT.match(child.name)
-            if match and is_model_folder(child):
+            if match and (is_model_folder(child) or is_adapter_folder(child)):
                 found.append((_trainer_step(child, int(match.group(1))), str(child), f"{child.name} of {text}"))
+                adapters.append(is_adapter_folder(child))
         if found:
-            return Source(text, "trainer", tuple(sorted(found)))
+            if len(set(adapters)) > 1:
+                raise ConfigError(f"{text} mixes full checkpoints and LoRA adapters; probe them separately")
+            return Source(text, "trainer", tuple(sorted(found)), adapters=adapters[0])
         for child in folder.iterdir():
             match = _VERL_STEP.match(child.name)
             actor = child / "actor" / "huggingface"
@@ -187,8 +198,7 @@ def check_probe_args(*, max_new_tokens: int | None, detail_prompts: int, n_promp
     Raises:
         ConfigError: one line naming the argument.
     """
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    check_max_new_tokens(max_new_tokens, "--max-new-tokens")
     if detail_prompts < 0:
         raise ConfigError(f"--detail-prompts must be >= 0, got {detail_prompts}")
     if n_prompts < 1:
@@ -215,11 +225,12 @@ class AnalysisPlan:
     records: list
     fingerprint: str
     max_new_tokens: int
+    base: str | None = None  # what adapter checkpoints are merged onto
 
 
 def plan_analysis_folder(source: Source, out: str | os.PathLike, prompts: list[dict], *,
-                         chat_template: bool = False,
-                         max_new_tokens: int = DEFAULT_PROBE_MAX_NEW_TOKENS) -> AnalysisPlan:
+                         chat_template: bool = False, max_new_tokens: int = DEFAULT_PROBE_MAX_NEW_TOKENS,
+                         base: str | None = None) -> AnalysisPlan:
     """Everything :func:`write_analysis_folder` needs for ``out/<name>``, checked and
     written nowhere: the probe set tokenised with the first checkpoint's tokenizer, and
     that the folder is new or holds this input's analysis with this probe set.
@@ -227,18 +238,27 @@ def plan_analysis_folder(source: Source, out: str | os.PathLike, prompts: list[d
     Raises:
         WorkbenchError: the tokenizer cannot be loaded or lacks what the prompts need
             (``--chat-template``); ``out`` is not a folder; the folder holds an analysis of
-            another input or another probe set, or something that is not an analysis.
+            another input or another probe set, or something that is not an analysis; LoRA
+            adapters without a base (``--base`` or their ``base_model_name_or_path``) or peft.
     """
     from transformers import AutoTokenizer
 
-    from workbench.probe_runner import prompt_records
+    from workbench.analysis.probe_runner import prompt_records
 
-    if max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    check_max_new_tokens(max_new_tokens, "--max-new-tokens")
     if Path(out).exists() and not Path(out).is_dir():
         raise ConfigError(f"--out {out} is not a folder")
     folder = Path(out) / source.name
     first = source.checkpoints[0][1]
+    if source.adapters:
+        require_peft()
+        base = base or adapter_base(first)
+        if not base:
+            raise ConfigError(f"{first} is a LoRA adapter whose adapter_config.json names no base model; give --base")
+        if (Path(base).exists() or is_local_path(base)) and not is_model_folder(base):
+            raise ConfigError(f"{base}, the base model of the adapters in {source.path}, is not a model folder")
+        if not (Path(first) / "tokenizer_config.json").is_file():
+            first = base  # an adapter saved without its tokenizer: the base's
     try:
         tokenizer = AutoTokenizer.from_pretrained(first)
     except Exception as exc:  # noqa: BLE001 - a loading failure becomes one line
@@ -255,7 +275,8 @@ def plan_analysis_folder(source: Source, out: str | os.PathLike, prompts: list[d
             raise WorkbenchError(f"{folder} was probed with other prompts; choose another --out")
     elif folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise WorkbenchError(f"{folder} exists and is not an analysis folder (no run.json); choose another --out")
-    return AnalysisPlan(source, folder, records, tokenizer_fingerprint(tokenizer), max_new_tokens)
+    return AnalysisPlan(source, folder, records, tokenizer_fingerprint(tokenizer), max_new_tokens,
+                        base if source.adapters else None)
 
 
 def write_analysis_folder(plan: AnalysisPlan) -> Path:
@@ -270,7 +291,9 @@ def write_analysis_folder(plan: AnalysisPlan) -> Path:
     writer.write_probe_set(plan.records)
     writer.record(
         external={"source": source.path, "kind": source.kind,
-                  "checkpoints": [{"step": s, "path": p, "origin": o} for s, p, o in source.checkpoints]},
+                  "checkpoints": [{"step": s, "path": p, "origin": o} | (
+                      {"adapter": True, "base": plan.base} if source.adapters else {})
+                      for s, p, o in source.checkpoints]},
         probe_max_new_tokens=plan.max_new_tokens, tokenizer_fingerprint=plan.fingerprint,
     )
     writer.set_status("finished")
@@ -278,8 +301,8 @@ def write_analysis_folder(plan: AnalysisPlan) -> Path:
 
 
 def prepare_analysis_folder(source: Source, out: str | os.PathLike, prompts: list[dict], *,
-                            chat_template: bool = False,
-                            max_new_tokens: int = DEFAULT_PROBE_MAX_NEW_TOKENS) -> Path:
+                            chat_template: bool = False, max_new_tokens: int = DEFAULT_PROBE_MAX_NEW_TOKENS,
+                            base: str | None = None) -> Path:
     """Create (or reuse) ``out/<name>`` for a non-run input: :func:`plan_analysis_folder`
     then :func:`write_analysis_folder`.
 
@@ -287,7 +310,7 @@ def prepare_analysis_folder(source: Source, out: str | os.PathLike, prompts: lis
         WorkbenchError: as :func:`plan_analysis_folder`; nothing is written then.
     """
     return write_analysis_folder(plan_analysis_folder(source, out, prompts, chat_template=chat_template,
-                                                      max_new_tokens=max_new_tokens))
+                                                      max_new_tokens=max_new_tokens, base=base))
 
 
 def check_inputs(paths: list[str], out: str | None) -> list[Source]:

@@ -25,8 +25,16 @@ METRIC_COLUMNS = ["run", "step", "layer", "head", "ref_layer", "metric", "value"
 TOPK_COLUMNS = ["run", "step", "prompt", "layer", "position", "k", "token_id", "token", "prob"]
 CELL_COLUMNS = ["run", "step", "prompt", "layer", "position", "token", "target", "metric", "value"]
 ATTN_COLUMNS = ["run", "step", "prompt", "layer", "head", "query", "key", "weight"]
-# Weight drift from the start (workbench/drift.py): one row per (module, block, kind) per checkpoint.
+# Weight drift from the start (workbench/measures/drift.py): one row per (module, block, kind) per checkpoint.
 DRIFT_COLUMNS = ["run", "step", "module", "block", "kind", "rel_change", "changed_bf16", "n_params"]
+
+# The learned-lens control (analysis/step-N-lens.parquet): the lens metrics of an intermediate
+# layer read through a learned read-out, ``lens`` naming it (docs/metrics.md); the logit lens's
+# own rows stay in the metrics table (lens "logit").
+LENS_COLUMNS = METRIC_COLUMNS + ["lens"]
+# Activation patching across checkpoints (analysis/step-N-patch.parquet): per layer and
+# component (block, attn, mlp), the share of the checkpoint's change that patching recovers.
+PATCH_COLUMNS = ["run", "step", "layer", "component", "metric", "value", "split"]
 
 # Sampled probe completions (probe_samples.parquet): one row per sequence.
 SAMPLE_COLUMNS = ["step", "prompt", "sample", "response_ids", "correct"]
@@ -57,4 +65,16 @@ ATTN_METRICS = {
     "attn_entropy": ("row entropy / log(number of keys), in [0, 1]", "lower = more focused"),
     "bos_mass": ("attention weight on the first token", "higher = more attention sink"),
 }
-METRIC_INFO = {**LENS_METRICS, **ATTN_METRICS}
+# Early exit (workbench/analysis/early_exit.py): greedy decoding from blocks 1..l read through
+# the final norm and unembedding; split "greedy".
+EXIT_METRIC_INFO = {
+    "exit_accuracy": ("share of probe prompts answered correctly when exiting after block l", "higher = the layer can do the task"),
+    "exit_agree": ("share of probe prompts whose exit answer equals the full model's", "higher = closer to the full model"),
+    "exit_length": ("mean completion length (tokens) when exiting after block l", ""),
+}
+PATCH_METRIC_INFO = {
+    "patch_recovered": ("1 - KL(p_B || p_A patched at l) / KL(p_B || p_A)", "1 = the change lives up to here"),
+    "patch_recovered_logp": ("share of the answer tokens' log-prob change the patch recovers", "1 = all of it"),
+    "patch_kl_base": ("KL(p_B || p_A): how much the checkpoint changed the predictions, nats", ""),
+}
+METRIC_INFO = {**LENS_METRICS, **ATTN_METRICS, **EXIT_METRIC_INFO, **PATCH_METRIC_INFO}

@@ -13,10 +13,10 @@ A run folder::
       checkpoints/step-000050/ HF files + tokenizer + trainer_state + manifest.json
       analysis/step-000050-<kind>.parquet   analyzer output with provenance metadata
 
-The rest of the store, by seam: :mod:`workbench.atomic` (every file is written
-atomically), :mod:`workbench.checkpoints` (checkpoints and their manifests),
-:mod:`workbench.runwriter` (:class:`~workbench.runwriter.RunWriter`, writing a run)
-and :mod:`workbench.models` (what a model folder is).
+The rest of the store, by seam: :mod:`workbench.storage.atomic` (every file is written
+atomically), :mod:`workbench.storage.checkpoints` (checkpoints and their manifests),
+:mod:`workbench.storage.runwriter` (:class:`~workbench.storage.runwriter.RunWriter`, writing a run)
+and :mod:`workbench.models.loading` (what a model folder is).
 
 Readers are cheap and never crash on a partial folder: missing tables come back
 empty with their contract columns, a torn last metrics line is dropped, and a run
@@ -26,28 +26,36 @@ reason.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import pandas as pd
 
-from workbench.atomic import json_default, read_provenance
 from workbench.errors import WorkbenchError, warn
-from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, DRIFT_COLUMNS, METRIC_COLUMNS, SAMPLE_COLUMNS, TOPK_COLUMNS
+from workbench.storage.atomic import read_provenance
+from workbench.storage.paths import RunPaths, is_run_folder
+from workbench.storage.schema import (
+    ATTN_COLUMNS,
+    CELL_COLUMNS,
+    DRIFT_COLUMNS,
+    LENS_COLUMNS,
+    METRIC_COLUMNS,
+    PATCH_COLUMNS,
+    SAMPLE_COLUMNS,
+    TOPK_COLUMNS,
+)
 
 if TYPE_CHECKING:
-    from workbench.checkpoints import Checkpoint
+    from workbench.storage.checkpoints import Checkpoint
 
 __all__ = [
-    "ANALYSIS_COLUMNS", "LIVE_SECONDS", "METRIC_CATALOG_KEY", "STATUSES", "BrokenRun", "Run", "RunPaths", "is_run_folder",
-    "list_runs", "load_run_json", "probe_set_hash", "read_metrics_lines", "run_summary", "safe_join",
+    "ANALYSIS_COLUMNS", "LIVE_SECONDS", "METRIC_CATALOG_KEY", "STATUSES", "BrokenRun", "Run", "list_runs",
+    "last_value", "load_run_json", "read_metrics_lines", "run_summary",
 ]
 
 # The footer key of a metric table's distinct (metric, split) pairs (runwriter.write_metric_table).
@@ -61,162 +69,9 @@ ANALYSIS_COLUMNS = {
     "cells": CELL_COLUMNS,
     "attn": ATTN_COLUMNS,
     "drift": DRIFT_COLUMNS,
+    "lens": LENS_COLUMNS,
+    "patch": PATCH_COLUMNS,
 }
-_KIND = re.compile(r"^[a-z0-9_]+$")
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Every path of a run folder: the one place their names are written.
-
-    ``run.json``, ``metrics.jsonl``, ``probe_set.jsonl``, ``probes/step-NNNNNN.parquet``
-    and ``probes/steps-AAAAAA-BBBBBB.parquet`` (``probes.parquet`` in older runs),
-    ``probe_samples.parquet`` (the sampled completions of the outcome-conditioned
-    probes), ``checkpoints/step-NNNNNN/`` (each with its ``manifest.json``),
-    ``analysis/``, ``events/``; and ``warmstart.json``, the figures a warm-start model
-    folder carries (:attr:`warmstart`, with ``root`` = that folder).
-    """
-
-    root: Path
-
-    RUN_JSON: ClassVar[str] = "run.json"
-    MANIFEST: ClassVar[str] = "manifest.json"  # inside each checkpoint folder
-    WARMSTART_JSON: ClassVar[str] = "warmstart.json"  # inside a warm-start model folder
-    TMP_PREFIX: ClassVar[str] = ".tmp-"  # in-progress writes under checkpoints/; readers ignore them
-    _STEP_DIR: ClassVar[re.Pattern] = re.compile(r"^step-(\d+)$")
-    _STEP_PART: ClassVar[re.Pattern] = re.compile(r"^step-(\d+)\.parquet$")
-    _SEGMENT: ClassVar[re.Pattern] = re.compile(r"^steps-(\d+)-(\d+)\.parquet$")
-
-    @property
-    def run_json(self) -> Path:
-        return self.root / self.RUN_JSON
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def probe_set(self) -> Path:
-        return self.root / "probe_set.jsonl"
-
-    @property
-    def probes(self) -> Path:
-        """The built-in probes of runs written before the per-step parts (read, never written)."""
-        return self.root / "probes.parquet"
-
-    @property
-    def probe_parts(self) -> Path:
-        """``probes/``: the built-in probes, one ``step-NNNNNN.parquet`` per probed step, so a
-        probe step writes only its own rows (a single table rewritten at every step grew
-        with the run)."""
-        return self.root / "probes"
-
-    def probe_part(self, step: int) -> Path:
-        return self.probe_parts / f"step-{step:06d}.parquet"
-
-    def probe_segment(self, first: int, last: int) -> Path:
-        return self.probe_parts / f"steps-{first:06d}-{last:06d}.parquet"
-
-    def probe_segment_files(self) -> list[tuple[int, int, Path]]:
-        """``(first, last, file)`` of every segment (``probes/steps-AAAAAA-BBBBBB.parquet``:
-        the parts of steps ``first..last`` merged into one file), by first step."""
-        if not self.probe_parts.is_dir():
-            return []
-        found = [(int(m.group(1)), int(m.group(2)), p) for p in self.probe_parts.iterdir()
-                 if (m := self._SEGMENT.match(p.name))]
-        return sorted(found)
-
-    def probe_part_files(self, covered: bool = False) -> list[tuple[int, Path]]:
-        """``(step, file)`` of every per-step probe table not merged into a segment, by step.
-        A part whose step a segment covers is a leftover of a merge cut short (the segment
-        holds its rows): ``covered=True`` lists those instead."""
-        if not self.probe_parts.is_dir():
-            return []
-        segments = [(a, b) for a, b, _ in self.probe_segment_files()]
-        found = [(int(m.group(1)), p) for p in self.probe_parts.iterdir()
-                 if (m := self._STEP_PART.match(p.name))]
-        return sorted((step, p) for step, p in found if any(a <= step <= b for a, b in segments) == covered)
-
-    @property
-    def samples(self) -> Path:
-        return self.root / "probe_samples.parquet"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    def checkpoint(self, step: int) -> Path:
-        return self.checkpoints / f"step-{step:06d}"
-
-    @classmethod
-    def checkpoint_step(cls, name: str) -> int | None:
-        """The step of a checkpoint folder name ``step-NNNNNN`` (None for any other name)."""
-        match = cls._STEP_DIR.match(name)
-        return int(match.group(1)) if match else None
-
-    @property
-    def analysis(self) -> Path:
-        return self.root / "analysis"
-
-    def analysis_file(self, step: int, kind: str) -> Path:
-        """``analysis/step-NNNNNN-{kind}.parquet`` (kind: lowercase letters, digits or _)."""
-        _check_kind(kind)
-        return self.analysis / f"step-{step:06d}-{kind}.parquet"
-
-    @staticmethod
-    def analysis_pattern(kind: str) -> re.Pattern:
-        """Matches the analysis file names of ``kind``; group 1 is the step."""
-        _check_kind(kind)
-        return re.compile(rf"^step-(\d+)-{kind}\.parquet$")
-
-    @property
-    def events(self) -> Path:
-        return self.root / "events"
-
-    @property
-    def warmstart(self) -> Path:
-        """``warmstart.json`` of a warm-start model folder (``root`` = the model folder)."""
-        return self.root / self.WARMSTART_JSON
-
-
-def _check_kind(kind: str) -> None:
-    if not _KIND.match(kind):
-        raise WorkbenchError(f"analysis kind {kind!r} must be lowercase letters, digits or _")
-
-
-def is_run_folder(path: str | os.PathLike) -> bool:
-    """Whether ``path`` holds a ``run.json``."""
-    return RunPaths(Path(path)).run_json.is_file()
-
-
-def probe_set_hash(records: Iterable[dict]) -> str:
-    """sha256 (hex) of the canonical JSON of the probe set (sorted keys, no spaces)."""
-    canonical = json.dumps(
-        list(records), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-        default=json_default,
-    )
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def safe_join(root: str | os.PathLike, name: str) -> Path:
-    """Resolve a user-supplied run name inside ``root``, refusing to leave it.
-
-    Raises:
-        WorkbenchError: ``name`` is empty, absolute, contains ``..``, or resolves
-            (through a symlink) outside ``root``.
-    """
-    root_resolved = Path(root).resolve()
-    if not name or name.strip() == "":
-        raise WorkbenchError("empty run name")
-    candidate = Path(name)
-    if candidate.is_absolute() or name.startswith(("/", "\\")):
-        raise WorkbenchError(f"run name {name!r} must be relative to {root}")
-    if ".." in candidate.parts or ".." in name.replace("\\", "/").split("/"):
-        raise WorkbenchError(f"run name {name!r} must not contain '..'")
-    resolved = (root_resolved / candidate).resolve()
-    if resolved != root_resolved and root_resolved not in resolved.parents:
-        raise WorkbenchError(f"run name {name!r} points outside {root}")
-    return resolved
 
 
 def _warn(message: str) -> None:
@@ -378,6 +233,12 @@ class Run:
         return self.config.get("method")
 
     @property
+    def is_baseline(self) -> bool:
+        """Whether the run trained the plain RL baseline the other methods are compared with
+        (run.json's ``baseline``, from the trainer's method table; False when it does not say)."""
+        return bool(self.info.get("baseline", False))
+
+    @property
     def status(self) -> str:
         """What run.json says: "training", "finished" or "failed"."""
         return str(self.info.get("status", "unknown"))
@@ -490,7 +351,7 @@ class Run:
 
     def checkpoints(self, *, full: bool = False) -> list[Checkpoint]:
         """Complete checkpoints; by default checked by presence and size only (cheap)."""
-        from workbench.checkpoints import list_checkpoints
+        from workbench.storage.checkpoints import list_checkpoints
 
         return list_checkpoints(self.path, verify=True, full=full)
 
@@ -533,7 +394,7 @@ class Run:
     def metric_catalog(self, source: str) -> pd.DataFrame:
         """What one metric source holds, without its values: the distinct ``(metric,
         split)`` pairs over every step (columns ``metric, split``), from the files' footers
-        (:func:`workbench.runwriter.write_metric_table` lists them there); a file written
+        (:func:`workbench.storage.runwriter.write_metric_table` lists them there); a file written
         before that has its two columns read."""
         pairs, unlisted = set(), []
         for path in self.metric_files(source):
@@ -579,15 +440,21 @@ class Run:
             return self.metric_rows("analyzer")
         return _read_files([p for _, p in self._analysis_files(kind)], ANALYSIS_COLUMNS.get(kind), {})
 
+    def analysis_provenance(self, kind: str) -> dict[int, dict]:
+        """``{step: provenance}`` of every analysis file of ``kind``, from the files' footers
+        (each file opened once; an unreadable one is left out with a warning)."""
+        out = {}
+        for step, path in self._analysis_files(kind):
+            try:
+                out[step] = read_provenance(path)
+            except Exception as exc:
+                _warn(f"{path} is unreadable: {exc}")
+        return out
+
     def analyzed_steps(self, kind: str, probe_set_hash: str | None = None) -> set[int]:
         """Steps with an analysis file of ``kind`` (made with this probe set hash, if given)."""
         steps = set()
-        for step, path in self._analysis_files(kind):
-            try:
-                provenance = read_provenance(path)
-            except Exception as exc:
-                _warn(f"{path} is unreadable: {exc}")
-                continue
+        for step, provenance in self.analysis_provenance(kind).items():
             if probe_set_hash is None or provenance.get("probe_set_hash") == probe_set_hash:
                 steps.add(step)
         return steps
@@ -643,11 +510,13 @@ def list_runs(root: str | os.PathLike) -> list[Run | BrokenRun]:
 # ---------------------------------------------------------------------------
 
 
-def _last_value(frame: pd.DataFrame, column: str) -> float | None:
+def last_value(frame: pd.DataFrame, column: str, default: float | None = None) -> float | None:
+    """The last non-missing number of ``column`` in ``frame`` (e.g. a run's last evaluation
+    accuracy in its metrics history); ``default`` when the column is absent or empty."""
     if column not in frame.columns:
-        return None
+        return default
     values = pd.to_numeric(frame[column], errors="coerce").dropna()
-    return float(values.iloc[-1]) if len(values) else None
+    return float(values.iloc[-1]) if len(values) else default
 
 
 def run_summary(
@@ -679,9 +548,9 @@ def run_summary(
         "steps": run.last_step(history, checkpoint_steps),
         "last_logged_step": int(history["step"].max()) if len(history) else None,
         "checkpoints": len(checkpoint_steps),
-        "last_accuracy": _last_value(history, "accuracy"),
-        "last_eval_accuracy": _last_value(history, "eval/accuracy"),
-        "last_reward": _last_value(history, "reward"),
+        "last_accuracy": last_value(history, "accuracy"),
+        "last_eval_accuracy": last_value(history, "eval/accuracy"),
+        "last_reward": last_value(history, "reward"),
         "seed": run.info.get("seed"),
         "start_time": run.info.get("start_time"),
         "torch": versions.get("torch"),

@@ -1,14 +1,14 @@
 """The probe runner: probe plumbing shared by the trainer's built-in probes and the analyzer
-(the metrics themselves are :mod:`workbench.probing`).
+(the metrics themselves are :mod:`workbench.measures.probing`).
 
 The metric set of docs/metrics.md from HF internals: the trainer calls
 :func:`run_builtin_probes` every ``probe_every`` steps on a fixed probe set
 (:func:`make_probe_set`, written once to ``probe_set.jsonl``), after sampling the
 outcome-conditioned completions (:func:`sample_probe_completions`). One
 forward pass with ``output_hidden_states`` and ``output_attentions`` fills a
-:class:`workbench.probing.ProbeInputs`; the metrics themselves come from
-:func:`workbench.probing.compute_probe_metrics`, the same code the
-TransformerLens analyzer (``workbench.analyzer``) uses, so the two agree to float
+:class:`workbench.measures.probing.ProbeInputs`; the metrics themselves come from
+:func:`workbench.measures.probing.compute_probe_metrics`, the same code the
+TransformerLens analyzer (``workbench.analysis.analyzer``) uses, so the two agree to float
 precision on the same checkpoint. The analyzer builds its batches with
 :func:`probe_splits` and :func:`probe_batch` from here: one construction for both.
 
@@ -26,17 +26,18 @@ position sees exactly what it saw while sampling.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import pandas as pd
 import torch
 from torch import nn
 
-from workbench.generation import position_ids_from_mask, sample
 from workbench.errors import CheckpointError, ConfigError, DataError
-from workbench.probing import ProbeInputs, compute_probe_metrics
-from workbench.schema import (
+from workbench.measures.probing import ProbeInputs, compute_probe_metrics
+from workbench.models.generation import position_ids_from_mask, sample
+from workbench.models.readout import LogitLens
+from workbench.storage.schema import (
     DEFAULT_PROBE_MAX_NEW_TOKENS,
     METRIC_COLUMNS,
     N_SAMPLES,
@@ -47,7 +48,6 @@ from workbench.schema import (
 __all__ = [
     "make_probe_set",
     "probe_batch",
-    "find_readout",
     "eager_attention",
     "hf_probe_inputs",
     "greedy_responses",
@@ -56,11 +56,6 @@ __all__ = [
     "probe_splits",
     "special_ids",
 ]
-
-# Attribute names of the final norm on a decoder stack, across HF architectures
-# (Llama/Qwen/Mistral: ``norm``; GPT-2/GPT-J/Bloom: ``ln_f``; GPT-NeoX/OPT: ``final_layer_norm``).
-FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "final_norm", "norm_f")
-
 
 def make_probe_set(examples: Sequence, tokenizer, n: int) -> list[dict]:
     """The fixed probe set: the first ``n`` held-out examples, tokenised.
@@ -170,7 +165,9 @@ def probe_batch(
         Dict of ``(N, T)`` tensors: ``input_ids`` (long), ``attention_mask`` (long, 1 on
         real tokens), ``position_ids`` (long, ``cumsum(mask) - 1`` clamped at 0),
         ``scored`` (bool, positions whose next token is a response token) and
-        ``targets`` (long, the token at ``t + 1``; ``pad_id`` at the last position).
+        ``targets`` (long, the token at ``t + 1``; ``pad_id`` at the last position); and
+        ``prompt_index`` ``(N,)``, each row's probe record ``index`` (its position in the
+        probe set when the records have none).
 
     Raises:
         DataError: no records, a record with an empty prompt or response, or a
@@ -206,40 +203,8 @@ def probe_batch(
         "position_ids": position_ids_from_mask(attention_mask),
         "scored": scored,
         "targets": targets,
+        "prompt_index": torch.tensor([int(r.get("index", i)) for i, r in enumerate(records)], dtype=torch.long),
     }
-
-
-def find_readout(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """The model's final norm and unembedding (the logit-lens read-out): the one lookup,
-    used by the built-in probes and by the trainer's OISD loss (``trainer.forward.readout``).
-
-    Generic over HF causal LMs: the unembedding is ``get_output_embeddings()``
-    (``lm_head``); the final norm is the first of :data:`FINAL_NORM_NAMES` found on the
-    decoder stack (``get_decoder()``, else the base model: ``model.model.norm`` for
-    Llama/Qwen, ``model.transformer.ln_f`` for GPT-2, ...).
-
-    Returns:
-        ``(final_norm, lm_head)``.
-
-    Raises:
-        CheckpointError: either module cannot be found (one line naming what was looked for).
-    """
-    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if lm_head is None:
-        raise CheckpointError(f"{type(model).__name__} has no output embeddings (lm_head) for the logit lens")
-    stacks = []
-    if hasattr(model, "get_decoder"):
-        stacks.append(model.get_decoder())
-    stacks.append(getattr(model, "base_model", None))
-    for stack in stacks:
-        for name in FINAL_NORM_NAMES:
-            candidate = getattr(stack, name, None) if stack is not None else None
-            if isinstance(candidate, nn.Module):
-                return candidate, lm_head
-    raise CheckpointError(
-        f"cannot find the final norm of {type(model).__name__} for the logit lens "
-        f"(looked for {', '.join(FINAL_NORM_NAMES)} on its decoder stack)"
-    )
 
 
 @contextmanager
@@ -274,11 +239,10 @@ def hf_probe_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> ProbeIn
         batch: from :func:`probe_batch`.
 
     Returns:
-        The inputs of :func:`workbench.probing.compute_probe_metrics`, on the model's device.
+        The inputs of :func:`workbench.measures.probing.compute_probe_metrics`, on the model's device.
     """
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
-    norm, lm_head = find_readout(model)
     with eager_attention(model):
         out = model(
             input_ids=batch["input_ids"],
@@ -295,7 +259,7 @@ def hf_probe_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> ProbeIn
     return ProbeInputs(
         hidden=list(hidden_states[1:n_layers]),
         final_logits=out.logits,
-        readout=lambda h: lm_head(norm(h)),
+        lens=LogitLens.of_model(model),
         targets=batch["targets"],
         mask=batch["scored"],
         attentions=list(out.attentions),
@@ -309,7 +273,7 @@ def greedy_responses(
 ) -> list[list[int]]:
     """The model's own greedy completions of the probe prompts (EOS kept when emitted).
 
-    Uses :func:`workbench.generation.sample`, the rollout code of training, so the greedy
+    Uses :func:`workbench.models.generation.sample`, the rollout code of training, so the greedy
     split is what the policy would answer at temperature 0.
     """
     rollout = sample(
@@ -365,7 +329,7 @@ def sample_probe_completions(
     in eval mode. Every completion is checked by ``verify(record, response_ids)``.
 
     Returns:
-        ``workbench.schema.SAMPLE_COLUMNS`` rows, prompt-major: ``step``, ``prompt``
+        ``workbench.storage.schema.SAMPLE_COLUMNS`` rows, prompt-major: ``step``, ``prompt``
         (the record's index), ``sample`` (0..k-1), ``response_ids`` (EOS kept when
         emitted), ``correct``.
     """
@@ -433,6 +397,20 @@ def n_samples_frame(run: str, step: int, split: str, n: int, source: str) -> pd.
     return pd.DataFrame([[run, step, 0, -1, -1, N_SAMPLES, float(n), split, source]], columns=METRIC_COLUMNS)
 
 
+def split_batches(
+    records: Sequence[dict], pad_id: int, *, run: str, step: int, source: str,
+    greedy: Sequence[Sequence[int]] | None = None, samples: pd.DataFrame | None = None,
+) -> Iterator[tuple[str, dict[str, torch.Tensor] | None, pd.DataFrame | None]]:
+    """The one loop over a probe point's splits, for the built-in probes and the analyzer:
+    ``(split, batch, count)`` per split of :func:`probe_splits`, where ``batch`` is its
+    :func:`probe_batch` (None for an outcome split that holds no sequence) and ``count`` its
+    ``n_samples`` row (:func:`n_samples_frame`; None for the reference and greedy splits)."""
+    for split, split_records, responses in probe_splits(records, greedy=greedy, samples=samples):
+        count = n_samples_frame(run, step, split, len(split_records), source) if split in OUTCOME_SPLITS else None
+        batch = probe_batch(split_records, pad_id, responses) if split_records else None
+        yield split, batch, count
+
+
 @torch.no_grad()
 def run_builtin_probes(
     model: nn.Module,
@@ -452,7 +430,7 @@ def run_builtin_probes(
     (when ``greedy``): the model's own greedy completions of the same prompts. Splits
     ``"sampled_correct"`` and ``"sampled_wrong"`` (when ``samples`` are given, from
     :func:`sample_probe_completions`): the sampled completions by outcome, with an
-    ``n_samples`` row each. All are scored by :func:`workbench.probing.compute_probe_metrics`
+    ``n_samples`` row each. All are scored by :func:`workbench.measures.probing.compute_probe_metrics`
     (:func:`probe_splits` builds them). The whole call runs in eval mode with eager
     attention (greedy decoding included, so that the analyzer, which runs eager,
     decodes the same tokens); both are restored afterwards.
@@ -469,7 +447,7 @@ def run_builtin_probes(
         samples: this step's sampled completions (``SAMPLE_COLUMNS``), or None.
 
     Returns:
-        Rows with columns ``workbench.schema.METRIC_COLUMNS``, ``source = "probe"``.
+        Rows with columns ``workbench.storage.schema.METRIC_COLUMNS``, ``source = "probe"``.
     """
     pad_id, eos_id = special_ids(tokenizer)
     was_training = model.training
@@ -482,12 +460,11 @@ def run_builtin_probes(
                 greedy_ids = greedy_responses(
                     model, records, pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens
                 )
-            for split, split_records, split_responses in probe_splits(records, greedy=greedy_ids, samples=samples):
-                if split in OUTCOME_SPLITS:
-                    frames.append(n_samples_frame(run, step, split, len(split_records), "probe"))
-                    if not split_records:
-                        continue
-                batch = probe_batch(split_records, pad_id, split_responses)
+            for split, batch, count in split_batches(records, pad_id, run=run, step=step, source="probe",
+                                                     greedy=greedy_ids, samples=samples):
+                frames += [count] if count is not None else []
+                if batch is None:
+                    continue
                 inputs = hf_probe_inputs(model, batch)
                 result = compute_probe_metrics(inputs, chunk_size=chunk_size)
                 frames.append(result.to_frame(run, step, split, "probe"))

@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from workbench.errors import ConfigError, DataError
 
-__all__ = ["RolloutBatch", "left_pad", "position_ids_from_mask", "sample"]
+__all__ = ["RolloutBatch", "check_max_new_tokens", "left_pad", "position_ids_from_mask", "sample"]
 
 
 @dataclass
@@ -166,6 +166,16 @@ def left_pad(
     return input_ids.to(device), attention_mask.to(device)
 
 
+def check_max_new_tokens(value: int | None, name: str = "max_new_tokens") -> None:
+    """A completion length must be at least one token (None: the caller's default).
+
+    Raises:
+        ConfigError: ``"<name> must be >= 1, got <value>"``.
+    """
+    if value is not None and value < 1:
+        raise ConfigError(f"{name} must be >= 1, got {value}")
+
+
 def _check_arguments(
     model: torch.nn.Module,
     *,
@@ -177,8 +187,7 @@ def _check_arguments(
     top_k: int,
 ) -> None:
     """Raise a one-line ConfigError for out-of-range sampling arguments."""
-    if max_new_tokens < 1:
-        raise ConfigError(f"sample: max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_max_new_tokens(max_new_tokens, "sample: max_new_tokens")
     if not temperature > 0:
         raise ConfigError(f"sample: temperature must be > 0, got {temperature}")
     if not 0 < top_p <= 1:

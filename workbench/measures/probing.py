@@ -7,7 +7,7 @@ after that is shared, so the two agree to float precision on the same checkpoint
 
 Memory: the logit lens needs a ``(positions, V)`` distribution per layer, which is
 large for real vocabularies. Scored positions are gathered first and processed in
-chunks of ``chunk_size`` positions (default: about ``LENS_CHUNK_ELEMENTS / V``), one
+chunks of ``chunk_size`` positions (default: :func:`~workbench.models.readout.vocab_chunk_rows`), one
 layer at a time, keeping only running sums (and one argmax per layer and position
 for prediction depth). No ``(L, positions, V)`` tensor is ever built.
 
@@ -18,7 +18,7 @@ every statistic is computed once per chunk (:class:`metrics.LensReference`). The
 attention metrics gather the scored query rows of all sequences at once and run
 each metric as one batched op per layer.
 
-Table conventions (``workbench.schema.METRIC_COLUMNS``):
+Table conventions (``workbench.storage.schema.METRIC_COLUMNS``):
 
 - Lens metrics: one row per layer ``1..L``, ``head = ref_layer = -1``. Layer L is
   included: its ``lens_kl``/``lens_js`` are 0, ``top1_agree`` is 1 and ``final_rank``
@@ -43,9 +43,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from workbench import divergence, metrics
 from workbench.errors import ConfigError, DataError, WorkbenchError
-from workbench.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, TOPK_COLUMNS
+from workbench.measures import divergence, metrics
+from workbench.models.readout import vocab_chunk_rows
+from workbench.storage.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, TOPK_COLUMNS
 
 __all__ = [
     "LENS_STAT_NAMES",
@@ -57,16 +58,6 @@ __all__ = [
     "attention_detail",
     "attention_visible_pairs",
 ]
-
-# Default logit-lens chunk: positions such that chunk x V is about this many floats
-# (16 MiB per (chunk, V) buffer; about seven are live). On a 32k vocabulary the default
-# (131 positions) and 256 positions measured the same within noise; much smaller chunks
-# lose read-out matmul efficiency, much larger ones only cost memory. On a GPU every chunk
-# is a few kernel launches per statistic, so chunks are 8x larger there (128 MiB buffers):
-# a launch-bound loop, not memory, is what a GPU run pays for. (Chosen, not yet measured on
-# a GPU: `benchmarks/bench_probe.py --device cuda` prints the ratio when one is at hand.)
-LENS_CHUNK_ELEMENTS = 4 * 2**20
-LENS_CHUNK_ELEMENTS_GPU = 32 * 2**20
 
 # Per-position lens statistics aggregated per layer, in table order.
 LENS_STAT_NAMES = (
@@ -82,8 +73,9 @@ class ProbeInputs:
         hidden: ``L-1`` tensors ``(N, T, d)``, the outputs of blocks ``1..L-1`` before the
             final norm (HF ``hidden_states[1:L]``, TransformerLens ``blocks.{i}.hook_resid_post``).
         final_logits: ``(N, T, V)`` the model's own logits, i.e. layer L (never re-normed).
-        readout: maps ``(..., d)`` to ``(..., V)`` logits: the model's final norm then its
-            unembedding (the logit lens).
+        lens: the read-out of an intermediate layer, ``lens(h, layer)``: ``(..., d)`` to
+            ``(..., V)`` logits (a :class:`workbench.models.readout.Lens`; the logit lens
+            reads every layer through the model's final norm and unembedding).
         targets: ``(N, T)`` long, the token at ``t + 1`` (what position t predicts); any
             value where ``mask`` is False.
         mask: ``(N, T)`` bool, the scored positions (those that predict a response token).
@@ -97,17 +89,20 @@ class ProbeInputs:
         final_attention: optional ``(N, H, T, T)``, the final layer's attention, for a
             producer that streams the other layers (:class:`AttentionMetrics`) instead of
             filling ``attentions``.
+        final_hidden: optional ``(N, T, d)``, the last block's output before the final norm
+            (what the learned lens maps the other layers onto).
     """
 
     hidden: Sequence[torch.Tensor]
     final_logits: torch.Tensor
-    readout: Callable[[torch.Tensor], torch.Tensor]
+    lens: Callable[[torch.Tensor, int], torch.Tensor]
     targets: torch.Tensor
     mask: torch.Tensor
     attentions: Sequence[torch.Tensor] | None = None
     attention_mask: torch.Tensor | None = None
     input_ids: torch.Tensor | None = None
     final_attention: torch.Tensor | None = None
+    final_hidden: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.final_logits.ndim != 3:
@@ -189,7 +184,7 @@ class ProbeResult:
             setattr(self, name, value)
 
     def to_frame(self, run: str, step: int, split: str, source: str) -> pd.DataFrame:
-        """The tidy table: one row per value, columns ``workbench.schema.METRIC_COLUMNS``.
+        """The tidy table: one row per value, columns ``workbench.storage.schema.METRIC_COLUMNS``.
 
         Args:
             run: run name.
@@ -234,10 +229,8 @@ class ProbeResult:
 
 
 def _resolve_chunk(chunk_size: int | None, vocab: int, device: torch.device | str = "cpu") -> int:
-    """``chunk_size``, or the default of about ``LENS_CHUNK_ELEMENTS / V`` positions
-    (``LENS_CHUNK_ELEMENTS_GPU / V`` on a GPU)."""
-    budget = LENS_CHUNK_ELEMENTS if torch.device(device).type == "cpu" else LENS_CHUNK_ELEMENTS_GPU
-    return max(1, budget // max(1, vocab)) if chunk_size is None else chunk_size
+    """``chunk_size``, or the lens read-out's default (:func:`~workbench.models.readout.vocab_chunk_rows`)."""
+    return vocab_chunk_rows(vocab, device, "lens") if chunk_size is None else chunk_size
 
 
 def _check_options(chunk_size: int | None, temperature: float) -> None:
@@ -282,7 +275,7 @@ def _iter_layer_stats(
         )
         reference = metrics.LensReference(logp_final, targets[start : start + c], p_final)
         for layer in range(1, inputs.n_layers):
-            logits = inputs.readout(hidden_flat[layer - 1][idx])  # (c, V)
+            logits = inputs.lens(hidden_flat[layer - 1][idx], layer)  # (c, V)
             logp, p = divergence.log_softmax_and_probs(
                 logits, temperature, out=(layer_buf[0, :c], layer_buf[1, :c])
             )
@@ -449,7 +442,7 @@ def compute_probe_metrics(
     Args:
         inputs: the model internals, see :class:`ProbeInputs`.
         chunk_size: positions per read-out chunk (bounds memory at a few ``chunk_size x V``
-            buffers); None picks about ``LENS_CHUNK_ELEMENTS / V`` positions.
+            buffers); None picks :func:`~workbench.models.readout.vocab_chunk_rows` (16 MiB blocks on CPU).
         temperature: temperature T of every layer's distribution, ``softmax(logits / T)``.
         head_match: compute the Hungarian head matching (costs ``H^2`` JSDs per layer).
         detail_prompts: sequences whose logit-lens drill-down (:func:`per_position_detail`)

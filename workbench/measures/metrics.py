@@ -2,7 +2,7 @@
 
 One implementation of each logit-lens and attention metric, shared by the
 trainer's built-in probes, the TransformerLens analyzer, the dashboard and the
-notebooks. :mod:`workbench.probing` turns model internals into these inputs and
+notebooks. :mod:`workbench.measures.probing` turns model internals into these inputs and
 aggregates the results into the tidy table; nothing here knows about models.
 
 Conventions:
@@ -14,13 +14,13 @@ Conventions:
   query rows, ``K`` keys. Keys a query cannot see (causal future, padding) carry
   exactly 0 weight; every row sums to 1 over its valid keys.
 - All math is float32 (float64 inputs stay float64); divergences come from
-  :mod:`workbench.divergence`, which treats ``0 log 0`` as 0, so zero attention
+  :mod:`workbench.measures.divergence`, which treats ``0 log 0`` as 0, so zero attention
   weights are valid inputs.
 
 Speed: these run over every scored position x vocabulary (lens) and every head pair
 x query x key (head matching), so each statistic is built from per-distribution sums
 computed once (``sum p log p``, ``sum p^L log p^L``) plus one pass per pair of
-distributions (see :mod:`workbench.divergence`), and batched over heads, layers and
+distributions (see :mod:`workbench.measures.divergence`), and batched over heads, layers and
 queries instead of Python loops. Broadcast pairwise work is split over queries so
 that no intermediate exceeds ``PAIR_BUDGET`` elements.
 """
@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from workbench.divergence import js_divergence_probs, kl_divergence, row_dot, sum_xlogx
+from workbench.measures.divergence import js_divergence_probs, kl_divergence, row_dot, sum_xlogx
 
 __all__ = [
     "masked_mean",
@@ -221,7 +221,7 @@ def lens_position_stats(
         - ``argmax``: ``argmax p^l`` (long), the input of :func:`prediction_depth`.
 
     To compare many layers against one final layer, build one :class:`LensReference`
-    and call its ``compare`` per layer (what :mod:`workbench.probing` does).
+    and call its ``compare`` per layer (what :mod:`workbench.measures.probing` does).
     """
     logp_l, logp_final = _float(logp_l), _float(logp_final)
     if logp_l.shape != logp_final.shape:

@@ -5,7 +5,7 @@ For each checkpoint of a run, :func:`probe_run` boots the folder with
 probe set with ``run_with_cache`` restricted to the hooks the metrics need, and
 writes tidy parquet tables to ``analysis/step-NNNNNN-{kind}.parquet``:
 
-- ``metrics``: the metric set of docs/metrics.md (``workbench.schema.METRIC_COLUMNS``,
+- ``metrics``: the metric set of docs/metrics.md (``workbench.storage.schema.METRIC_COLUMNS``,
   ``source = "analyzer"``), splits ``"reference"`` and ``"greedy"``;
 - ``topk``, ``cells``, ``attn``: per-prompt drill-down for the first
   ``detail_prompts`` probe prompts (reference split).
@@ -18,11 +18,11 @@ residual is ``blocks.{l-1}.hook_resid_post``, the read-out is the bridge's own
 logits. The read-out of the last block's residual is checked against those logits
 at every scored position before anything is written, so a model whose head does
 more than norm + unembedding (a logit soft-cap, a scale) is refused instead of
-producing a wrong lens. The batch is built by ``workbench.probe_runner.probe_batch`` and the
-metrics by ``workbench.probing``: the same code as the trainer's built-in probes,
+producing a wrong lens. The batch is built by ``workbench.analysis.probe_runner.probe_batch`` and the
+metrics by ``workbench.measures.probing``: the same code as the trainer's built-in probes,
 which agree with this analyzer to 1e-4 (tested).
 
-Greedy split: the completions are decoded with ``workbench.generation.sample`` on the
+Greedy split: the completions are decoded with ``workbench.models.generation.sample`` on the
 HF model the bridge wraps (eager attention, as the built-in probes decode them),
 then teacher-forced through the bridge like the references.
 
@@ -38,8 +38,9 @@ import hashlib
 import importlib.metadata
 import logging
 import os
+import shutil
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,20 +48,26 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from workbench.errors import CheckpointError, ConfigError, DataError, WorkbenchError
-from workbench.atomic import atomic_write_parquet
-from workbench.checkpoints import MANIFEST_NAME, list_checkpoints, verify_checkpoint
-from workbench.memory import peak_rss_mb
-from workbench.models import DTYPES, first_line, is_local_path, require_model_folder
-from workbench.probe_runner import record_prompt_ids
-from workbench.runstore import Run, probe_set_hash
-from workbench.runwriter import write_metric_table
-from workbench.schema import (
+from workbench.analysis.early_exit import exit_rows, reference_verifier, resolve_exit_layers
+from workbench.analysis.learned_lens import AffineFit, lens_frame
+from workbench.analysis.memory import StageSeconds, fix_malloc_threshold
+from workbench.analysis.probe_runner import record_prompt_ids
+from workbench.analysis.targets import Target, checkpoint_targets, start_model
+from workbench.errors import CheckpointError, ConfigError, DataError, WorkbenchError, first_line
+from workbench.models.generation import check_max_new_tokens
+from workbench.models.adapters import adapter_base
+from workbench.models.loading import DTYPES
+from workbench.models.readout import LogitLens
+from workbench.storage.atomic import atomic_write_parquet
+from workbench.storage.checkpoints import MANIFEST_NAME
+from workbench.storage.paths import probe_set_hash
+from workbench.storage.runstore import Run
+from workbench.storage.runwriter import write_metric_table
+from workbench.storage.schema import (
     ATTN_COLUMNS,
     CELL_COLUMNS,
     DEFAULT_PROBE_MAX_NEW_TOKENS,
     METRIC_COLUMNS,
-    OUTCOME_SPLITS,
     TOPK_COLUMNS,
 )
 
@@ -83,61 +90,6 @@ ATTN_ROW_GROUP = 1 << 16
 # The read-out of the last block must reproduce the model's logits within this
 # tolerance (absolute, scaled by the logits' magnitude); half precisions round more.
 _READOUT_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
-
-
-_MMAP_THRESHOLD = 1 << 20
-_malloc_fixed = False
-
-
-def fix_malloc_threshold() -> bool:
-    """Serve every allocation of 1 MiB or more from its own mapping, returned to the system
-    when freed (glibc ``mallopt(M_MMAP_THRESHOLD, 1 MiB)``); once per process, glibc only.
-
-    glibc raises that threshold as large blocks are freed (up to 32 MiB), after which the
-    lens pass's ``(chunk, V)`` temporaries (16 MiB each at a 151,936 vocabulary) come from
-    the heap, which fragments and is not given back: at Qwen3-0.6B's shape the lens stage
-    raised the peak resident memory by 4.9 GB (7.2-9.1 GB in all, run to run). With the
-    threshold fixed the stages after boot raise it by nothing (3.9 GB: the weights and the
-    boot transient), for about 7% more time (``benchmarks/README.md``).
-
-    Returns:
-        Whether the threshold is (now) fixed.
-    """
-    global _malloc_fixed
-    if _malloc_fixed:
-        return True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        m_mmap_threshold = -3  # <malloc.h>
-        _malloc_fixed = bool(libc.mallopt(m_mmap_threshold, _MMAP_THRESHOLD))
-    except (OSError, AttributeError):  # not glibc: nothing to fix
-        _malloc_fixed = False
-    return _malloc_fixed
-
-
-class StageSeconds(dict):
-    """Seconds per stage of probing one checkpoint (``boot``, ``decode``, ``capture``,
-    ``lens``, ``attention``, ``drift``, ``write``), recorded in the analysis
-    files' provenance as ``stage_seconds``: where the time of a probe goes.
-
-    ``peak_growth_mb``: by how much each stage raised the process's peak resident memory
-    (summed over its calls): the stages that set the peak are the ones with a large value.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.peak_growth_mb: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, stage: str):
-        start, peak = time.perf_counter(), peak_rss_mb()
-        try:
-            yield
-        finally:
-            self[stage] = self.get(stage, 0.0) + time.perf_counter() - start
-            self.peak_growth_mb[stage] = self.peak_growth_mb.get(stage, 0.0) + peak_rss_mb() - peak
 
 
 @dataclass
@@ -270,7 +222,7 @@ def bridge_probe_inputs(bridge, batch: dict[str, torch.Tensor], *, patterns: str
 
     Args:
         bridge: a booted ``TransformerBridge`` in eval mode.
-        batch: from ``workbench.probe_runner.probe_batch``.
+        batch: from ``workbench.analysis.probe_runner.probe_batch``.
         patterns: ``"all"``: every layer's attention pattern in ``attentions``; ``"final"``:
             only the last layer's, returned as ``inputs.final_attention`` with
             ``attentions`` None, for :func:`stream_attention` to fold the layers in one
@@ -278,15 +230,15 @@ def bridge_probe_inputs(bridge, batch: dict[str, torch.Tensor], *, patterns: str
             layer at once are what grows with depth, heads and length).
 
     Returns:
-        ``workbench.probing.ProbeInputs`` with ``hidden`` = ``blocks.{0..L-2}.hook_resid_post``
-        ``(N, T, d)``, ``final_logits`` = the bridge's logits ``(N, T, V)``, ``readout`` =
-        ``unembed(ln_final(.))`` and ``attentions`` = ``blocks.{0..L-1}.attn.hook_pattern``
+        ``workbench.measures.probing.ProbeInputs`` with ``hidden`` = ``blocks.{0..L-2}.hook_resid_post``
+        ``(N, T, d)``, ``final_logits`` = the bridge's logits ``(N, T, V)``, ``lens`` =
+        its logit lens ``unembed(ln_final(.))`` and ``attentions`` = ``blocks.{0..L-1}.attn.hook_pattern``
         ``(N, H, T, T)``.
 
     Raises:
         CheckpointError: the read-out of the last block does not reproduce the logits.
     """
-    from workbench.probing import ProbeInputs
+    from workbench.measures.probing import ProbeInputs
 
     device = torch.device(bridge.cfg.device)
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -298,12 +250,11 @@ def bridge_probe_inputs(bridge, batch: dict[str, torch.Tensor], *, patterns: str
         names_filter=_hook_names(n_layers, patterns),
     )
 
-    def readout(h: torch.Tensor) -> torch.Tensor:
-        return bridge.unembed(bridge.ln_final(h))
+    lens = LogitLens.of_bridge(bridge)
 
     resid = [cache[f"blocks.{i}.hook_resid_post"] for i in range(n_layers)]
     scored = batch["scored"]
-    reproduced = readout(resid[-1][scored])  # (n, V), scored positions only
+    reproduced = lens(resid[-1][scored], n_layers)  # (n, V), scored positions only
     own = logits[scored]
     scale = max(1.0, float(own.abs().max())) if own.numel() else 1.0
     error = float((reproduced.float() - own.float()).abs().max()) if own.numel() else 0.0
@@ -315,7 +266,7 @@ def bridge_probe_inputs(bridge, batch: dict[str, torch.Tensor], *, patterns: str
     return ProbeInputs(
         hidden=resid[:-1],
         final_logits=logits,
-        readout=readout,
+        lens=lens,
         targets=batch["targets"],
         mask=scored,
         attentions=([cache[f"blocks.{i}.attn.hook_pattern"] for i in range(n_layers)]
@@ -323,6 +274,7 @@ def bridge_probe_inputs(bridge, batch: dict[str, torch.Tensor], *, patterns: str
         attention_mask=batch["attention_mask"].bool(),
         input_ids=batch["input_ids"],
         final_attention=cache[f"blocks.{n_layers - 1}.attn.hook_pattern"],
+        final_hidden=resid[-1],
     )
 
 
@@ -374,6 +326,9 @@ def probe_checkpoint(
     decoder=None,
     attn_rows: int | None = None,
     stages: StageSeconds | None = None,
+    exit_layers: list[int] | None = None,
+    learned_lens: bool = False,
+    answer_check: str = "math",
 ) -> dict[str, pd.DataFrame]:
     """All analyzer tables of one booted checkpoint.
 
@@ -395,12 +350,19 @@ def probe_checkpoint(
             :data:`ATTN_DETAIL_ROWS`); beyond it each query keeps its top-k keys
             (:func:`attention_top_k`).
         stages: a :class:`StageSeconds` to add this call's stage times to.
+        exit_layers: early exit (:mod:`workbench.analysis.early_exit`) at these layers, into
+            the metrics table (split ``greedy``); None: none.
+        learned_lens: the learned-lens control (:mod:`workbench.analysis.learned_lens`), as
+            the ``"lens"`` table.
+        answer_check: how exit completions are checked (``"integer"`` or ``"math"``, the run's
+            ``answer_check``: what its task rewarded with).
 
     Returns:
-        ``{"metrics", "topk", "cells", "attn"}`` -> DataFrame (schema columns).
+        ``{"metrics", "topk", "cells", "attn"}`` (and ``"lens"`` with ``learned_lens``) ->
+        DataFrame (schema columns).
     """
-    from workbench.probe_runner import greedy_responses, n_samples_frame, probe_batch, probe_splits, special_ids
-    from workbench.probing import AttentionMetrics, attention_detail, compute_probe_metrics
+    from workbench.analysis.probe_runner import greedy_responses, special_ids, split_batches
+    from workbench.measures.probing import AttentionMetrics, attention_detail, compute_probe_metrics
 
     fix_malloc_threshold()
     pad_id, eos_id = special_ids(tokenizer)
@@ -420,6 +382,14 @@ def probe_checkpoint(
             )
 
     metric_frames, topk_frames, cell_frames, attn_frames = [], [], [], []
+    if exit_layers:
+        with stage("exit"):  # one greedy decode per exit layer (the full model's is the greedy split's)
+            metric_frames.append(exit_rows(
+                decoder if decoder is not None else bridge.original_model, tokenizer, records, exit_layers,
+                verify=reference_verifier(answer_check), run=run, step=step, source="analyzer", max_new_tokens=max_new_tokens,
+                full=greedy_ids))
+    fit = AffineFit(n_layers) if learned_lens else None
+    scored_batches = []  # (split, batch): what the learned lens reads once it is fitted
     attn_top_k = None
     # The drill-down tables follow the teacher-forced references; free prompts without
     # references use the model's own greedy completions.
@@ -427,14 +397,17 @@ def probe_checkpoint(
     if detail_split == "greedy" and not greedy:
         raise DataError("not every probe prompt has a reference: the drill-down needs the greedy split "
                         "(greedy=False)")
-    for split, split_records, split_responses in probe_splits(records, greedy=greedy_ids, samples=samples):
-        if split in OUTCOME_SPLITS:
-            metric_frames.append(n_samples_frame(run, step, split, len(split_records), "analyzer"))
-            if not split_records:
-                continue
-        batch = probe_batch(split_records, pad_id, split_responses)
+    for split, batch, count in split_batches(records, pad_id, run=run, step=step, source="analyzer",
+                                             greedy=greedy_ids, samples=samples):
+        metric_frames += [count] if count is not None else []
+        if batch is None:
+            continue
         with stage("capture"):
             inputs = bridge_probe_inputs(bridge, batch, patterns="final")
+        if fit is not None:
+            with stage("lens_fit"):
+                fit.add(inputs, inputs.final_hidden, batch["prompt_index"].tolist())
+            scored_batches.append((split, batch))
         shown = range(min(detail_prompts, len(records))) if split == detail_split else range(0)
         with stage("lens"):  # the lens metrics, and the drill-down's lens cells from the same read-outs
             result = compute_probe_metrics(inputs, chunk_size=chunk_size, detail_prompts=shown, decode=decode)
@@ -486,13 +459,25 @@ def probe_checkpoint(
         "attn": attn,
     }
     tables["attn"].attrs.update(attn_top_k=attn_top_k, attn_mass_kept=mass_kept)
+    if fit is not None:
+        with stage("lens_fit"):
+            lenses = fit.lenses(LogitLens.of_bridge(bridge))
+        frames = []
+        with stage("lens_read"):  # each split again, read through the cross-fitted maps
+            for split, batch in scored_batches:
+                inputs = bridge_probe_inputs(bridge, batch, patterns="final")
+                frames.append(lens_frame(inputs, batch["prompt_index"].tolist(), lenses, run=run, step=step,
+                                         split=split, source="analyzer", chunk_size=chunk_size))
+                inputs = None
+        tables["lens"] = pd.concat(frames, ignore_index=True)
+        tables["lens"].attrs.update(cross_fitted=fit.cross_fitted, positions=list(fit.positions))
     return tables
 
 
 def attention_top_k(inputs, prompts, budget: int) -> int | None:
     """Keys per query for the drill-down attention table of ``prompts``: None (every visible
     key) when the full table has at most ``budget`` rows, else the largest k that fits."""
-    from workbench.probing import attention_visible_pairs
+    from workbench.measures.probing import attention_visible_pairs
 
     n_layers, n_heads, seq_len = inputs.n_layers, inputs.final_attention.shape[1], inputs.mask.shape[1]
     per_pair = n_layers * (n_heads + 1)  # the mean over heads is a row too
@@ -506,7 +491,7 @@ def attention_top_k(inputs, prompts, budget: int) -> int | None:
 def _provenance(bridge, folder: Path, digest: str, device: str, dtype: str, step: int) -> dict:
     model = bridge.original_model
     return {
-        "producer": "workbench.analyzer",
+        "producer": "workbench.analysis.analyzer",
         "step": step,
         "checkpoint": str(folder),
         "checkpoint_manifest_sha256": _manifest_hash(folder),
@@ -533,10 +518,6 @@ def _samples_at(samples: pd.DataFrame, step: int) -> pd.DataFrame | None:
     return rows if len(rows) else None
 
 
-def _is_up_to_date(run: Run, step: int, digest: str) -> bool:
-    return all(step in run.analyzed_steps(kind, digest) for kind in KINDS)
-
-
 def probe_run(
     run_dir: str | os.PathLike,
     *,
@@ -549,9 +530,13 @@ def probe_run(
     max_new_tokens: int | None = None,
     chunk_size: int | None = None,
     base: str | None = None,
+    exit: bool = False,
+    exit_layers: list[int | float] | None = None,
+    learned_lens: bool = False,
+    patch: bool = False,
 ) -> ProbeReport:
     """Analyse every checkpoint of a run with TransformerLens (incrementally), and measure
-    each checkpoint's weight drift from the start (:mod:`workbench.drift`, from the
+    each checkpoint's weight drift from the start (:mod:`workbench.measures.drift`, from the
     weights alone: no model is run for it).
 
     Args:
@@ -564,24 +549,30 @@ def probe_run(
         greedy: also score the model's own greedy completions (split ``"greedy"``).
         max_new_tokens: longest greedy completion; None: the length the run's built-in
             probes used (``probe_max_new_tokens`` in run.json), else
-            :data:`~workbench.schema.DEFAULT_PROBE_MAX_NEW_TOKENS`.
+            :data:`~workbench.storage.schema.DEFAULT_PROBE_MAX_NEW_TOKENS`.
         chunk_size: positions per logit-lens read-out chunk (None: about 4M floats per chunk).
-        base: the model folder weight drift is measured from (None:
-            :func:`workbench.drift.drift_base`: the run's start model, else its first checkpoint).
+        base: the start model: weight drift is measured from it and patching patches it (None:
+            :func:`workbench.analysis.targets.start_model`: the run's start model, else its
+            first checkpoint).
+        exit: early-exit accuracy (:mod:`workbench.analysis.early_exit`) at ``exit_layers``
+            (None: every layer up to 8 blocks, else the OISD layers, quarters and L).
+        learned_lens: the learned-lens control (:mod:`workbench.analysis.learned_lens`).
+        patch: activation patching from the start model to each checkpoint
+            (:mod:`workbench.analysis.patching`).
 
     Returns:
         A :class:`ProbeReport` (``str(report)`` is a short summary).
 
     Raises:
-        WorkbenchError: ``run_dir`` is not a run folder, or it has no probe set.
-        ConfigError: an unknown dtype or a negative ``detail_prompts``.
+        WorkbenchError: ``run_dir`` is not a run folder, or it has no probe set; ``patch``
+            without a start model to patch.
+        ConfigError: an unknown dtype, a negative ``detail_prompts``, a bad exit layer.
     """
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if detail_prompts < 0:
         raise ConfigError(f"detail_prompts must be >= 0, got {detail_prompts}")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_max_new_tokens(max_new_tokens)
     run = Run.open(run_dir)
     records = run.probe_set()
     if not records:
@@ -594,77 +585,155 @@ def probe_run(
     targets = checkpoint_targets(run)
     if not targets:
         logger.warning("%s has no checkpoints to analyse", run.path)
+    start = base if base is not None else start_model(run)
+    if patch and start is None:
+        raise DataError(f"{run.path}: no start model to patch from (give --base MODEL_FOLDER)")
+    n_layers = run.num_layers if run.num_layers is not None else _model_layers(targets)
+    layers = resolve_exit_layers(exit_layers, n_layers, run.oisd_layers) if exit and n_layers else None
 
     from tqdm.auto import tqdm
 
-    from workbench.drift import drift_base
-
-    drift_from = base if base is not None else drift_base(run)
     fix_malloc_threshold()  # before the first boot
+    for leftover in run.path.glob(".merged-*"):  # an adapter merge a killed probe left behind
+        shutil.rmtree(leftover, ignore_errors=True)
+    # Every earlier result is read once, here (footers only), not once per checkpoint.
+    provenance_of = {kind: run.analysis_provenance(kind) for kind in (*KINDS, "lens", "patch", "drift")}
+    done = {kind: {s for s, p in provenance_of[kind].items() if p.get("probe_set_hash") == digest}
+            for kind in (*KINDS, "lens", "patch")}
+    exits_done = {s: set(p.get("exit_layers") or ()) for s, p in provenance_of["metrics"].items()}
+    base_model = None  # the start model, booted once, when some checkpoint is patched
     bar = tqdm(targets, desc=f"probe {run.name}", unit="ckpt", disable=not progress)
     for target in bar:
-        drift_due = drift_from is not None and (force or not run.analysis_path(target.step, "drift").is_file())
-        if not force and _is_up_to_date(run, target.step, digest):
+        step = target.step
+        drift_due = start is not None and (force or step not in provenance_of["drift"])
+        need_base = force or not all(step in done[k] for k in KINDS) or bool(
+            layers and not set(layers) <= exits_done.get(step, set()))
+        need_lens = learned_lens and (force or need_base or step not in done["lens"])
+        need_patch = patch and (force or step not in done["patch"])
+        if not (need_base or need_lens or need_patch):
             if drift_due:
-                _write_drift(run, target, drift_from, report)
-            report.up_to_date.append(target.step)
+                with target.model_folder(run.path) as folder:
+                    _write_drift(run, target, folder, start, report)
+            report.up_to_date.append(step)
             continue
         stage = StageSeconds()
         try:
             target.check()
-            if drift_due:  # from the weights alone, once the checkpoint passed its checks
-                with stage("drift"):
-                    _write_drift(run, target, drift_from, report)
-            with stage("boot"):
-                bridge, tokenizer = _boot(target.location, device, DTYPES[dtype])
-                check_tokenizer(tokenizer, records, target.location)
-                decoder = (load_decoder(target.location, device, DTYPES[dtype], share_with=bridge.original_model)
-                           if greedy else None)
-            start = time.perf_counter()
-            tables = probe_checkpoint(
-                bridge, tokenizer, records, run=run.name, step=target.step,
-                detail_prompts=detail_prompts, greedy=greedy, chunk_size=chunk_size,
-                max_new_tokens=max_new_tokens,
-                samples=_samples_at(all_samples, target.step), decoder=decoder, stages=stage,
-            )
+            with ExitStack() as merged:
+                with stage("boot"):  # an adapter is merged onto its base first (a temporary folder)
+                    folder = merged.enter_context(target.model_folder(run.path))
+                if drift_due:  # from the weights alone, once the checkpoint passed its checks
+                    with stage("drift"):
+                        _write_drift(run, target, folder, start, report)
+                with stage("boot"):
+                    bridge, tokenizer = _boot(folder, device, DTYPES[dtype])
+                    check_tokenizer(tokenizer, records, target.location)
+                    decoder = (load_decoder(folder, device, DTYPES[dtype], share_with=bridge.original_model)
+                               if greedy or layers or need_patch else None)
+            clock = time.perf_counter()
+            tables = {}
+            if need_base or need_lens:
+                tables = probe_checkpoint(
+                    bridge, tokenizer, records, run=run.name, step=step,
+                    detail_prompts=detail_prompts, greedy=greedy, chunk_size=chunk_size,
+                    max_new_tokens=max_new_tokens, samples=_samples_at(all_samples, step), decoder=decoder,
+                    stages=stage, exit_layers=layers, learned_lens=need_lens,
+                    answer_check=run.info.get("answer_check") or "math",
+                )
+            if need_patch:
+                if base_model is None:
+                    with stage("boot"):
+                        base_model, _ = _boot(start, device, DTYPES[dtype])
+                with stage("patch"):
+                    tables["patch"] = _patch_table(base_model, bridge, decoder, tokenizer, records, run=run.name,
+                                                   step=step, max_new_tokens=max_new_tokens)
             del decoder
-            provenance = _provenance(bridge, target.location, digest, device, dtype, target.step)
+            provenance = _provenance(bridge, target.location, digest, device, dtype, step)
             provenance["origin"] = target.origin
-            provenance["seconds"] = round(time.perf_counter() - start, 3)
+            provenance["merged_onto"] = (target.base or adapter_base(target.location)) if target.adapter else None
+            provenance["seconds"] = round(time.perf_counter() - clock, 3)
             del bridge
         except WorkbenchError as exc:
-            message = f"skipping step {target.step}: {exc}"
-            logger.warning(message)
-            report.skipped.append((target.step, str(exc)))
+            logger.warning("skipping step %d: %s", step, exc)
+            report.skipped.append((step, str(exc)))
             continue
-        # metrics last: its presence with this hash is what marks the step analysed.
-        provenance["attn_top_k"] = tables["attn"].attrs.get("attn_top_k")
-        provenance["attn_mass_kept"] = tables["attn"].attrs.get("attn_mass_kept", 1.0)
         with stage("write"):
-            for kind in ("topk", "cells", "attn"):
-                path = run.analysis_path(target.step, kind)
-                atomic_write_parquet(path, tables[kind], metadata={**provenance, "kind": kind},
-                                     row_group_size=ATTN_ROW_GROUP if kind == "attn" else None)
+            if "lens" in tables:
+                path = run.analysis_path(step, "lens")
+                atomic_write_parquet(path, tables["lens"], metadata={
+                    **provenance, "kind": "lens", "learned_lens": tables["lens"].attrs})
                 report.files.append(path)
-        provenance["stage_seconds"] = {k: round(v, 3) for k, v in stage.items()}
-        provenance["stage_peak_growth_mb"] = {k: round(v, 1) for k, v in stage.peak_growth_mb.items()}
-        path = run.analysis_path(target.step, "metrics")
-        write_metric_table(path, tables["metrics"], metadata={**provenance, "kind": "metrics"})
-        report.files.append(path)
-        report.analysed.append(target.step)
+            if "patch" in tables:
+                path = run.analysis_path(step, "patch")
+                atomic_write_parquet(path, tables["patch"], metadata={**provenance, "kind": "patch", "start": str(start)})
+                report.files.append(path)
+            if "metrics" in tables:
+                provenance["attn_top_k"] = tables["attn"].attrs.get("attn_top_k")
+                provenance["attn_mass_kept"] = tables["attn"].attrs.get("attn_mass_kept", 1.0)
+                provenance["exit_layers"] = list(layers or [])
+                for kind in ("topk", "cells", "attn"):
+                    path = run.analysis_path(step, kind)
+                    atomic_write_parquet(path, tables[kind], metadata={**provenance, "kind": kind},
+                                         row_group_size=ATTN_ROW_GROUP if kind == "attn" else None)
+                    report.files.append(path)
+        if "metrics" in tables:
+            # metrics last: its presence with this hash is what marks the step analysed.
+            provenance["stage_seconds"] = {k: round(v, 3) for k, v in stage.items()}
+            provenance["stage_peak_growth_mb"] = {k: round(v, 1) for k, v in stage.peak_growth_mb.items()}
+            path = run.analysis_path(step, "metrics")
+            write_metric_table(path, tables["metrics"], metadata={**provenance, "kind": "metrics"})
+            report.files.append(path)
+        report.analysed.append(step)
     return report
 
 
-def _write_drift(run: Run, target: "Target", start: str, report: ProbeReport) -> None:
-    """``analysis/step-NNNNNN-drift.parquet``: the checkpoint's weight drift from ``start``
-    (a checkpoint without local safetensors weights is noted and skipped)."""
-    from workbench.drift import weight_drift
-    from workbench.schema import DRIFT_COLUMNS
+def _model_layers(targets: list[Target]) -> int | None:
+    """L of an analysis folder that does not record it: the first checkpoint's config."""
+    if not targets:
+        return None
+    from transformers import AutoConfig
 
-    if not Path(target.location).is_dir():
+    location = targets[0].base or targets[0].location if targets[0].adapter else targets[0].location
+    try:
+        return int(AutoConfig.from_pretrained(str(location)).get_text_config().num_hidden_layers)
+    except Exception:  # noqa: BLE001 - unknown here; the checkpoint's own boot reports it
+        return None
+
+
+def _patch_table(base, bridge, decoder, tokenizer, records: list[dict], *, run: str, step: int,
+                 max_new_tokens: int) -> pd.DataFrame:
+    """Patching from ``base`` to ``bridge`` on the probe references (the checkpoint's greedy
+    completions when a prompt has none)."""
+    from workbench.analysis.patching import patch_batch, patch_rows
+    from workbench.analysis.probe_runner import greedy_responses, special_ids
+    from workbench.measures.answers import ANSWER_MARK
+
+    if base.cfg.n_layers != bridge.cfg.n_layers or base.cfg.d_model != bridge.cfg.d_model:
+        raise CheckpointError(f"the start model ({base.cfg.n_layers} layers, width {base.cfg.d_model}) and the "
+                              f"checkpoint ({bridge.cfg.n_layers}, {bridge.cfg.d_model}) differ: nothing to patch")
+    pad_id, eos_id = special_ids(tokenizer)
+    if all(r.get("reference_ids") for r in records):
+        split, responses = "reference", [list(r["reference_ids"]) for r in records]
+    else:
+        split = "greedy"
+        responses = greedy_responses(decoder if decoder is not None else bridge.original_model, records,
+                                     pad_id=pad_id, eos_id=eos_id, max_new_tokens=max_new_tokens)
+    mark = tokenizer(ANSWER_MARK, add_special_tokens=False)["input_ids"]
+    batch = patch_batch(records, responses, pad_id, eos_id, mark)
+    return patch_rows(base, bridge, batch, run=run, step=step, split=split)
+
+
+def _write_drift(run: Run, target: Target, folder: str, start: str, report: ProbeReport) -> None:
+    """``analysis/step-NNNNNN-drift.parquet``: the weight drift from ``start`` of the checkpoint
+    whose model folder is ``folder`` (for an adapter, its merge; a checkpoint without local
+    safetensors weights is noted and skipped)."""
+    from workbench.measures.drift import weight_drift
+    from workbench.storage.schema import DRIFT_COLUMNS
+
+    if not Path(folder).is_dir():
         return
     try:
-        drift = weight_drift(start, target.location, run.num_layers)
+        drift = weight_drift(start, folder, run.num_layers)
     except WorkbenchError as exc:
         logger.warning("step %d: no weight drift: %s", target.step, exc)
         return
@@ -672,38 +741,9 @@ def _write_drift(run: Run, target: "Target", start: str, report: ProbeReport) ->
     drift.insert(0, "run", run.name)
     path = run.analysis_path(target.step, "drift")
     atomic_write_parquet(path, drift[DRIFT_COLUMNS], metadata={
-        "producer": "workbench.drift", "kind": "drift", "step": target.step, "checkpoint": str(target.location),
+        "producer": "workbench.measures.drift", "kind": "drift", "step": target.step, "checkpoint": str(target.location),
         "base": str(start), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")})
     report.files.append(path)
-
-
-@dataclass(frozen=True)
-class Target:
-    """One checkpoint to analyse: a run's own ``checkpoints/step-*`` folder (verified
-    against its manifest), a model folder found elsewhere, or a hub name."""
-
-    step: int
-    location: str  # a folder or a hub name
-    origin: str  # where it came from, for provenance (e.g. "checkpoint-500 of runs/trl-out")
-    managed: bool = False  # a run's own checkpoint, with a manifest
-
-    def check(self) -> None:
-        if self.managed:
-            verify_checkpoint(self.location, full=True)
-        if self.managed or Path(self.location).exists() or is_local_path(self.location):
-            require_model_folder(self.location)
-
-
-def checkpoint_targets(run: Run) -> list[Target]:
-    """What :func:`probe_run` analyses: the run's own checkpoints, every step-* folder (a
-    broken one is reported rather than silently absent), or, for an analysis folder of
-    external checkpoints (``oisd probe PATH --out DIR``), the ones its run.json lists."""
-    external = run.info.get("external")
-    if isinstance(external, dict):
-        return [Target(int(c["step"]), str(c["path"]), str(c.get("origin", c["path"])))
-                for c in external.get("checkpoints", [])]
-    return [Target(c.step, str(c.path), f"{c.path.name} of {run.path}", managed=True)
-            for c in list_checkpoints(run.path, verify=False)]
 
 
 def check_tokenizer(tokenizer, records: list[dict], location: str) -> None:

@@ -32,7 +32,6 @@ import math
 
 import torch
 
-LN2 = math.log(2.0)
 # Smallest normal float32. ``log(max(p, TINY))`` is finite, and at ``p == 0`` the term
 # ``p * log(max(p, TINY))`` is exactly 0, i.e. ``0 log 0 = 0`` without a select pass.
 _TINY = torch.finfo(torch.float32).tiny

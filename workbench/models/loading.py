@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from workbench.errors import CheckpointError
+from workbench.errors import CheckpointError, first_line
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -94,9 +94,3 @@ def load_model_and_tokenizer(
     if device is not None:
         model.to(device)
     return model, tokenizer
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception as one line (its type and the first line of its message), for one-line errors."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
