@@ -1,11 +1,15 @@
-"""Run by ``tests/trainer/test_fsdp2.py`` under ``torchrun --nproc_per_node 2``: the loss path of
-one method under FSDP2 (``fully_shard`` per decoder block and at the root, a 2-rank CPU
-mesh over gloo) against the same model unsharded, on the same batch on every rank.
+"""Run by ``tests/trainer/test_fsdp2.py`` under ``torchrun --nproc_per_node 2``: one training
+step of one method under FSDP2 (``fully_shard`` per decoder block and at the root, a 2-rank
+CPU mesh over gloo) against the same model unsharded on the global batch.
 
-Each rank computes the loss through :func:`trainer.loss.run_as_forward` (``engine`` = the
-FSDP2 root) and backward; FSDP2 averages the gradients over ranks, and the batch is the
-same on both, so every full gradient (``grad.full_tensor()``) must equal the unsharded
-model's. Rank 0 writes ``{loss, max_grad_diff, ...}`` to OUT.
+The global batch is 4 prompts x 2 responses; each rank holds its own half. The unsharded
+model computes the loss of the whole batch; each rank computes its half's loss through
+:func:`trainer.loss.run_as_forward` (``engine`` = the FSDP2 root), normalised by the global
+counts over the process count (as the TRL backend does), so that FSDP2's average of the ranks'
+gradients is the global batch's gradient. Then one plain-SGD step on each, and every
+parameter, gathered (``full_tensor()``), must equal the unsharded model's: a gradient that was
+not reduced over the ranks would leave each rank with its own half's update. Every rank writes
+``rank<r>.json`` into OUT.
 
     torchrun --nproc_per_node 2 tests/trainer/fsdp2_ranks.py MODEL_DIR CONFIG OUT
 """
@@ -20,6 +24,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+
+LR = 0.1  # plain SGD: the update is LR x the (global) gradient
 
 
 class Plain:
@@ -37,11 +44,11 @@ class Plain:
 
 
 def batch_of(tok, group: int = 2):
-    """Two prompts x ``group`` responses of fixed tokens, advantages of both signs."""
+    """Four prompts x ``group`` responses of fixed tokens, advantages of both signs."""
     from trainer.batching import scored_positions
     from trainer.loss import StepBatch
 
-    prompts = ["3+4=", "12+5="]
+    prompts = ["3+4=", "12+5=", "7-2=", "9+9="]
     g = torch.Generator().manual_seed(7)
     ids = [tok(p, add_special_tokens=True)["input_ids"] for p in prompts for _ in range(group)]
     width = max(len(x) for x in ids)
@@ -57,7 +64,7 @@ def batch_of(tok, group: int = 2):
     return StepBatch(
         input_ids=torch.tensor(rows), attention_mask=torch.tensor(masks),
         scored=scored_positions(response_mask, width), response_mask=response_mask, sample_logprobs=None,
-        advantages=torch.tensor([1.0, -1.0, 0.5, -0.5][: len(rows)]),
+        advantages=torch.tensor([1.0, -1.0, 0.5, -0.5, 0.8, -0.8, 0.3, -0.3][: len(rows)]),
         teacher_prompts=[f"{p} (the answer is 7)" for p in prompts for _ in range(group)], prompt_width=width)
 
 
@@ -84,27 +91,38 @@ def main(model_dir: str, config: str, out: Path) -> None:
         fully_shard(block, mesh=mesh)
     fully_shard(sharded, mesh=mesh)
     sb = batch_of(tok)
-    rows = torch.arange(sb.input_ids.shape[0])
-    norm = {"tokens": sb.response_mask.sum(), "seqs": torch.tensor(float(len(rows)))}
+    every = torch.arange(sb.input_ids.shape[0])
+    mine = every.view(world, -1)[rank]  # this rank's half of the global batch
+    tokens = sb.response_mask.sum()
     results = {}
-    for name, model, engine in (("plain", plain, None), ("fsdp2", sharded, sharded)):
+    for name, model, engine, rows, scale in (("plain", plain, None, every, 1.0),
+                                              ("fsdp2", sharded, sharded, mine, float(world))):
+        # A rank's loss is its share of the global aggregate times the process count: FSDP2
+        # averages the ranks' gradients, which is then the global batch's gradient.
+        norm = {"tokens": tokens / scale, "seqs": torch.tensor(float(len(every))) / scale}
         lc = LossComputer.build(cfg, model, tok, Plain(), reference=reference)
         loss, logs, terms = lc.micro_loss(sb, rows, None, norm, 0, engine=engine)
         loss.backward()
-        grads = {}
-        for n, p in model.named_parameters():
-            g = p.grad
-            grads[n] = (g.full_tensor() if hasattr(g, "full_tensor") else g).detach().clone()
-        results[name] = (loss.item(), {k: float(v) for k, v in logs.items()}, grads, sorted(terms))
-    (loss_p, logs_p, grads_p, terms_p), (loss_s, logs_s, grads_s, terms_s) = results["plain"], results["fsdp2"]
-    diff = {n: float((grads_s[n] - grads_p[n]).abs().max()) for n in grads_p}
-    if rank == 0:
-        out.write_text(json.dumps({
-            "loss_plain": loss_p, "loss_fsdp2": loss_s, "logs_plain": logs_p, "logs_fsdp2": logs_s,
-            "terms": terms_p, "terms_fsdp2": terms_s, "max_grad_diff": max(diff.values()),
-            "worst": max(diff, key=diff.get), "max_grad": max(float(g.abs().max()) for g in grads_p.values()),
-            "sharded": sorted({type(p).__name__ for p in sharded.parameters()}),
-        }))
+        grad_norm = torch.sqrt(sum((p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).pow(2).sum()
+                                   for p in model.parameters() if p.grad is not None))
+        torch.optim.SGD(model.parameters(), lr=LR).step()
+        weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                   for n, p in model.named_parameters()}
+        total = loss.detach().clone()
+        if engine is not None:  # the global loss: the ranks' shares added, over the process count
+            dist.all_reduce(total)
+            total /= world
+        results[name] = (float(total), float(grad_norm), weights, sorted(terms))
+    (loss_p, norm_p, w_p, terms_p), (loss_s, norm_s, w_s, terms_s) = results["plain"], results["fsdp2"]
+    start = {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(model_dir).named_parameters()}
+    update = {n: float((w_p[n] - start[n]).abs().max()) for n in w_p}
+    diff = {n: float((w_s[n] - w_p[n]).abs().max()) for n in w_p}
+    (out / f"rank{rank}.json").write_text(json.dumps({
+        "rank": rank, "rows": mine.tolist(), "loss_plain": loss_p, "loss_fsdp2": loss_s, "grad_norm_plain": norm_p,
+        "grad_norm_fsdp2": norm_s, "terms": terms_p, "terms_fsdp2": terms_s, "max_update": max(update.values()),
+        "max_weight_diff": max(diff.values()), "worst": max(diff, key=diff.get),
+        "sharded": sorted({type(p).__name__ for p in sharded.parameters()}),
+    }))
     close_processes()  # both ranks done before the group goes (a teardown race aborted rank 0 once)
 
 
