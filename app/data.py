@@ -151,7 +151,13 @@ def _analysis(path: str, kind: str, file_key: tuple) -> tuple[pd.DataFrame, list
 def drift_table(run: Run) -> pd.DataFrame:
     """Weight drift from the start, every analysed checkpoint (``DRIFT_COLUMNS``; empty when
     the run has none)."""
-    return _analysis(str(run.path), "drift", signature(run.paths.analysis))[0]
+    return analysis_table(run, "drift")
+
+
+def analysis_table(run: Run, kind: str) -> pd.DataFrame:
+    """Every analysed checkpoint's table of one kind (``drift``, ``lens``, ``patch``: small
+    tables, read whole), with its schema columns; empty when the run has none."""
+    return _analysis(str(run.path), kind, signature(run.paths.analysis))[0]
 
 
 def _source_key(run: Run, source: str) -> tuple:
@@ -369,7 +375,7 @@ def clear_caches() -> None:
 
 
 __all__ = [
-    "METRIC_COLUMNS", "RunListing", "SOURCES", "analysed_steps", "available_sources",
+    "METRIC_COLUMNS", "RunListing", "SOURCES", "analysed_steps", "analysis_table", "available_sources",
     "checkpoint_steps", "clear_caches", "detail", "detail_prompts", "metric_catalog", "metric_rows",
     "metric_steps", "metrics",
     "probe_set", "resolve_run", "runs_table_row", "scan_root", "signature",

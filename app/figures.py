@@ -391,3 +391,48 @@ def layer_profiles(rows: dict[str, pd.DataFrame], metric: str) -> go.Figure:
     fig.update_layout(title=dict(text=metric_label(metric), font=dict(size=14)), yaxis_title=metric,
                       height=340, margin=dict(t=60, b=40, l=50, r=20), font=_FONT)
     return fig
+
+
+# ---------------------------------------------------------------------------
+# Causal analyses: early exit, the learned lens, patching
+# ---------------------------------------------------------------------------
+
+
+def lens_comparison(rows: dict[str, pd.DataFrame], metric: str) -> go.Figure:
+    """A metric per layer read through the logit lens and the learned lens, side by side: one
+    colour per run, solid = logit lens, dashed = learned (``rows``: name -> ``layer, value,
+    lens``)."""
+    fig = go.Figure()
+    for i, (name, part) in enumerate(rows.items()):
+        for lens, dash in (("logit", "solid"), ("affine", "dash")):
+            line = part[part["lens"] == lens].groupby("layer", as_index=False)["value"].mean()
+            if len(line):
+                fig.add_trace(go.Scatter(x=line["layer"], y=line["value"], mode="lines+markers",
+                                         name=f"{name} ({lens})", line=dict(color=PALETTE[i % len(PALETTE)], dash=dash)))
+    fig.update_xaxes(title_text="layer", dtick=1)
+    fig.update_layout(title=dict(text=f"{metric_label(metric)}: logit lens (solid) and learned lens (dashed)",
+                                 font=dict(size=14)), yaxis_title=metric, height=360,
+                      margin=dict(t=60, b=40, l=50, r=20), font=_FONT)
+    return fig
+
+
+def patch_curves(rows: dict[str, pd.DataFrame], metric: str = "patch_recovered") -> go.Figure:
+    """The share of each run's change that patching recovers, per layer: one panel per run, one
+    line per component (block output, attention, MLP). ``rows``: name -> ``layer, component,
+    value`` at one checkpoint."""
+    n = max(len(rows), 1)
+    nrows, ncols = _grid(n)
+    fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=list(rows), horizontal_spacing=0.08,
+                        vertical_spacing=0.18 if nrows > 1 else 0.0)
+    colours = {"block": PALETTE[0], "attn": PALETTE[1], "mlp": PALETTE[2]}
+    for i, part in enumerate(rows.values()):
+        for component, colour in colours.items():
+            line = part[part["component"] == component].sort_values("layer")
+            fig.add_trace(go.Scatter(x=line["layer"], y=line["value"], mode="lines+markers", name=component,
+                                     legendgroup=component, showlegend=i == 0, line=dict(color=colour)),
+                          row=i // ncols + 1, col=i % ncols + 1)
+    fig.update_xaxes(title_text="layer", dtick=1)
+    fig.update_yaxes(title_text="recovered share")
+    fig.update_layout(title=dict(text=metric_label(metric), font=dict(size=14)), height=max(340, 320 * nrows),
+                      margin=dict(t=70, b=40, l=50, r=20), font=_FONT)
+    return fig

@@ -6,12 +6,13 @@ to its renderer, in sidebar order.
 
 from __future__ import annotations
 
-from app.views import alignment, attention, drilldown, runs, training
+from app.views import alignment, attention, causal, drilldown, runs, training
 
 VIEWS = {
     "Runs": runs.render,
     "Training": training.render,
     "Layer alignment": alignment.render,
+    "Causal": causal.render,
     "Attention": attention.render,
     "Drill-down": drilldown.render,
 }

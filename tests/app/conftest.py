@@ -25,7 +25,7 @@ from workbench.measures.probing import LENS_STAT_NAMES, ProbeResult
 from workbench.storage.atomic import atomic_write_parquet
 from workbench.storage.checkpoints import write_checkpoint
 from workbench.storage.runwriter import RunWriter
-from workbench.storage.schema import DRIFT_COLUMNS
+from workbench.storage.schema import DRIFT_COLUMNS, LENS_COLUMNS, METRIC_COLUMNS, PATCH_COLUMNS
 
 N_LAYERS = 4
 N_HEADS = 2
@@ -61,6 +61,34 @@ def _probe_result(run: str, step: int) -> ProbeResult:
         attn_head_match=attn_js[:, -1] * 0.8, attn_head_identity=attn_js[:, -1],
         head_perm=np.tile(np.arange(N_HEADS), (N_LAYERS, 1)),
     )
+
+
+def expected_exit(run: str, step: int, layer: int) -> float:
+    """``exit_accuracy`` at a layer: deeper and later is better; OISD's early layers gain faster."""
+    return min(1.0, 0.2 * layer + step / 100.0 * (2.0 if run == "oisd" else 1.0))
+
+
+def expected_patch(component: str, step: int, layer: int) -> float:
+    """``patch_recovered``: the block curve rises with depth; attention and MLP share it."""
+    share = layer / N_LAYERS
+    return {"block": share, "attn": 0.3 * share, "mlp": 0.7 * share}[component] * (1.0 if step > 10 else 0.5)
+
+
+def _causal_tables(name: str, run: str, step: int) -> dict[str, pd.DataFrame]:
+    """The early-exit rows (analyzer, split greedy), the learned-lens table (top1_agree 0.05
+    above the logit lens's value at every layer below L) and the patching table."""
+    exits = [(name, step, layer, -1, -1, metric, value, "greedy", "analyzer")
+             for layer in range(1, N_LAYERS + 1)
+             for metric, value in (("exit_accuracy", expected_exit(run, step, layer)),
+                                   ("exit_agree", 1.0 if layer == N_LAYERS else 0.5), ("exit_length", 8.0))]
+    lens = [(name, step, layer, -1, -1, "top1_agree",
+             expected_value(run, "top1_agree", step, layer) + (0.05 if layer < N_LAYERS else 0.0),
+             "reference", "analyzer", "affine") for layer in range(1, N_LAYERS + 1)]
+    patch = [(name, step, layer, component, "patch_recovered", expected_patch(component, step, layer), "reference")
+             for layer in range(1, N_LAYERS + 1) for component in ("block", "attn", "mlp")]
+    patch.append((name, step, 0, "none", "patch_kl_base", 0.1 * step, "reference"))
+    return {"exit": pd.DataFrame(exits, columns=METRIC_COLUMNS), "lens": pd.DataFrame(lens, columns=LENS_COLUMNS),
+            "patch": pd.DataFrame(patch, columns=PATCH_COLUMNS)}
 
 
 def _detail_tables(run: str, step: int) -> dict[str, pd.DataFrame]:
@@ -135,8 +163,13 @@ def _write_run(root: Path, name: str, method: str) -> None:
         write_checkpoint(root / name, step, lambda d: (d / "config.json").write_text("{}"), keep_last=None)
         provenance = {"transformer_lens": "4.3", "probe_set_hash": writer.info["probe_set_hash"]}
         analysis = _probe_result(method, step).to_frame(name, step, "reference", "analyzer")
+        causal = _causal_tables(name, method, step)
+        analysis = pd.concat([analysis, causal["exit"]], ignore_index=True)
         atomic_write_parquet(root / name / "analysis" / f"step-{step:06d}-metrics.parquet", analysis,
                              metadata=provenance)
+        for kind in ("lens", "patch"):
+            atomic_write_parquet(root / name / "analysis" / f"step-{step:06d}-{kind}.parquet", causal[kind],
+                                 metadata=provenance)
         for kind, table in _detail_tables(method, step).items():
             table["run"] = name
             atomic_write_parquet(root / name / "analysis" / f"step-{step:06d}-{kind}.parquet", table,

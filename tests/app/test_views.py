@@ -18,6 +18,8 @@ from tests.app.conftest import (
     STEPS,
     TOKENS,
     expected_drift,
+    expected_exit,
+    expected_patch,
     expected_value,
     make_runs_root,
     plotly_figures,
@@ -287,3 +289,31 @@ def test_long_training_curves_are_drawn_from_bucket_extremes():
     table = pd.DataFrame({"step": steps, "reward": values})
     trace = training_curves({"run": table}, ["reward"]).data[0]
     assert len(trace.x) <= MAX_CURVE_POINTS and max(trace.y) == 9.0
+
+
+def test_causal_view_early_exit_lens_and_patching(runs_root, make_app, downloads):
+    at = _run(make_app(runs_root, view="Causal", runs=["grpo", "oisd"]))
+    figures = plotly_figures(at)
+    # Early exit: a layer x checkpoint heat map per run, and per-method curves at the last checkpoint.
+    heatmaps = [t for t in figures["exit_heatmaps"].data if t.type == "heatmap"]
+    assert len(heatmaps) == 2
+    for trace, run in zip(heatmaps, ["grpo", "oisd"]):
+        expected = [[expected_exit(run, s, layer) for s in STEPS] for layer in range(1, N_LAYERS + 1)]
+        np.testing.assert_allclose(np.array(trace.z), expected)
+    curves = {t.name: t for t in figures["exit_curves"].data}
+    assert set(curves) == {"grpo (1 run)", "oisd (1 run)"}
+    np.testing.assert_allclose(curves["oisd (1 run)"].y, [expected_exit("oisd", STEPS[-1], layer)
+                                                           for layer in range(1, N_LAYERS + 1)])
+    # Logit against learned lens: the learned one 0.05 above at every layer below L.
+    lines = {t.name: np.array(t.y) for t in figures["lens_comparison"].data}
+    assert set(lines) == {"grpo (logit)", "grpo (affine)", "oisd (logit)", "oisd (affine)"}
+    np.testing.assert_allclose(lines["grpo (affine)"] - lines["grpo (logit)"], [0.05] * (N_LAYERS - 1) + [0.0])
+    # Patching: one panel per run, one line per component, at the last checkpoint.
+    traces = figures["patch_curves"].data
+    assert sorted({t.name for t in traces}) == ["attn", "block", "mlp"] and len(traces) == 6
+    np.testing.assert_allclose(traces[0].y, [expected_patch("block", STEPS[-1], layer)
+                                            for layer in range(1, N_LAYERS + 1)])
+    assert any("KL(checkpoint || start) = 3 nats" in c.value for c in at.caption)
+    exported = _csv(downloads, "early-exit.csv")
+    assert set(exported["metric"]) == {"exit_accuracy", "exit_agree", "exit_length"}
+
