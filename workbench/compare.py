@@ -50,9 +50,10 @@ COLUMNS = [
     "top1_agree_before", "top1_agree_after", "attn_js_final_before", "attn_js_final_after",
     "top1_agree_gap_before", "top1_agree_gap_after", "lens_js_gap_before", "lens_js_gap_after",
     "attn_js_final_gap_before", "attn_js_final_gap_after",
+    "exit_accuracy_before", "exit_accuracy_after", "learned_top1_agree_after", "patch_half_layer",
     "probe_step", "source",
 ]
-VALUE_COLUMNS = COLUMNS[5:19]
+VALUE_COLUMNS = COLUMNS[5:23]
 
 # Column headers of the printed per-method table.
 _LABELS = {
@@ -61,6 +62,8 @@ _LABELS = {
     "top1_agree_before": "top1_agree before", "top1_agree_after": "top1_agree after",
     "attn_js_final_before": "attn_js_final before", "attn_js_final_after": "attn_js_final after",
     **{f"{m}_gap_{w}": f"{m} gap {w}" for m in GAP_METRICS for w in ("before", "after")},
+    "exit_accuracy_before": "exit acc before", "exit_accuracy_after": "exit acc after",
+    "learned_top1_agree_after": "top1_agree (learned lens) after", "patch_half_layer": "patch: half at layer",
 }
 
 
@@ -155,6 +158,37 @@ def _run_row(run: Run, rows: pd.DataFrame, layer: int | None) -> dict:
     return row
 
 
+def _causal_values(run: Run, layer: int | None) -> dict:
+    """What the causal analyses say of a run at ``layer`` (docs/metrics.md): early-exit accuracy
+    there before training (the built-in probes at step 0) and after (the last checkpoint with
+    exits: the analyzer's, else the probes'), ``top1_agree`` read through the learned lens at
+    its last checkpoint, and the first layer whose block output, patched into the start model,
+    recovers half of the last checkpoint's change (``patch_half_layer``). NaN where not measured."""
+    out = {"exit_accuracy_before": math.nan, "exit_accuracy_after": math.nan,
+           "learned_top1_agree_after": math.nan, "patch_half_layer": math.nan}
+    if layer is None:
+        return out
+    for source in ("probe", "analyzer"):
+        exits = run.metric_rows(source, metric=["exit_accuracy"], split=["greedy"], layer=[layer])
+        if len(exits):
+            if source == "probe" and (exits["step"] == 0).any():
+                out["exit_accuracy_before"] = float(exits.loc[exits["step"] == 0, "value"].iloc[0])
+            after = exits[exits["step"] > 0]
+            if len(after):  # the analyzer's, read second, wins where both have one
+                out["exit_accuracy_after"] = float(after.loc[after["step"].idxmax(), "value"])
+    lens = run.analysis("lens")
+    lens = lens[(lens["metric"] == "top1_agree") & (lens["split"] == "reference") & (lens["layer"] == layer)]
+    if len(lens):
+        out["learned_top1_agree_after"] = float(lens.loc[lens["step"].idxmax(), "value"])
+    patch = run.analysis("patch")
+    block = patch[(patch["component"] == "block") & (patch["metric"] == "patch_recovered")]
+    if len(block):
+        last = block[block["step"] == block["step"].max()].sort_values("layer")
+        reached = last[last["value"] >= 0.5]
+        out["patch_half_layer"] = float(reached["layer"].iloc[0]) if len(reached) else math.nan
+    return out
+
+
 # ---------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------
@@ -215,7 +249,7 @@ def comparison_table(
             chosen = run.oisd_layers or shared
             layers.append(report_layers(chosen, L)[0] if chosen or L is not None else None)
 
-    records = [_run_row(run, rows, lay) for run, rows, lay in zip(runs, alignment, layers)]
+    records = [_run_row(run, rows, lay) | _causal_values(run, lay) for run, rows, lay in zip(runs, alignment, layers)]
     table = pd.DataFrame(records, columns=COLUMNS)
     table = table.astype({c: "float64" for c in VALUE_COLUMNS})
     table["layer"] = table["layer"].astype("Int64")
@@ -385,11 +419,25 @@ def _aggregate_table(table: pd.DataFrame, comparable: bool = True):
         title += " (runs not comparable: see the warnings above)"
     out = Table(title=title, title_justify="left")
     out.add_column("method", justify="left")
-    for name in ("runs", "layer", *(_LABELS[column] for column in VALUE_COLUMNS)):
+    shown = [c for c in VALUE_COLUMNS if table[c].notna().any()]  # what some run measured
+    for name in ("runs", "layer", *(_LABELS[column] for column in shown)):
         out.add_column(name, justify="right")
     for _, row in table.iterrows():
         out.add_row(str(row["method"]), str(row["runs"]), _fmt(row["layer"], 0),
-                    *(pm(row, column) for column in VALUE_COLUMNS))
+                    *(pm(row, column) for column in shown))
+    return out
+
+
+def _causal_table(table: pd.DataFrame):
+    """Per run: the causal analyses at the layer (early exit, the learned lens, patching)."""
+    from rich.table import Table
+
+    out = Table(title="Causal analyses at the layer (oisd probe --exit --learned-lens --patch)", title_justify="left")
+    for name in ("run", "layer", "exit accuracy", "top1_agree (learned lens)", "patch: half at layer"):
+        out.add_column(name, justify="left" if name == "run" else "right")
+    for r in table.itertuples(index=False):
+        out.add_row(str(r.run), _fmt(r.layer, 0), _arrow(r.exit_accuracy_before, r.exit_accuracy_after),
+                    _fmt(r.learned_top1_agree_after), _fmt(r.patch_half_layer, 0))
     return out
 
 
@@ -444,6 +492,8 @@ def print_comparison(
             "gap = value on sampled completions the verifier accepts minus value on those it rejects "
             "(splits sampled_correct - sampled_wrong), at the same layer and step."
         )
+    if table[["exit_accuracy_after", "learned_top1_agree_after", "patch_half_layer"]].notna().any().any():
+        console.print(_causal_table(table))
     return table
 
 
@@ -452,7 +502,9 @@ def print_comparison(
 # ---------------------------------------------------------------------------
 
 # Per-run values listed per method (one entry per seed), and what the verdict compares.
-SUMMARY_AFTER = ("accuracy_after", "top1_agree_after", "top1_agree_gap_after", "entropy_final")
+SUMMARY_AFTER = ("accuracy_after", "top1_agree_after", "top1_agree_gap_after", "entropy_final",
+                 "exit_accuracy_after", "learned_top1_agree_after", "patch_half_layer")
+SUMMARY_BEFORE = ("accuracy_before", "top1_agree_before", "top1_agree_gap_before", "exit_accuracy_before")
 
 
 def method_summary(run_dirs: Sequence[str | os.PathLike], baseline: str | None = None) -> dict:
@@ -464,8 +516,13 @@ def method_summary(run_dirs: Sequence[str | os.PathLike], baseline: str | None =
         ``{"layer": l, "methods": {name: {"seeds": n, "accuracy_before": x,
         "accuracy_after": [...], "top1_agree_before": x, "top1_agree_after": [...],
         "top1_agree_gap_before": x, "top1_agree_gap_after": [...], "entropy_final": [...],
+        "exit_accuracy_before": x, "exit_accuracy_after": [...], "learned_top1_agree_after": [...],
+        "patch_half_layer": [...], "accuracy_gain": [...], "gain_by_start": {start model: [...]},
         "vs_baseline": {value: {"difference": d, "spread": s, "larger_than_spread": bool}}}}}``.
-        "before" values are the mean over the method's runs (they share the start).
+        "before" values are the mean over the method's runs (over their warm starts when they
+        have several); ``accuracy_gain`` is each run's after minus before, ``gain_by_start`` the
+        same per start model (a run's ``model.path``), so that a gain can be checked from every
+        warm start. The lists are in run order.
         The spread is the larger of the two methods' sample standard deviations over seeds;
         a difference counts as larger than the spread only when both have at least 2 seeds.
     """
@@ -484,12 +541,21 @@ def method_summary(run_dirs: Sequence[str | os.PathLike], baseline: str | None =
         values = [v for v in clean(values) if v is not None]
         return float(np.mean(values)) if values else None
 
+    starts = {}
+    for path in run_dirs:
+        run = Run.open(path)
+        starts[run.name] = str((run.config.get("model") or {}).get("path"))
     for label, group in table.groupby("label", sort=False):
         entry = {"seeds": int(len(group)), "runs": group["run"].tolist()}
-        for before in ("accuracy_before", "top1_agree_before", "top1_agree_gap_before"):
+        for before in SUMMARY_BEFORE:
             entry[before] = mean(group[before])
         for after in SUMMARY_AFTER:
             entry[after] = clean(group[after])
+        gains = clean(group["accuracy_after"] - group["accuracy_before"])
+        entry["accuracy_gain"] = gains
+        entry["gain_by_start"] = {}
+        for run_name, gain in zip(group["run"], gains):
+            entry["gain_by_start"].setdefault(starts[run_name], []).append(gain)
         out["methods"][label] = entry
     base = out["methods"].get(baseline)
     for label, entry in out["methods"].items():
@@ -511,7 +577,9 @@ def method_summary(run_dirs: Sequence[str | os.PathLike], baseline: str | None =
 
 
 _WORDS = {"accuracy_after": "accuracy", "top1_agree_after": "top1_agree",
-          "top1_agree_gap_after": "correct-minus-wrong top1_agree gap", "entropy_final": "entropy"}
+          "top1_agree_gap_after": "correct-minus-wrong top1_agree gap", "entropy_final": "entropy",
+          "exit_accuracy_after": "early-exit accuracy", "learned_top1_agree_after": "top1_agree through the learned lens",
+          "patch_half_layer": "first layer whose patched block output recovers half the change"}
 
 
 def summary_lines(summary: dict) -> list[str]:
@@ -544,8 +612,8 @@ def print_summary(summary: dict, console=None) -> None:
         return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
     layer = summary["layer"]
-    out = Table(title=f"Per method, mean ± std over seeds (layer {layer} = the OISD layer)", title_justify="left")
-    for name in ("method", "seeds", "accuracy before -> after", f"top1_agree L{layer} before -> after",
+    out = Table(title=f"Per method, mean ± std over runs (layer {layer} = the OISD layer)", title_justify="left")
+    for name in ("method", "runs", "accuracy before -> after", f"top1_agree L{layer} before -> after",
                  "top1_agree gap (correct - wrong) before -> after", "entropy (end)"):
         out.add_column(name, justify="left" if name == "method" else "right")
     for label, e in summary["methods"].items():
@@ -554,5 +622,14 @@ def print_summary(summary: dict, console=None) -> None:
                     f"{_fmt(e['top1_agree_gap_before'])} -> {pm(e['top1_agree_gap_after'])}",
                     pm(e["entropy_final"]))
     console.print(out)
+    causal = Table(title=f"What the causal analyses say at layer {layer} (docs/metrics.md)", title_justify="left")
+    for name in ("method", f"exit accuracy L{layer} before -> after", f"top1_agree L{layer} learned lens",
+                 "patched block output recovers half the change from layer", "accuracy gain per warm start"):
+        causal.add_column(name, justify="left" if name == "method" else "right")
+    for label, e in summary["methods"].items():
+        per_start = ", ".join(pm(g) for g in e.get("gain_by_start", {}).values())
+        causal.add_row(label, f"{_fmt(e.get('exit_accuracy_before'))} -> {pm(e.get('exit_accuracy_after', []))}",
+                       pm(e.get("learned_top1_agree_after", [])), pm(e.get("patch_half_layer", [])), per_start)
+    console.print(causal)
     for line in summary_lines(summary):
         console.print(line, highlight=False)

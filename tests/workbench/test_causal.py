@@ -306,4 +306,19 @@ def test_a_probe_with_every_causal_measure_and_the_trainer_agree(coin_model_dir,
     # (tied) unembedding: the block curve ends below 1 by exactly that.
     assert patch[patch["metric"] == "patch_kl_base"]["value"].iloc[0] > 0
     # Probing again is incremental: nothing is redone.
+    before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "analysis").iterdir()}
     assert cli_main(["probe", str(run_dir), "--exit", "--exit-layers", "1", "0.5", "--learned-lens", "--patch"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "analysis").iterdir()} == before
+
+    # oisd compare reads them at the OISD layer (block 1 of 4 in the bundled config).
+    from workbench.compare import comparison_table
+
+    row = comparison_table([run_dir]).iloc[0]
+    assert row["layer"] == 1
+    assert row["exit_accuracy_after"] == accuracy.loc[1]
+    assert row["exit_accuracy_before"] == float(run.metric_rows("probe", step=[0], metric=["exit_accuracy"],
+                                                               layer=[1])["value"].iloc[0])
+    assert row["learned_top1_agree_after"] == top1.loc[1]
+    reached = patch[(patch["component"] == "block") & (patch["metric"] == "patch_recovered")
+                    & (patch["value"] >= 0.5)]["layer"]
+    assert row["patch_half_layer"] == (float(reached.min()) if len(reached) else row["patch_half_layer"])
