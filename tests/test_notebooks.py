@@ -49,7 +49,7 @@ def test_notebooks_exist():
     names = [p.name for p in NOTEBOOKS]
     assert names == [
         "01_quickstart.ipynb", "02_logit_lens.ipynb", "03_attention_alignment.ipynb",
-        "04_methods_compared.ipynb",
+        "04_methods_compared.ipynb", "05_causal.ipynb",
     ]
 
 
