@@ -55,9 +55,15 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         write_analysis_folder,
     )
 
+    from workbench.analysis.processes import default_device, processes
+
+    # Under accelerate launch / torchrun the checkpoints are spread over the processes, each on
+    # its own device (workbench.analysis.processes); on one process this is process 0 of 1.
+    procs = processes()
+    device = args.device or default_device(procs.local_rank)
     # Every argument, input, prompt and tokenizer is checked before anything is written.
     check_probe_args(max_new_tokens=args.max_new_tokens, detail_prompts=args.detail_prompts,
-                     n_prompts=args.n_prompts, dtype=args.dtype, device=args.device)
+                     n_prompts=args.n_prompts, dtype=args.dtype, device=device)
     sources = check_inputs(args.paths, args.out)
     if args.base is not None:  # the start weights drift is measured from: a model folder
         from workbench.models.loading import require_model_folder
@@ -84,22 +90,38 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         plans = {id(s): plan_analysis_folder(s, args.out, prompts, chat_template=args.chat_template,
                                              max_new_tokens=length, base=args.base) for s in external}
         note = reference_note(prompts)
-        if note:
+        if note and procs.main:
             print(note)
+        if procs.main:  # an analysis folder's run.json and probe set: once, before anyone probes
+            for source in external:
+                write_analysis_folder(plans[id(source)])
+        procs.barrier()
 
     from workbench.analysis.analyzer import probe_run
 
     failed = 0
+    reports = []
     for source in sources:
         if source.kind == "run":
             folder, length = source.path, args.max_new_tokens
         else:
             plan = plans[id(source)]
-            folder, length = write_analysis_folder(plan), plan.max_new_tokens
-        report = probe_run(folder, device=args.device, dtype=args.dtype, force=args.force,
-                           detail_prompts=args.detail_prompts, max_new_tokens=length, base=args.base,
-                           exit=args.exit or bool(args.exit_layers), exit_layers=args.exit_layers,
-                           learned_lens=args.learned_lens, patch=args.patch)
+            folder, length = plan.folder, plan.max_new_tokens
+        reports.append(probe_run(folder, device=device, dtype=args.dtype, force=args.force,
+                                 detail_prompts=args.detail_prompts, max_new_tokens=length, base=args.base,
+                                 exit=args.exit or bool(args.exit_layers), exit_layers=args.exit_layers,
+                                 learned_lens=args.learned_lens, patch=args.patch, processes=procs))
+    if procs.world > 1:  # every process's report, printed once by process 0
+        import torch.distributed as dist
+
+        gathered = [None] * procs.world
+        procs.barrier()
+        dist.all_gather_object(gathered, reports)
+        reports = [r.merged(others) for r, *others in zip(*gathered)]
+        procs.close()
+        if not procs.main:
+            return 1 if any(r.skipped for r in reports) else 0
+    for report in reports:
         print(report)
         failed += len(report.skipped)
     if failed:  # a checkpoint that could not be analysed is a failure, said in the last line
@@ -206,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JSONL with 'prompt' and optional 'reference' (default: the embedded task's held-out questions)")
     p.add_argument("--n-prompts", type=int, default=16, help="embedded-task prompts when --prompts is not given")
     p.add_argument("--chat-template", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device", default=None,
+                   help="torch device (default: the process's GPU where there is CUDA, else cpu); under accelerate "
+                        "launch / torchrun the checkpoints are spread over the processes")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--force", action="store_true", help="re-analyse checkpoints already analysed")
     p.add_argument("--detail-prompts", type=int, default=4, help="probe prompts kept in per-prompt detail")

@@ -51,6 +51,7 @@ import torch
 from workbench.analysis.early_exit import exit_rows, reference_verifier, resolve_exit_layers
 from workbench.analysis.learned_lens import AffineFit, lens_frame
 from workbench.analysis.memory import StageSeconds, fix_malloc_threshold
+from workbench.analysis.processes import Processes
 from workbench.analysis.probe_runner import record_prompt_ids
 from workbench.analysis.targets import Target, checkpoint_targets, start_model
 from workbench.errors import CheckpointError, ConfigError, DataError, WorkbenchError, first_line
@@ -117,6 +118,17 @@ class ProbeReport:
         ]
         lines += [f"  skipped step {step}: {reason}" for step, reason in self.skipped]
         return "\n".join(lines)
+
+    def merged(self, others: list["ProbeReport"]) -> "ProbeReport":
+        """This report and the other processes' reports of the same run, as one (steps sorted)."""
+        every = [self, *others]
+        return ProbeReport(
+            run_dir=self.run_dir,
+            analysed=sorted(s for r in every for s in r.analysed),
+            up_to_date=sorted(s for r in every for s in r.up_to_date),
+            skipped=sorted(s for r in every for s in r.skipped),
+            files=sorted((f for r in every for f in r.files), key=str),
+        )
 
 
 def _dist_version(name: str) -> str | None:
@@ -534,6 +546,7 @@ def probe_run(
     exit_layers: list[int | float] | None = None,
     learned_lens: bool = False,
     patch: bool = False,
+    processes: Processes | None = None,
 ) -> ProbeReport:
     """Analyse every checkpoint of a run with TransformerLens (incrementally), and measure
     each checkpoint's weight drift from the start (:mod:`workbench.measures.drift`, from the
@@ -559,6 +572,9 @@ def probe_run(
         learned_lens: the learned-lens control (:mod:`workbench.analysis.learned_lens`).
         patch: activation patching from the start model to each checkpoint
             (:mod:`workbench.analysis.patching`).
+        processes: this process's place when probing is spread over several
+            (:mod:`workbench.analysis.processes`): it analyses its share of the checkpoints, and
+            only process 0 shows progress. None: one process, every checkpoint.
 
     Returns:
         A :class:`ProbeReport` (``str(report)`` is a short summary).
@@ -582,27 +598,32 @@ def probe_run(
         max_new_tokens = int(run.info.get("probe_max_new_tokens") or DEFAULT_PROBE_MAX_NEW_TOKENS)
     all_samples = run.samples()
     report = ProbeReport(run_dir=run.path)
+    procs = processes or Processes()
     targets = checkpoint_targets(run)
     if not targets:
         logger.warning("%s has no checkpoints to analyse", run.path)
     start = base if base is not None else start_model(run)
+    n_layers = run.num_layers if run.num_layers is not None else _model_layers(targets)
+    targets = procs.share(targets)  # this process's checkpoints: every world-th from its rank
     if patch and start is None:
         raise DataError(f"{run.path}: no start model to patch from (give --base MODEL_FOLDER)")
-    n_layers = run.num_layers if run.num_layers is not None else _model_layers(targets)
     layers = resolve_exit_layers(exit_layers, n_layers, run.oisd_layers) if exit and n_layers else None
 
     from tqdm.auto import tqdm
 
     fix_malloc_threshold()  # before the first boot
-    for leftover in run.path.glob(".merged-*"):  # an adapter merge a killed probe left behind
-        shutil.rmtree(leftover, ignore_errors=True)
+    if procs.main:
+        for leftover in run.path.glob(".merged-*"):  # an adapter merge a killed probe left behind
+            shutil.rmtree(leftover, ignore_errors=True)
+    procs.barrier()  # (no process merges before the leftovers are gone)
     # Every earlier result is read once, here (footers only), not once per checkpoint.
     provenance_of = {kind: run.analysis_provenance(kind) for kind in (*KINDS, "lens", "patch", "drift")}
     done = {kind: {s for s, p in provenance_of[kind].items() if p.get("probe_set_hash") == digest}
             for kind in (*KINDS, "lens", "patch")}
     exits_done = {s: set(p.get("exit_layers") or ()) for s, p in provenance_of["metrics"].items()}
     base_model = None  # the start model, booted once, when some checkpoint is patched
-    bar = tqdm(targets, desc=f"probe {run.name}", unit="ckpt", disable=not progress)
+    label = f"probe {run.name}" + (f" (process 0 of {procs.world}: its share)" if procs.world > 1 else "")
+    bar = tqdm(targets, desc=label, unit="ckpt", disable=not progress or not procs.main)
     for target in bar:
         step = target.step
         drift_due = start is not None and (force or step not in provenance_of["drift"])
@@ -650,6 +671,7 @@ def probe_run(
             del decoder
             provenance = _provenance(bridge, target.location, digest, device, dtype, step)
             provenance["origin"] = target.origin
+            provenance["process"] = procs.rank  # which process made it (one per checkpoint)
             provenance["merged_onto"] = (target.base or adapter_base(target.location)) if target.adapter else None
             provenance["seconds"] = round(time.perf_counter() - clock, 3)
             del bridge
