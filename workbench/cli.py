@@ -60,6 +60,10 @@ def _cmd_probe(args: argparse.Namespace) -> int:
     # Under accelerate launch / torchrun the checkpoints are spread over the processes, each on
     # its own device (workbench.analysis.processes); on one process this is process 0 of 1.
     procs = processes()
+    if args.device_map is not None and (args.device or procs.world > 1):
+        raise ConfigError("--device-map places each model itself: not with --device, nor with several processes "
+                          "(each of which would spread its own copy over the same devices)")
+    _device_map(args.device_map)  # checked before anything is written
     device = args.device or default_device(procs.local_rank)
     # Every argument, input, prompt and tokenizer is checked before anything is written.
     check_probe_args(max_new_tokens=args.max_new_tokens, detail_prompts=args.detail_prompts,
@@ -110,7 +114,8 @@ def _cmd_probe(args: argparse.Namespace) -> int:
         reports.append(probe_run(folder, device=device, dtype=args.dtype, force=args.force,
                                  detail_prompts=args.detail_prompts, max_new_tokens=length, base=args.base,
                                  exit=args.exit or bool(args.exit_layers), exit_layers=args.exit_layers,
-                                 learned_lens=args.learned_lens, patch=args.patch, processes=procs))
+                                 learned_lens=args.learned_lens, patch=args.patch, processes=procs,
+                                 device_map=_device_map(args.device_map)))
     if procs.world > 1:  # every process's report, printed once by process 0
         import torch.distributed as dist
 
@@ -158,6 +163,29 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     evaluate_cli(args)
     return 0
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _device_map(text: str | None) -> str | dict | None:
+    """``--device-map``: one of HF's named strategies or a JSON object of module -> device.
+
+    Raises:
+        ConfigError: anything else (one line).
+    """
+    if text is None or text in DEVICE_MAPS:
+        return text
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--device-map {text}: use one of {', '.join(DEVICE_MAPS)} or a JSON object of "
+                          'module -> device, e.g. \'{"": "cpu"}\'')
+    return value
 
 
 def _layer(text: str) -> int | float:
@@ -231,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None,
                    help="torch device (default: the process's GPU where there is CUDA, else cpu); under accelerate "
                         "launch / torchrun the checkpoints are spread over the processes")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="spread each model over several devices, for a model larger than one: auto, balanced, "
+                        "balanced_low_0, sequential, or a JSON object of module -> device (HF's device_map); "
+                        "not with --device, nor with several processes")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--force", action="store_true", help="re-analyse checkpoints already analysed")
     p.add_argument("--detail-prompts", type=int, default=4, help="probe prompts kept in per-prompt detail")

@@ -64,6 +64,8 @@ BAD = [
     (["--device", "nonsense"], "--device nonsense"),
     (["--device", "cuda:99"], "--device cuda:99"),
     (["--chat-template"], "--chat-template: the tokenizer of"),
+    (["--device-map", "everywhere"], "--device-map everywhere: use one of auto, balanced"),
+    (["--device-map", "auto", "--device", "cpu"], "--device-map places each model itself: not with --device"),
 ]
 
 
@@ -137,3 +139,20 @@ def test_the_command_line_refuses_in_one_line(tmp_path, trl_dir, cli_env):
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip() == "error: --max-new-tokens must be >= 1, got -1"
     assert not out.exists()
+
+
+def test_a_model_spread_by_a_device_map_probes_as_on_one_device(tmp_path, tiny_qwen3_dir):
+    """``--device-map`` reaches TransformerBridge and the greedy decoder; on a CPU-only machine
+    every module lands on the CPU, and the analysis equals ``--device cpu``'s."""
+    import pandas as pd
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    tables = {}
+    for name, flags in (("one", ["--device", "cpu"]), ("mapped", ["--device-map", '{"": "cpu"}'])):
+        out = tmp_path / name
+        assert _probe([str(tiny_qwen3_dir), "--out", str(out), "--prompts", str(prompts), "--max-new-tokens", "4",
+                       "--exit", *flags]) == 0
+        tables[name] = pd.read_parquet(next((out / tiny_qwen3_dir.name / "analysis").glob("*-metrics.parquet")))
+    pd.testing.assert_frame_equal(tables["mapped"], tables["one"], check_exact=True)
+

@@ -145,8 +145,10 @@ def _manifest_hash(folder: str | Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
-def _boot(folder: Path, device: str, dtype: torch.dtype):
-    """Boot a checkpoint folder with TransformerLens; any failure is one CheckpointError."""
+def _boot(folder: Path, device: str, dtype: torch.dtype, device_map: str | dict | None = None):
+    """Boot a checkpoint folder with TransformerLens; any failure is one CheckpointError.
+    ``device_map`` (HF's: ``"auto"``, ``"balanced"``, a dict) spreads the model over devices
+    instead of putting it on ``device``."""
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoTokenizer
 
@@ -155,9 +157,8 @@ def _boot(folder: Path, device: str, dtype: torch.dtype):
     except Exception as exc:  # noqa: BLE001 - a loading failure becomes one line
         raise CheckpointError(f"cannot load the tokenizer of {folder}: {first_line(exc)}") from None
     try:
-        bridge = TransformerBridge.boot_transformers(
-            str(folder), device=device, dtype=dtype, tokenizer=tokenizer
-        )
+        placement = {"device_map": device_map} if device_map is not None else {"device": device}
+        bridge = TransformerBridge.boot_transformers(str(folder), dtype=dtype, tokenizer=tokenizer, **placement)
     except Exception as exc:  # noqa: BLE001 - unsupported architecture, bad weights, ...
         raise CheckpointError(
             f"TransformerLens cannot load {folder}: {first_line(exc)}"
@@ -166,17 +167,24 @@ def _boot(folder: Path, device: str, dtype: torch.dtype):
     return bridge, tokenizer
 
 
-def load_decoder(location: str, device: str, dtype: torch.dtype, *, share_with: torch.nn.Module | None = None):
+def load_decoder(location: str, device: str, dtype: torch.dtype, *, share_with: torch.nn.Module | None = None,
+                 device_map: str | dict | None = None):
     """The checkpoint as a plain HF causal LM with eager attention, in eval mode: the model
     that decodes the greedy split exactly as the trainer's built-in probes do.
 
     ``share_with``: the same checkpoint already loaded (the HF model a bridge wraps); the
     decoder is then built empty and takes that model's parameter and buffer tensors (no
-    copy), so the weights are in memory once, not twice.
+    copy), so the weights are in memory once, not twice. ``device_map``: a model spread over
+    devices is decoded by its own dispatched copy (accelerate's hooks that move activations
+    between devices belong to the loaded modules, not to a tree that shares their tensors), so
+    its weights are in memory twice while it is probed.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
+        if device_map is not None:
+            return AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype, attn_implementation="eager",
+                                                        device_map=device_map).eval()
         if share_with is None:
             model = AutoModelForCausalLM.from_pretrained(str(location), dtype=dtype, attn_implementation="eager")
             return model.to(device).eval()
@@ -547,6 +555,7 @@ def probe_run(
     learned_lens: bool = False,
     patch: bool = False,
     processes: Processes | None = None,
+    device_map: str | dict | None = None,
 ) -> ProbeReport:
     """Analyse every checkpoint of a run with TransformerLens (incrementally), and measure
     each checkpoint's weight drift from the start (:mod:`workbench.measures.drift`, from the
@@ -572,6 +581,9 @@ def probe_run(
         learned_lens: the learned-lens control (:mod:`workbench.analysis.learned_lens`).
         patch: activation patching from the start model to each checkpoint
             (:mod:`workbench.analysis.patching`).
+        device_map: spread each model over several devices (HF's ``device_map``: ``"auto"``,
+            ``"balanced"``, a dict of module -> device), as TransformerLens's bridge accepts it,
+            for a model larger than one device; ``device`` is then not used.
         processes: this process's place when probing is spread over several
             (:mod:`workbench.analysis.processes`): it analyses its share of the checkpoints, and
             only process 0 shows progress. None: one process, every checkpoint.
@@ -647,9 +659,10 @@ def probe_run(
                     with stage("drift"):
                         _write_drift(run, target, folder, start, report)
                 with stage("boot"):
-                    bridge, tokenizer = _boot(folder, device, DTYPES[dtype])
+                    bridge, tokenizer = _boot(folder, device, DTYPES[dtype], device_map)
                     check_tokenizer(tokenizer, records, target.location)
-                    decoder = (load_decoder(folder, device, DTYPES[dtype], share_with=bridge.original_model)
+                    decoder = (load_decoder(folder, device, DTYPES[dtype], share_with=bridge.original_model,
+                                            device_map=device_map)
                                if greedy or layers or need_patch else None)
             clock = time.perf_counter()
             tables = {}
@@ -664,7 +677,7 @@ def probe_run(
             if need_patch:
                 if base_model is None:
                     with stage("boot"):
-                        base_model, _ = _boot(start, device, DTYPES[dtype])
+                        base_model, _ = _boot(start, device, DTYPES[dtype], device_map)
                 with stage("patch"):
                     tables["patch"] = _patch_table(base_model, bridge, decoder, tokenizer, records, run=run.name,
                                                    step=step, max_new_tokens=max_new_tokens)

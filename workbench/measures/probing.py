@@ -275,7 +275,8 @@ def _iter_layer_stats(
         )
         reference = metrics.LensReference(logp_final, targets[start : start + c], p_final)
         for layer in range(1, inputs.n_layers):
-            logits = inputs.lens(hidden_flat[layer - 1][idx], layer)  # (c, V)
+            h = hidden_flat[layer - 1]  # a model spread over devices keeps each layer on its own
+            logits = inputs.lens(h[idx.to(h.device)].to(final_flat.device), layer)  # (c, V)
             logp, p = divergence.log_softmax_and_probs(
                 logits, temperature, out=(layer_buf[0, :c], layer_buf[1, :c])
             )
@@ -381,7 +382,7 @@ class AttentionMetrics:
     def add(self, a: torch.Tensor | None) -> None:
         """Fold in the next layer's ``(N, H, T, T)`` pattern (layers in order 1..L; None for
         the final layer, already given)."""
-        layer_rows = self.final if a is None else self._rows(a)
+        layer_rows = self.final if a is None else self._rows(a.to(self.final.device))
         self.means.append(layer_rows.mean(0, keepdim=True))  # (1, n, T)
         if self.head_match:
             pairs = metrics.head_js_matrix(layer_rows, self.final)  # (H, H, n)
