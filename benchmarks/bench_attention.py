@@ -17,6 +17,7 @@ background load affects them alike; the median is reported, with ratios to ``sdp
 Usage::
 
     python benchmarks/bench_attention.py [--sizes tiny medium] [--repeats 7] [--device cpu]
+    python benchmarks/bench_attention.py --smoke   # the same code at a 2-layer toy shape, 1 repeat
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ SIZES = {
         dict(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
              num_attention_heads=8, num_key_value_heads=4, head_dim=64),
         2, 128, 384,
+    ),
+    # --smoke: the same code paths in a second (not numbers to report).
+    "smoke": (
+        dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=2, num_key_value_heads=1, head_dim=16),
+        2, 8, 8,
     ),
 }
 
@@ -142,18 +149,21 @@ def bench(size: str, repeats: int, device: str, dtype: torch.dtype) -> dict[str,
     return medians
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+    """Time every size; print one line each; return size -> variant -> median seconds."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "medium"], choices=list(SIZES))
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per variant")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="the smoke size, 1 repeat: checks the code runs")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.repeats = ["smoke"], 1
     print(f"device {args.device}, dtype {args.dtype}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}, median of {args.repeats} interleaved repeats "
           "(forward + backward)")
-    for size in args.sizes:
-        bench(size, args.repeats, args.device, getattr(torch, args.dtype))
+    return {size: bench(size, args.repeats, args.device, getattr(torch, args.dtype)) for size in args.sizes}
 
 
 if __name__ == "__main__":

@@ -24,14 +24,24 @@ measurement is ``--shape qwen3-4b --checkpoints 200 --runs 6``.
 A checkpoint's drill-down files are the same bytes for every checkpoint of a run (hard
 links of the first checkpoint's), so a long series fits on disk: the dashboard reads one
 checkpoint's detail at a time and cannot tell. Needs /usr/bin/chromium and the playwright
-package. Run:
+package: without them the script exits with an error (nothing is measured). Run:
 ``python benchmarks/bench_dashboard.py [--shape qwen3-4b] [--runs 6] [--checkpoints 200] [--root DIR]``.
+
+``--smoke`` measures the server side only, with no browser: 2 runs x 2 checkpoints of 4 layers
+x 2 heads, the same renders and view switches run as Streamlit's ``AppTest`` scripts (the
+server's part of each: reading the tables and building the figures), against the floor
+page under ``AppTest``, and ``oisd compare``; a view that raises or draws fewer figures
+than it should fails it. ``--smoke --browser`` measures that tiny root in headless
+Chromium instead (the full run's code). Smoke runs check that the code runs; their numbers
+are not to report, and no target is judged.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -273,6 +283,51 @@ def measure(root: Path, repeats: int) -> dict[str, list[float]]:
     finally:
         _stop(server)
         _stop(floor)
+        shutil.rmtree(floor_app.parent, ignore_errors=True)
+    return times
+
+
+def measure_server(root: Path, repeats: int) -> dict[str, list[float]]:
+    """The server's part of the same renders and switches as :func:`measure`, no browser:
+    each is one run of ``app/main.py`` under Streamlit's ``AppTest`` (the script, reading the
+    tables and building every figure), the floor page likewise. Raises when a run raises or
+    draws fewer figures than the view should."""
+    from streamlit.testing.v1 import AppTest
+
+    os.environ["OISD_RUNS_ROOT"] = str(root)
+    runs = [p.name for p in sorted(root.iterdir()) if (p / "run.json").is_file()]
+
+    def fresh(view: str = "Layer alignment") -> AppTest:
+        at = AppTest.from_file(str(REPO / "app" / "main.py"), default_timeout=120)
+        at.query_params.update({"view": view, "metric": "lens_kl", "runs": runs})
+        return at
+
+    def timed(at: AppTest, what: str, figures: int) -> float:
+        start = time.perf_counter()
+        at.run()
+        seconds = time.perf_counter() - start
+        if at.exception:
+            raise RuntimeError(f"{what}: the app raised {at.exception[0].value}")
+        drawn = len(at.get("plotly_chart"))
+        if drawn < figures:
+            raise RuntimeError(f"{what}: {drawn} figures drawn, expected at least {figures}")
+        return seconds
+
+    times: dict[str, list[float]] = {"first render (alignment, cold)": [], "first render (new session)": [],
+                                     FLOOR: [], "switch to Training": [],
+                                     "switch to Drill-down": [], "switch to Layer alignment": []}
+    page = fresh()
+    times["first render (alignment, cold)"].append(timed(page, "first render", 2))
+    for _ in range(repeats):
+        times["first render (new session)"].append(timed(fresh(), "first render (new session)", 2))
+        times[FLOOR].append(timed(AppTest.from_string(FLOOR_APP, default_timeout=120), FLOOR, 1))
+    for _ in range(repeats):
+        for view, n in (("Training", 1), ("Drill-down", 3), ("Layer alignment", 2)):
+            page.radio(key="view").set_value(view)
+            times[f"switch to {view}"].append(timed(page, f"switch to {view}", n))
+            if page.query_params.get("view") not in (view, [view]):
+                raise RuntimeError(f"switch to {view}: the page shows {page.query_params.get('view')}")
+    times["server process peak memory (MB)"] = [peak_rss_mb()]
     return times
 
 
@@ -296,7 +351,7 @@ def time_compare(root: Path, repeats: int = 2) -> list[float]:
     return times
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small",
                         help="layers x heads: small 8 x 4, qwen3-4b 36 x 32")
@@ -306,27 +361,45 @@ def main() -> int:
     parser.add_argument("--heads", type=int, default=None, help="override the shape's heads")
     parser.add_argument("--repeats", type=int, default=3, help="view-switch rounds (the first is cold)")
     parser.add_argument("--root", default=None, help="reuse / write the synthetic root here")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="2 runs x 2 checkpoints of 4 x 2, 1 repeat, the server side under AppTest (no browser)")
+    parser.add_argument("--browser", action="store_true", help="with --smoke: measure in headless Chromium instead")
+    args = parser.parse_args(argv)
     layers, heads = SHAPES[args.shape]
     layers, heads = args.layers or layers, args.heads or heads
-    if not Path(CHROMIUM).exists():
-        print(f"skipped: {CHROMIUM} is missing (apt-get install chromium)")
-        return 0
-    root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="bench-dashboard-")) / "runs"
+    if args.smoke:
+        args.runs, args.checkpoints, args.repeats, layers, heads = 2, 2, 1, 4, 2
+    browser = args.browser or not args.smoke
+    missing = [what for what, ok in ((CHROMIUM, Path(CHROMIUM).exists()),
+                                     ("the playwright package", importlib.util.find_spec("playwright") is not None))
+               if not ok]
+    if browser and missing:
+        verb = "is" if len(missing) == 1 else "are"
+        raise SystemExit(f"bench_dashboard: cannot measure: {' and '.join(missing)} {verb} missing (make browser; "
+                         "pip install playwright); --smoke measures the server side without a browser")
+    with tempfile.TemporaryDirectory(prefix="bench-dashboard-") as tmp:
+        return run(args, Path(args.root) if args.root else Path(tmp) / "runs", layers, heads, browser)
+
+
+def run(args, root: Path, layers: int, heads: int, browser: bool) -> int:
+    """Build (or reuse) the root, measure, print the table; the exit status."""
     if not root.exists() or not any(root.iterdir()):
         root.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         build_root(root, args.runs, args.checkpoints, layers, heads)
         print(f"built {args.runs} runs x {args.checkpoints} checkpoints ({layers} layers x {heads} heads) "
               f"under {root} in {time.perf_counter() - start:.1f} s")
-    times = measure(root, args.repeats)
-    times["oisd compare (all runs)"] = time_compare(root)
+    times = measure(root, args.repeats) if browser else measure_server(root, args.repeats)
+    times["oisd compare (all runs)"] = time_compare(root, repeats=1 if args.smoke else 2)
     floor = float(np.median(times[FLOOR]))
+    where = "headless Chromium" if browser else "server side only (Streamlit AppTest, no browser)"
+    print(f"{'smoke, ' if args.smoke else ''}{where}: {args.runs} runs x {args.checkpoints} checkpoints, "
+          f"{layers} layers x {heads} heads")
     print(f"{'measure':34s} {'first':>7s} {'median':>7s} {'target':>7s}")
     ok = True
     for name, values in times.items():
         warm = float(np.median(values[1:])) if len(values) > 1 else float(values[0])
-        if name == FLOOR or name.endswith("(MB)"):
+        if name == FLOOR or name.endswith("(MB)") or args.smoke:  # a smoke judges no target
             unit = "" if name.endswith("(MB)") else "s"
             print(f"{name:34s} {values[0]:6.2f}{unit} {warm:6.2f}{unit}")
             continue
@@ -341,9 +414,9 @@ def main() -> int:
         print(f"{name:34s} {values[0]:6.2f}s {warm:6.2f}s {target:6.2f}s  {verdict}")
     session = float(np.median(times["first render (new session)"]))
     print(f"(median over warm repeats; the first switch to a view reads its tables cold; first-render targets are "
-          f"the floor + {TARGET_OVER_FLOOR_S:.0f} s)\n"
+          f"the floor + {TARGET_OVER_FLOOR_S:.0f} s{'; a smoke judges none' if args.smoke else ''})\n"
           f"new session / floor = {session / floor:.2f}: what the workbench adds to Streamlit's own page load")
-    return 0 if ok else 1
+    return 0 if ok or args.smoke else 1
 
 
 if __name__ == "__main__":

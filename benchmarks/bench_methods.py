@@ -15,6 +15,11 @@ Targets it reports on (they are targets, not tuned for: the evaluation is the de
 - OISD (positive) raises top1_agree at its layer by at least 0.10 over GRPO;
 - SDPG's accuracy or entropy differs from GRPO's by more than the seed spread.
 The figures are written to ``<out>/summary.json``.
+
+``--smoke`` runs the same pipeline at a tiny size in seconds (a check that it runs, not
+numbers to report): a warm start of 3 steps, GRPO and OISD, seed 0, 2 steps of 2 prompts x
+2 responses, eval on 4 questions, the analyzer on both checkpoints, in a temporary folder
+unless ``--out`` is given.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,6 +41,14 @@ VARIANTS = [
     ("sdpg", "sdpg-ufkl", []),
     ("rlsd", "rlsd", []),
 ]
+# --smoke: the same experiment() call at a tiny size (see the module docstring).
+SMOKE_METHODS = ["grpo", "oisd"]
+SMOKE_OVERRIDES = ["steps=2", "checkpoint_every=2", "probe_every=2", "eval_every=2", "keep_last=2",
+                   "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=8",
+                   "eval.n=4", "eval.k=1", "probe.n_prompts=2", "probe.greedy=false", "optim.warmup_steps=0",
+                   "data.arithmetic.n_train=40", "data.arithmetic.n_test=8"]
+SMOKE_WARMSTART = {"steps": 3, "batch_size": 8, "warmup_steps": 1, "eval_n": 4, "task": {"n_train": 40, "n_test": 8}}
+SMOKE_PROBE = {"detail_prompts": 1, "greedy": False}
 
 
 def _mean(values):
@@ -69,20 +83,38 @@ def targets(summary: dict) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/bench-methods", help="folder for the runs and summary.json")
+    parser.add_argument("--out", default=None,
+                        help="folder for the runs and summary.json (default runs/bench-methods; smoke: a temp dir)")
     parser.add_argument("--warmstart", default="runs/warmstart-tiny", help="warm start (made when missing)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--methods", nargs="+", default=[v[0] for v in VARIANTS], choices=[v[0] for v in VARIANTS])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every run")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny size in seconds (seed 0, grpo and oisd, 2 steps; a temporary folder unless --out)")
     args = parser.parse_args()
+    if args.smoke:
+        # One process (workers=1: in-process, on this process's threads; one for this tiny model).
+        import torch
 
+        torch.set_num_threads(1)
+        with tempfile.TemporaryDirectory(prefix="bench-methods-smoke-") as tmp:
+            run(args.out or str(Path(tmp) / "runs"), str(Path(tmp) / "warmstart"), [0], SMOKE_METHODS,
+                [*SMOKE_OVERRIDES, *args.set],
+                {"warmstart_options": SMOKE_WARMSTART, "probe_options": SMOKE_PROBE, "workers": 1, "progress": False})
+        return
+    run(args.out or "runs/bench-methods", args.warmstart, args.seeds, args.methods, args.set, {})
+
+
+def run(out: str, warmstart: str, seeds: list[int], methods: list[str], overrides: list[str],
+        options: dict) -> None:
+    """Train, probe and summarise ``methods`` x ``seeds`` under ``out``; print the table."""
     from workbench.api import experiment
     from workbench.compare import method_summary, print_summary
     from workbench.storage.atomic import atomic_write_json
 
     t0 = time.time()
-    variants = [v for v in VARIANTS if v[0] in args.methods]
-    exp = experiment(args.out, variants, args.seeds, warmstart=args.warmstart, overrides=args.set)
+    variants = [v for v in VARIANTS if v[0] in methods]
+    exp = experiment(out, variants, seeds, warmstart=warmstart, overrides=overrides, **options)
     summary = method_summary(exp.run_dirs)
     summary["targets"] = targets(summary)
     summary["seconds"] = {k: round(v, 1) for k, v in exp.seconds.items()}
@@ -90,8 +122,8 @@ def main() -> None:
     print_summary(summary)
     for line in summary["targets"]:
         print(line)
-    atomic_write_json(Path(args.out) / "summary.json", summary)
-    print(f"\n{len(exp.runs)} runs in {(time.time() - t0) / 60:.1f} min; figures in {Path(args.out) / 'summary.json'}")
+    atomic_write_json(Path(out) / "summary.json", summary)
+    print(f"\n{len(exp.runs)} runs in {(time.time() - t0) / 60:.1f} min; figures in {Path(out) / 'summary.json'}")
     print(json.dumps({k: summary[k] for k in ("layer", "targets")}, indent=1))
 
 

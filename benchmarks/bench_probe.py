@@ -44,6 +44,10 @@ each side in a fresh process for its peak memory; ``--json`` writes those figure
 
 ``--threads 1`` (the default) gives the most stable numbers on a shared machine;
 ``--threads 0`` keeps torch's default thread count.
+
+``--smoke`` runs the same code on the tiny preset with 2 probe prompts, 1 repeat, both
+floor sides and then every variant's memory in one subprocess, one after the other (a
+check that it runs, not numbers to report).
 """
 
 from __future__ import annotations
@@ -208,25 +212,33 @@ def _peak_bytes(device: str) -> int:
     return int(peak_rss_mb() * 2**20)  # VmHWM: this process's own peak (workbench.analysis.memory)
 
 
-def child_memory(size: str, device: str, variant: str) -> None:
-    """Print the peak memory of one variant above the post-load baseline (JSON)."""
+def child_memory(size: str, device: str, variants: list[str]) -> None:
+    """Print the peak memory of each variant above the post-load baseline (one JSON line
+    each). Several variants run one after the other, the peak reset before each (--smoke)."""
     with tempfile.TemporaryDirectory() as tmp:
         hf, bridge, batch = setup(size, device, Path(tmp))
         run_forward(hf, batch)
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        baseline = _peak_bytes(device)
-        call(variant, hf, bridge, batch)
-        print(json.dumps({"peak_mib": (_peak_bytes(device) - baseline) / 2**20}))
+        for variant in variants:
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            elif len(variants) > 1 and Path("/proc/self/clear_refs").exists():
+                Path("/proc/self/clear_refs").write_text("5")  # VmHWM back to the current RSS
+            baseline = _peak_bytes(device)
+            call(variant, hf, bridge, batch)
+            print(json.dumps({"variant": variant, "peak_mib": (_peak_bytes(device) - baseline) / 2**20}), flush=True)
+
+
+def child_rows(args: list[str]) -> list[dict]:
+    """The JSON lines that this script prints when run with ``args`` in a fresh process."""
+    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
 
 def measure_memory(size: str, device: str, variant: str, threads: int) -> float:
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", variant, "--sizes", size, "--device", device,
-         "--threads", str(threads)],
-        check=True, capture_output=True, text=True,
-    ).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    """The peak MiB of ``variant`` above the loaded model, in a fresh process."""
+    rows = child_rows(["--child", variant, "--sizes", size, "--device", device, "--threads", str(threads),
+                       "--n-prompts", str(N_PROMPTS)])
+    return rows[-1]["peak_mib"]
 
 
 # ---------------------------------------------------------------------------
@@ -304,26 +316,31 @@ def child_side(side: str, folder: Path, vocab: int) -> None:
         seconds = time.perf_counter() - start
     peak = (_peak_bytes("cpu") - baseline) / 2**20
     growth = {k: round(v, 1) for k, v in getattr(stages, "peak_growth_mb", {}).items()}
-    print(json.dumps({"seconds": seconds, "stages": {k: round(v, 3) for k, v in stages.items()},
+    print(json.dumps({"side": side, "seconds": seconds, "stages": {k: round(v, 3) for k, v in stages.items()},
                       "peak_above_model_mb": round(peak, 1), "peak_rss_mb": round(_peak_bytes("cpu") / 2**20, 1),
                       "peak_growth_mb": growth}))
 
 
-def analyzer_against_floor(size: str, threads: int) -> dict:
+def analyzer_against_floor(size: str, threads: int, smoke: bool = False) -> dict:
     """The analyzer's time on one checkpoint of ``size`` against the floor, each side in a fresh
     process: ``ratio_to_floor`` (probing, boot excluded, over the floor), the stage breakdown
-    and peak memory."""
+    and peak memory. ``smoke``: one process runs both sides and then every variant's memory
+    (``child_memory``, the peak reset before each), one after the other: ``variant_peak_mib``."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         vocab = save_model(size, folder)
         weights_mb = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
-        sides = {}
-        for side in FLOOR_SIDES:
-            out = subprocess.run(
-                [sys.executable, __file__, "--side", side, "--folder", str(folder), "--vocab", str(vocab),
-                 "--threads", str(threads), "--n-prompts", str(N_PROMPTS)],
-                check=True, capture_output=True, text=True).stdout
-            sides[side] = json.loads(out.strip().splitlines()[-1])
+        sides, peaks = {}, {}
+        common = ["--folder", str(folder), "--vocab", str(vocab), "--threads", str(threads),
+                  "--n-prompts", str(N_PROMPTS)]
+        runs = ([["--side", ",".join(FLOOR_SIDES), "--child", ",".join(VARIANTS), "--sizes", size]] if smoke
+                else [["--side", side] for side in FLOOR_SIDES])
+        for run in runs:
+            for row in child_rows([*run, *common]):
+                if "side" in row:
+                    sides[row.pop("side")] = row
+                else:
+                    peaks[row["variant"]] = row["peak_mib"]
     analyzer, floor = sides["analyzer"], sides["floor"]
     probing = analyzer["seconds"] - analyzer["stages"].get("write", 0.0)
     return {"ratio_to_floor": probing / floor["seconds"], "analyzer_s": probing, "floor_s": floor["seconds"],
@@ -332,10 +349,11 @@ def analyzer_against_floor(size: str, threads: int) -> dict:
             "peak_growth_mb": analyzer.get("peak_growth_mb", {}),
             "floor_peak_rss_mb": floor["peak_rss_mb"], "weights_mb_on_disk": round(weights_mb, 1),
             "weights_mb": round(weights_mb * (2 if size in FLOOR_ONLY else 1), 1),  # fp32 in memory
-            "probe_set": f"{N_PROMPTS} prompts x {SEQ_LEN} tokens, greedy {GREEDY_TOKENS} tokens"}
+            "probe_set": f"{N_PROMPTS} prompts x {SEQ_LEN} tokens, greedy {GREEDY_TOKENS} tokens",
+            **({"variant_peak_mib": peaks} if smoke else {})}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     global N_PROMPTS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["tiny", "32k"])
@@ -346,23 +364,27 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="write the analyzer-against-floor figures here")
     parser.add_argument("--n-prompts", type=int, default=N_PROMPTS, help="probe prompts (of SEQ_LEN tokens)")
-    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
-    parser.add_argument("--side", choices=FLOOR_SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny preset, 2 prompts, 1 repeat, fewer subprocesses: checks the code runs")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # variants, comma-separated
+    parser.add_argument("--side", help=argparse.SUPPRESS)  # floor sides, comma-separated
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.repeats, args.n_prompts = ["tiny"], 1, 2
     N_PROMPTS = args.n_prompts
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if args.child:
-        child_memory(args.sizes[0], args.device, args.child)
-        return
-    if args.side:
-        child_side(args.side, Path(args.folder), args.vocab)
+    if args.side or args.child:  # a child process: the floor sides, then the variants' memory
+        for side in args.side.split(",") if args.side else []:
+            child_side(side, Path(args.folder), args.vocab)
+        if args.child:
+            child_memory(args.sizes[0], args.device, args.child.split(","))
         return
     floors = {}
     for size in args.sizes:
-        r = floors[size] = analyzer_against_floor(size, args.threads)
+        r = floors[size] = analyzer_against_floor(size, args.threads, smoke=args.smoke)
         breakdown = ", ".join(f"{k} {v:.2f}" for k, v in r["analyzer_stages"].items())
         floor = ", ".join(f"{k} {v:.2f}" for k, v in r["floor_stages"].items())
         print(f"{size}: analyzer {r['analyzer_s']:.2f} s against floor {r['floor_s']:.2f} s = "
@@ -381,8 +403,9 @@ def main() -> None:
     print(header)
     for size in args.sizes:
         times = time_variants(size, args.device, args.repeats)
+        peaks = floors[size]["variant_peak_mib"] if args.smoke else {}  # measured beside the floor
         for variant in VARIANTS:
-            peak = measure_memory(size, args.device, variant, args.threads)
+            peak = peaks[variant] if args.smoke else measure_memory(size, args.device, variant, args.threads)
             print(f"{size:>5} {variant:>8} {times[variant]:9.4f} "
                   f"{times[variant] / times['forward']:9.1f}x {peak:9.1f}")
         print(f"{size:>5} naive / ours = {times['naive'] / times['ours']:.1f}x,"

@@ -11,6 +11,7 @@ and the size of each analysis file of the checkpoint. Before the compact attenti
 Usage::
 
     python benchmarks/bench_probe_depth.py [--tokens 512] [--layers 36] [--heads 32] [--json FILE]
+    python benchmarks/bench_probe_depth.py --smoke   # 2 layers x 2 heads, width 32, 64 tokens
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def build(folder: Path, layers: int, heads: int, kv_heads: int, hidden: int, tok
     return folder
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Build the model, run ``oisd probe`` on it in a child process, print and return the report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=36)
     parser.add_argument("--heads", type=int, default=32)
@@ -67,7 +69,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=512, help="prompt + reference length of each probe prompt")
     parser.add_argument("--max-new-tokens", type=int, default=16, help="greedy split length")
     parser.add_argument("--json", default=None, help="also write the results here")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true",
+                        help="2 layers x 2 heads, hidden 32, 64 tokens, 4 greedy tokens: checks the code runs")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.layers, args.heads, args.kv_heads, args.hidden, args.tokens, args.max_new_tokens = 2, 2, 1, 32, 64, 4
     with tempfile.TemporaryDirectory() as tmp:
         folder = build(Path(tmp), args.layers, args.heads, args.kv_heads, args.hidden, args.tokens)
         out = folder / "analysis"
@@ -101,6 +107,7 @@ def main() -> None:
           f"{100 * (info.get('attn_mass_kept') or 1):.1f}% of the weight")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

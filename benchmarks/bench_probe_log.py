@@ -12,6 +12,7 @@ Prints the seconds of each and the step-200 / step-1 ratio (1.0 = the cost does 
 for ``parts`` also the mean over every step and the slowest step (a merge).
 
     python benchmarks/bench_probe_log.py [--steps 200] [--layers 36] [--heads 32]
+    python benchmarks/bench_probe_log.py --smoke   # 34 steps of 2 layers x 2 heads (one merge)
 """
 
 from __future__ import annotations
@@ -61,7 +62,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--layers", type=int, default=36)
     parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--smoke", action="store_true",
+                        help="34 steps of 2 layers x 2 heads (one merge included): checks the code runs")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.steps, args.layers, args.heads = 34, 2, 2
     rows = step_rows(1, args.layers, args.heads)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,7 +13,9 @@ decodes all ``--new-tokens`` steps; throughput counts real response tokens
 default (temperature 1, no truncation); ``--greedy`` times greedy decoding.
 
 Run: ``python benchmarks/bench_rollout.py [--batch 64] [--prompt-len 20]
-[--new-tokens 48] [--repeats 7] [--sizes tiny,small]``.
+[--new-tokens 48] [--repeats 7] [--sizes tiny,small]``; ``--smoke`` runs the same code
+on the tiny model with 4 prompts of ~8 tokens, 8 new tokens and 1 repeat (a check that it
+runs, not numbers to report).
 """
 
 from __future__ import annotations
@@ -113,8 +115,9 @@ def time_generate(model, prompts, args, seed: int) -> tuple[float, int]:
     return elapsed, int((~after_eos).sum())
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse arguments, time both samplers per model size, print a table of ratios."""
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Parse arguments, time both samplers per model size, print a table of ratios; return
+    one row per size (``size``, ``ours_tok_s``, ``generate_tok_s``, ``ratio``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=64, help="number of prompts")
     parser.add_argument(
@@ -130,7 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eos-id", type=int, default=1, help="EOS id (prompts use ids 3 and up)")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny model, 4 prompts, 8 new tokens, 1 repeat: checks the code runs")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.batch, args.prompt_len, args.new_tokens, args.repeats, args.sizes = 4, 8, 8, 1, "tiny"
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 
@@ -141,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         f"threads={torch.get_num_threads()}"
     )
     print(f"{'size':>6} {'params':>9} {'ours tok/s':>11} {'generate tok/s':>15} {'ratio':>6}")
+    rows = []
     for size in args.sizes.split(","):
         model = build_model(size, seed=0)
         n_params = sum(p.numel() for p in model.parameters())
@@ -157,6 +165,9 @@ def main(argv: list[str] | None = None) -> None:
             f"{size:>6} {n_params / 1e6:>8.2f}M {ours_median:>11.0f} {theirs_median:>15.0f} "
             f"{ours_median / theirs_median:>6.2f}"
         )
+        rows.append({"size": size, "ours_tok_s": ours_median, "generate_tok_s": theirs_median,
+                     "ratio": ours_median / theirs_median})
+    return rows
 
 
 if __name__ == "__main__":

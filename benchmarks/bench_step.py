@@ -39,14 +39,20 @@ glibc's mmap threshold is fixed so freed tensors leave the resident set). ``tota
 their sum, and ``mem ratio`` is that over GRPO's. On CUDA the same from
 ``torch.cuda.memory_allocated`` / ``max_memory_allocated``.
 
+``--smoke`` runs the same code on the tiny preset with 2 prompts x 2 responses of 8 tokens,
+1 repeat, the memory of every variant measured in one subprocess one after the other (a
+check that it runs, not numbers to report).
+
 Usage::
 
     python benchmarks/bench_step.py [--sizes tiny real] [--repeats 5] [--threads 1] [--device cpu]
+    python benchmarks/bench_step.py --smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -85,6 +91,7 @@ SIZES = {
     "4b-shape": (dict(vocab_size=2_848, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
                       max_position_embeddings=1024), 2, 4, 256),
+    "smoke": (None, 2, 2, 8),  # --smoke: the tiny preset, a toy batch
 }
 VARIANTS = {  # name: (method, vocab_chunk_size override or None for the default)
     "grpo": ("grpo", None), "oisd": ("oisd", None), "sdpg": ("sdpg", None), "rlsd": ("rlsd", None),
@@ -197,6 +204,7 @@ def time_variants(size: str, variants: list[str], folder: Path, device: str, rep
 
 def child_memory(size: str, variant: str, folder: Path, device: str) -> None:
     """Run in a fresh process: print the variant's resident and update-peak bytes as JSON."""
+    gc.collect()  # a variant measured before in this process (--smoke) is freed
     cuda = device.startswith("cuda")
     base = torch.cuda.memory_allocated() if cuda else status_kib("VmRSS") * 1024
     tr = make_trainer(size, variant, folder)
@@ -211,21 +219,25 @@ def child_memory(size: str, variant: str, folder: Path, device: str) -> None:
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     tr.update(batch, {})
     peak = torch.cuda.max_memory_allocated() if cuda else status_kib("VmHWM") * 1024
-    print(json.dumps({"resident": before - base, "update_peak": peak - before}))
+    print(json.dumps({"variant": variant, "resident": before - base, "update_peak": peak - before}), flush=True)
 
 
-def measure_memory(size: str, variant: str, folder: Path, device: str, threads: int) -> dict:
+def measure_memory(size: str, variants: list[str], folder: Path, device: str, threads: int) -> dict:
+    """variant -> its ``resident`` and ``update_peak`` bytes, measured by ``child_memory`` in
+    one subprocess for all ``variants``, one after the other (a fresh process each: pass one)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
-    cmd = [sys.executable, __file__, "--child", size, variant, str(folder), "--device", device,
+    cmd = [sys.executable, __file__, "--child", size, ",".join(variants), str(folder), "--device", device,
            "--threads", str(threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    return {row.pop("variant"): row for row in rows}
 
 
 # ------------------------------------------------------------------------------- main
 
 
 def run(sizes: list[str], repeats: int, device: str, threads: int, root: Path) -> list[dict]:
+    """Time and measure every variant of each size; one row per (size, variant)."""
     rows = []
     for size in sizes:
         folder = model_folder(size, root)
@@ -233,9 +245,13 @@ def run(sizes: list[str], repeats: int, device: str, threads: int, root: Path) -
         print(f"[{size}] timing {len(variants)} variants x {repeats} repeats ...", file=sys.stderr, flush=True)
         timed = time_variants(size, variants, folder, device, repeats)
         mem = {}
+        if size == "smoke":  # one subprocess for all: seconds, not the numbers of a fresh process each
+            print(f"[{size}] memory of {len(variants)} variants in one process ...", file=sys.stderr, flush=True)
+            mem = measure_memory(size, variants, folder, device, threads)
         for v in variants:
-            print(f"[{size}] memory of {v} ...", file=sys.stderr, flush=True)
-            mem[v] = measure_memory(size, v, folder, device, threads)
+            if v not in mem:
+                print(f"[{size}] memory of {v} ...", file=sys.stderr, flush=True)
+                mem.update(measure_memory(size, [v], folder, device, threads))
         t_g = timed["update"]["grpo"]
         m_g = mem["grpo"]["resident"] + mem["grpo"]["update_peak"]
         for v in variants:
@@ -265,19 +281,24 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "real", "4b-shape"], choices=list(SIZES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where accelerate puts the models (CUDA whenever there is one)")
     parser.add_argument("--root", type=Path, default=None, help="folder for the random models (default: a temp dir)")
-    parser.add_argument("--child", nargs=3, metavar=("SIZE", "VARIANT", "FOLDER"), help=argparse.SUPPRESS)
+    parser.add_argument("--smoke", action="store_true",
+                        help="the smoke size (tiny preset, 2 x 2 responses of 8 tokens), 1 repeat: checks the code runs")
+    parser.add_argument("--child", nargs=3, metavar=("SIZE", "VARIANTS", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.sizes, args.repeats = ["smoke"], 1
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        size, variant, folder = args.child
-        child_memory(size, variant, Path(folder), args.device)
+        size, variants, folder = args.child
+        for variant in variants.split(","):
+            child_memory(size, variant, Path(folder), args.device)
         return []
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(args.sizes, args.repeats, args.device, args.threads, args.root or Path(tmp))

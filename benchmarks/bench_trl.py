@@ -76,7 +76,9 @@ Absolute times are noisy on a shared CPU; the ratio is the number to read.
 
 Run from the repo root: ``python benchmarks/bench_trl.py [--repeats 5]
 [--model DIR] [--prompts 8] [--group 8] [--new-tokens 40] [--threads 1]
-[--seed 0]``. Needs TRL (``pip install 'oisd-workbench[bench]'``).
+[--seed 0]``; ``--smoke`` runs the same code with 2 prompts x 2 completions of 8 tokens
+and 1 timed step (a check that it runs, not numbers to report). Needs TRL
+(``pip install 'oisd-workbench[bench]'``): without it the script exits with an error.
 """
 
 from __future__ import annotations
@@ -322,7 +324,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Parse arguments, time both trainers interleaved, print and return the table rows.
 
     Rows: ``ours``, ``trl`` (medians) and ``ours/trl`` (ratios of each column; a
-    step-time ratio < 1 means ours is faster). Empty when TRL is not installed.
+    step-time ratio < 1 means ours is faster). Exits with an error when TRL is not installed.
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -344,12 +346,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the random model and of both runs"
     )
+    parser.add_argument("--smoke", action="store_true",
+                        help="2 prompts x 2 completions of 8 tokens, 1 timed step: checks the code runs")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.prompts, args.group, args.new_tokens, args.repeats = 2, 2, 8, 1
     try:
         import trl
     except ImportError:
-        print("TRL is not installed; skipping (pip install 'oisd-workbench[bench]')")
-        return []
+        raise SystemExit("bench_trl: cannot measure: TRL is not installed (pip install 'oisd-workbench[bench]')")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     for name in ("transformers", "trl", "accelerate", "datasets"):

@@ -170,6 +170,7 @@ def experiment(
     progress: bool = True,
     warmstart_options: dict | None = None,
     probe_options: dict | None = None,
+    warmstart_seed: int | None = None,
 ) -> Experiment:
     """Make (or reuse) a warm start and one run per (method, seed), then probe them.
 
@@ -190,12 +191,16 @@ def experiment(
             experiment's own ``model.path``, ``seed`` and ``run_dir``).
         probe: run the TransformerLens analyzer on every checkpoint afterwards.
         workers: training processes at once, each with ``cpus // workers`` threads
-            (default: 2 when there are at least 2 cores and 2 runs, else 1, in-process).
+            (default: 2 when there are at least 2 cores and 2 runs, else 1: in this process,
+            with its own thread count, ``torch.get_num_threads()``).
         progress: one progress bar per stage.
         warmstart_options: :class:`~trainer.warmstart.WarmstartConfig` fields for a new
             warm start (``steps``, ``eval_n``, ...).
         probe_options: :func:`~workbench.analysis.analyzer.probe_run` keywords (``detail_prompts``,
-            ``greedy``, ``device``, ...).
+            ``greedy``, ``device``, ``exit``, ``learned_lens``, ``patch``, ...).
+        warmstart_seed: one of several warm starts: a new warm start is made with this seed, and
+            the runs are named ``<label>-ws<seed>-seed<k>`` (:func:`workbench.storage.paths.run_name`),
+            so that runs from several warm starts share one root and one summary.
 
     Returns:
         An :class:`Experiment`.
@@ -216,7 +221,7 @@ def experiment(
     for entry in methods:
         label, name, own = (entry, entry, []) if isinstance(entry, str) else entry
         for seed in seeds:
-            run_dir = root_p / run_name(label, seed)
+            run_dir = root_p / run_name(label, seed, warmstart_seed)
             cfg = load_config(name, [*overrides, *own, f"model.path={ws}", f"seed={seed}", f"run_dir={run_dir}",
                                      "logging.progress=false"])
             configs[(label, seed)] = cfg
@@ -224,7 +229,8 @@ def experiment(
 
     t0 = time.time()
     if not RunPaths(ws).warmstart.is_file():
-        run_warmstart(WarmstartConfig(**{"out": str(ws), "progress": progress, **(warmstart_options or {})}))
+        seed = {} if warmstart_seed is None else {"seed": warmstart_seed}
+        run_warmstart(WarmstartConfig(**{"out": str(ws), "progress": progress, **seed, **(warmstart_options or {})}))
     exp.seconds["warmstart"] = time.time() - t0
 
     t0 = time.time()
@@ -242,7 +248,9 @@ def experiment(
                disable=not progress, dynamic_ncols=True)
     if workers <= 1:
         for config, resume in todo:
-            _train_job(config, resume, threads=max(1, cpus))
+            import torch
+
+            _train_job(config, resume, threads=torch.get_num_threads())
             bar.update()
     else:
         import multiprocessing

@@ -1,14 +1,17 @@
 """End to end: `oisd dashboard` in a subprocess, driven by headless Chromium.
 
 Needs Debian's chromium at /usr/bin/chromium (``make browser``) and the Playwright
-Python package; skipped with the reason otherwise. Screenshots are saved under the
-test's tmp folder (``runs-view.png``, ``drilldown-view.png``,
-``alignment-view.png``).
+Python package. Without chromium the test fails where ``scripts/install-browser.sh`` could
+have installed it (root or password-less sudo, and apt-get: its install failed or was not
+run), and is skipped, with the reason, only where it could not; without Playwright it is
+skipped. Screenshots are saved under the test's tmp folder (``runs-view.png``,
+``drilldown-view.png``, ``alignment-view.png``).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,10 +28,35 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 REPO = Path(__file__).resolve().parents[2]
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs /usr/bin/chromium (apt-get install chromium)"),
-]
+pytestmark = pytest.mark.browser
+
+
+def why_chromium_cannot_be_installed() -> str | None:
+    """Why ``scripts/install-browser.sh`` could not install chromium here (its rule), or None
+    where it could: running as root or with password-less sudo, and apt-get present."""
+    if shutil.which("apt-get") is None:
+        return "no apt-get"
+    if os.geteuid() != 0:
+        sudo = shutil.which("sudo")
+        if sudo is None or subprocess.run([sudo, "-n", "true"], check=False, capture_output=True).returncode != 0:
+            return "not root and no password-less sudo"
+    return None
+
+
+def require_chromium() -> None:
+    """Skip where chromium is missing and could not have been installed; fail where it could."""
+    if CHROMIUM.exists():
+        return
+    reason = why_chromium_cannot_be_installed()
+    if reason:
+        pytest.skip(f"needs {CHROMIUM}, which `make browser` cannot install here ({reason})")
+    pytest.fail(f"{CHROMIUM} is missing although it could have been installed here (root or sudo, and "
+                "apt-get): `make browser` (scripts/install-browser.sh) failed or was not run", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _chromium():
+    require_chromium()
 
 
 def free_port() -> int:

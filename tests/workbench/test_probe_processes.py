@@ -5,7 +5,6 @@ with the same folder."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import signal
 import socket
