@@ -260,9 +260,9 @@ def comparison_table(
 def comparability_warnings(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
     """What makes a mean ± std over these runs misleading, one line each (empty when nothing).
 
-    Runs of one method are averaged as seeds: they should start from the same model,
-    train for the same number of steps and differ in their seed. Across methods, a
-    comparison needs one start model.
+    Runs of one method are averaged together: they should train for the same number of steps
+    and differ in their seed, or in their start (several warm starts: the spread is then over
+    starts and seeds, and said so). Across methods, a comparison needs the same starts.
     """
     runs = [Run.open(path) for path in run_dirs]
 
@@ -280,19 +280,20 @@ def comparability_warnings(run_dirs: Sequence[str | os.PathLike]) -> list[str]:
         starts = sorted({start(r) for r in group})
         if len(starts) > 1:
             out.append(f"{method}: runs start from different models ({', '.join(starts)}); "
-                       "their spread is not a seed spread")
+                       "their spread is over starts and seeds, not a seed spread")
         counts = sorted({r.last_step() for r in group})
         if len(counts) > 1:
             out.append(f"{method}: runs reached different steps ({', '.join(map(str, counts))})")
         seen: dict[object, str] = {}
         for r in group:
-            seed = r.info.get("seed", r.config.get("seed"))
-            if seed in seen:
-                out.append(f"{method}: seed {seed} appears twice ({seen[seed]}, {r.name}); "
+            key = (start(r), r.info.get("seed", r.config.get("seed")))
+            if key in seen:
+                out.append(f"{method}: seed {key[1]} appears twice ({seen[key]}, {r.name}); "
                            "the std counts one seed twice")
-            seen.setdefault(seed, r.name)
-    starts = sorted({start(r) for r in runs})
-    if len(by_method) > 1 and len(starts) > 1:
+            seen.setdefault(key, r.name)
+    start_sets = {method: tuple(sorted({start(r) for r in group})) for method, group in by_method.items()}
+    if len(set(start_sets.values())) > 1:
+        starts = sorted({start(r) for r in runs})
         out.append(f"methods start from different models ({', '.join(starts)}); differences between "
                    "methods mix the method with the start")
     return out

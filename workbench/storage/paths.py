@@ -182,14 +182,15 @@ def safe_join(root: str | os.PathLike, name: str) -> Path:
 #: Where the tiny preset's warm start is made and read by default (``oisd warmstart``, the
 #: bundled configs' ``model.path``, the demo, the notebooks).
 WARMSTART_DIR = "runs/warmstart-tiny"
-_SEED_SUFFIX = re.compile(r"-seed(\d+)$")
+_SEED_SUFFIX = re.compile(r"(-ws\d+)?-seed(\d+)$")
 
 
-def run_name(label: str, seed: int) -> str:
-    """The folder name of one seed of a method or variant: ``<label>-seed<seed>``."""
-    return f"{label}-seed{int(seed)}"
+def run_name(label: str, seed: int, start: int | None = None) -> str:
+    """The folder name of one seed of a method or variant: ``<label>-seed<seed>``, or
+    ``<label>-ws<start>-seed<seed>`` for one of several warm starts (its seed)."""
+    return f"{label}-seed{int(seed)}" if start is None else f"{label}-ws{int(start)}-seed{int(seed)}"
 
 
 def run_label(name: str) -> str:
-    """What :func:`run_name` was given as ``label``: the name without its ``-seed<k>``."""
+    """What :func:`run_name` was given as ``label``: the name without its ``-ws<s>-seed<k>``."""
     return _SEED_SUFFIX.sub("", name)
