@@ -188,3 +188,20 @@ def assert_same_update(got: dict, want: dict, start: dict, rel: float) -> float:
         worst = max(worst, diff / scale)
         assert diff <= rel * scale, f"{key}: updates differ by {diff:.3g} ({diff / scale:.3g} of the update's scale)"
     return worst
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL to a process and every descendant, all at once (as a machine losing power would;
+    torchrun's and accelerate's workers outlive a kill of their launcher's process group)."""
+    import signal
+
+    import psutil
+
+    parent = psutil.Process(pid)
+    family = [*parent.children(recursive=True), parent]
+    for process in family:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)

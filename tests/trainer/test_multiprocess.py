@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import assert_same_update
+from tests.conftest import assert_same_update, kill_tree
 
 STEPS = 3
 SGD_LR, SGD_REL = 0.05, 2e-3  # as in test_zero3.py (measured 9.5e-7 of the update's scale)
@@ -86,20 +85,6 @@ def test_two_processes_match_one(coin_model_dir, coin_data, tmp_path, run_overri
     assert any(abs(r["loss/think"]) > 0 for r in rows_one)
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL to a process and every descendant, all at once (as a machine losing power would)."""
-    import psutil
-
-    parent = psutil.Process(pid)
-    family = [*parent.children(recursive=True), parent]
-    for process in family:
-        try:
-            process.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=30)
-
-
 def test_two_processes_killed_and_resumed_match_an_uninterrupted_run(coin_model_dir, coin_data, tmp_path,
                                                                     run_overrides, cli_env):
     """Two 2-process runs start together; one is killed (SIGKILL to every process of the
@@ -131,11 +116,11 @@ def test_two_processes_killed_and_resumed_match_an_uninterrupted_run(coin_model_
             time.sleep(0.02)
         time.sleep(random.uniform(0.0, 0.3))
         assert victim.poll() is None, f"the run ended before the kill: {victim.stderr.read()[-2000:]}"
-        _kill_tree(victim.pid)  # the launcher and both training processes (torchrun's own sessions too)
+        kill_tree(victim.pid)  # the launcher and both training processes (torchrun's own sessions too)
         victim.wait(timeout=30)
     finally:
         if victim.poll() is None:
-            _kill_tree(victim.pid)
+            kill_tree(victim.pid)
     done = sorted(p.parent.name for p in (killed / "checkpoints").glob("step-*/manifest.json"))
     assert 2 <= len(done) and done[-1] != f"step-{steps:06d}", done
 

@@ -6,7 +6,6 @@ with the same folder."""
 from __future__ import annotations
 
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.conftest import kill_tree
 from workbench.storage.atomic import read_provenance
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,19 +42,6 @@ def _probe(run_dir: Path, env: dict, processes: int, wait: bool = True):
 
 def _tables(run_dir: Path) -> dict[str, pd.DataFrame]:
     return {p.name: pd.read_parquet(p) for p in sorted((run_dir / "analysis").glob("*.parquet"))}
-
-
-def _kill_tree(pid: int) -> None:
-    import psutil
-
-    parent = psutil.Process(pid)
-    family = [*parent.children(recursive=True), parent]
-    for process in family:
-        try:
-            process.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +90,10 @@ def test_a_killed_two_process_probe_continues_where_it_stopped(four_checkpoints,
                and time.time() < deadline):
             time.sleep(0.05)
         assert victim.poll() is None, f"the probe ended before the kill: {victim.stderr.read()[-2000:]}"
-        _kill_tree(victim.pid)
+        kill_tree(victim.pid)
     finally:
         if victim.poll() is None:
-            _kill_tree(victim.pid)
+            kill_tree(victim.pid)
     partial = sorted(p.name for p in (killed / "analysis").glob("*-metrics.parquet"))
     assert 1 <= len(partial) < 4, partial  # killed midway
     result = _probe(killed, cli_env, 2)
