@@ -466,3 +466,37 @@ print(json.dumps([fixed, held, rss() - before]))
     assert fixed == [True, True] and held > 15 and left < 1
     _, held, left = runs["glibc"]
     assert held > 15 and left > 15  # what the fix is for
+
+
+def test_probing_reads_each_earlier_result_at_most_once(tmp_path, tokenizer, records, monkeypatch):
+    """Linear in checkpoints: probing N checkpoints opens each analysis file at most once
+    (the up-to-date check reads footers once before the loop, never once per checkpoint), on a
+    fresh probe and on one that adds a checkpoint to an analysed run."""
+    import collections
+
+    import pyarrow.parquet as pq
+
+    model = _model(_configs(tokenizer)["qwen3"])
+    run_dir = _make_run(tmp_path, tokenizer, records, {s: model for s in (10, 20, 30, 40, 50)})
+    opened = collections.Counter()
+    analysis = (run_dir / "analysis").resolve()
+    for name in ("read_schema", "read_table", "read_metadata", "ParquetFile"):
+        real = getattr(pq, name)
+
+        def counting(source, *args, _real=real, **kwargs):
+            path = Path(str(source)).resolve()
+            if analysis in path.parents:
+                opened[path] += 1
+            return _real(source, *args, **kwargs)
+
+        monkeypatch.setattr(pq, name, counting)
+
+    assert probe_run(run_dir, progress=False, greedy=False, detail_prompts=1).analysed == [10, 20, 30, 40, 50]
+    assert max(opened.values(), default=0) <= 1, {p.name: n for p, n in opened.items() if n > 1}
+    # A sixth checkpoint arrives; the probe analyses it alone, reading each earlier footer once.
+    write_checkpoint(run_dir, 60, lambda f: (model.save_pretrained(f), tokenizer.save_pretrained(f)), keep_last=None)
+    opened.clear()
+    report = probe_run(run_dir, progress=False, greedy=False, detail_prompts=1)
+    assert report.analysed == [60] and report.up_to_date == [10, 20, 30, 40, 50]
+    assert {p.name for p in opened} >= {f"step-{s:06d}-metrics.parquet" for s in (10, 20, 30, 40, 50)}
+    assert max(opened.values()) == 1, {p.name: n for p, n in opened.items() if n > 1}
