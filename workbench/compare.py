@@ -519,7 +519,9 @@ def method_summary(run_dirs: Sequence[str | os.PathLike], baseline: str | None =
         "top1_agree_gap_before": x, "top1_agree_gap_after": [...], "entropy_final": [...],
         "exit_accuracy_before": x, "exit_accuracy_after": [...], "learned_top1_agree_after": [...],
         "patch_half_layer": [...], "accuracy_gain": [...], "gain_by_start": {start model: [...]},
-        "vs_baseline": {value: {"difference": d, "spread": s, "larger_than_spread": bool}}}}}``.
+        "vs_baseline": {value: {"difference": d, "spread": s, "larger_than_spread": bool}},
+        "vs_baseline_by_start": {start model: the same, from that warm start's runs alone}}}}``
+        (``vs_baseline_by_start`` only when the runs come from several warm starts).
         "before" values are the mean over the method's runs (over their warm starts when they
         have several); ``accuracy_gain`` is each run's after minus before, ``gain_by_start`` the
         same per start model (a run's ``model.path``), so that a gain can be checked from every
@@ -562,19 +564,34 @@ def method_summary(run_dirs: Sequence[str | os.PathLike], baseline: str | None =
     for label, entry in out["methods"].items():
         if base is None or label == baseline:
             continue
-        verdict = {}
-        for value in SUMMARY_AFTER:
-            a = [v for v in entry[value] if v is not None]
-            b = [v for v in base[value] if v is not None]
-            if not a or not b:
-                continue
-            spread = max(float(np.std(a, ddof=1)) if len(a) > 1 else math.nan,
-                         float(np.std(b, ddof=1)) if len(b) > 1 else math.nan)
-            difference = float(np.mean(a) - np.mean(b))
-            verdict[value] = {"difference": difference, "spread": None if math.isnan(spread) else spread,
-                              "larger_than_spread": bool(len(a) > 1 and len(b) > 1 and abs(difference) > spread)}
-        entry["vs_baseline"] = verdict
+        entry["vs_baseline"] = _verdicts(entry, base)
+        by_start = {}
+        for start in dict.fromkeys(starts[r] for r in entry["runs"]):  # each warm start on its own
+            mine = [i for i, r in enumerate(entry["runs"]) if starts[r] == start]
+            theirs = [i for i, r in enumerate(base["runs"]) if starts[r] == start]
+            if mine and theirs:
+                by_start[start] = _verdicts(entry, base, mine, theirs)
+        if len(by_start) > 1:
+            entry["vs_baseline_by_start"] = by_start
     return out
+
+
+def _verdicts(entry: dict, base: dict, mine: list[int] | None = None, theirs: list[int] | None = None) -> dict:
+    """Each :data:`SUMMARY_AFTER` value of ``entry`` against ``base``'s (over the runs at the given
+    indices, default all): the difference of means, the spread (the larger sample standard
+    deviation) and whether the difference is larger than the spread (only with >= 2 runs each)."""
+    verdict = {}
+    for value in SUMMARY_AFTER:
+        a = [v for i, v in enumerate(entry[value]) if v is not None and (mine is None or i in mine)]
+        b = [v for i, v in enumerate(base[value]) if v is not None and (theirs is None or i in theirs)]
+        if not a or not b:
+            continue
+        spread = max(float(np.std(a, ddof=1)) if len(a) > 1 else math.nan,
+                     float(np.std(b, ddof=1)) if len(b) > 1 else math.nan)
+        difference = float(np.mean(a) - np.mean(b))
+        verdict[value] = {"difference": difference, "spread": None if math.isnan(spread) else spread,
+                          "larger_than_spread": bool(len(a) > 1 and len(b) > 1 and abs(difference) > spread)}
+    return verdict
 
 
 _WORDS = {"accuracy_after": "accuracy", "top1_agree_after": "top1_agree",
@@ -591,9 +608,16 @@ def summary_lines(summary: dict) -> list[str]:
         for value, v in entry.get("vs_baseline", {}).items():
             spread = "n/a" if v["spread"] is None else f"{v['spread']:.3f}"
             word = "larger" if v["larger_than_spread"] else "not larger"
-            lines.append(f"{label} vs {baseline}, {_WORDS[value]}: difference {v['difference']:+.3f} is {word} "
-                         f"than the seed spread ({spread}, {entry['seeds']} vs {summary['methods'][baseline]['seeds']} "
-                         "seeds)")
+            line = (f"{label} vs {baseline}, {_WORDS[value]}: difference {v['difference']:+.3f} is {word} "
+                    f"than the seed spread ({spread}, {entry['seeds']} vs {summary['methods'][baseline]['seeds']} "
+                    "runs)")
+            per_start = [s.get(value) for s in entry.get("vs_baseline_by_start", {}).values()]
+            if per_start and all(per_start):  # the verdict from each warm start on its own
+                same = sum(p["larger_than_spread"] == v["larger_than_spread"] for p in per_start)
+                signs = sum((p["difference"] > 0) == (v["difference"] > 0) for p in per_start)
+                line += (f"; from each warm start alone: the same verdict from {same} of {len(per_start)}, "
+                         f"the same sign from {signs} of {len(per_start)}")
+            lines.append(line)
     return lines
 
 

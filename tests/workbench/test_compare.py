@@ -252,4 +252,27 @@ def test_method_summary_says_whether_a_difference_beats_the_seed_spread(tmp_path
     assert verdict["spread"] == pytest.approx(math.sqrt(0.0008))
     assert verdict["larger_than_spread"] is True
     lines = summary_lines(summary)
-    assert "oisd vs grpo, accuracy: difference +0.110 is larger than the seed spread (0.028, 2 vs 2 seeds)" in lines
+    assert "oisd vs grpo, accuracy: difference +0.110 is larger than the seed spread (0.028, 2 vs 2 runs)" in lines
+
+
+def test_verdicts_are_also_given_from_each_warm_start_alone(tmp_path):
+    """Runs from two warm starts: the pooled verdict, the gain per start, and the verdict from
+    each start's runs alone (one start agrees with the pooled verdict, the other does not)."""
+    after = {("grpo", "ws0"): (0.60, 0.62), ("grpo", "ws1"): (0.50, 0.52),
+             ("oisd", "ws0"): (0.70, 0.72), ("oisd", "ws1"): (0.51, 0.53)}
+    runs = [make_run(tmp_path, f"{m}-{w}-seed{s}", m, seed=s, start=w, accuracy=(0.3, 0.4, a))
+            for (m, w), values in after.items() for s, a in enumerate(values)]
+    summary = method_summary(runs)
+    oisd = summary["methods"]["oisd"]
+    assert oisd["gain_by_start"] == {"ws0": pytest.approx([0.4, 0.42]), "ws1": pytest.approx([0.21, 0.23])}
+    pooled = oisd["vs_baseline"]["accuracy_after"]
+    assert pooled["difference"] == pytest.approx(0.055)  # 0.615 - 0.56
+    assert pooled["larger_than_spread"] is False  # the spread spans both starts: std(.7,.72,.51,.53) = 0.1102
+    by_start = oisd["vs_baseline_by_start"]
+    assert by_start["ws0"]["accuracy_after"]["difference"] == pytest.approx(0.10)
+    assert by_start["ws0"]["accuracy_after"]["larger_than_spread"] is True  # 0.10 > std(0.70, 0.72) = 0.0141
+    assert by_start["ws1"]["accuracy_after"]["difference"] == pytest.approx(0.01)
+    assert by_start["ws1"]["accuracy_after"]["larger_than_spread"] is False
+    assert "grpo" not in summary["methods"]["grpo"].get("vs_baseline_by_start", {})
+    line = next(x for x in summary_lines(summary) if x.startswith("oisd vs grpo, accuracy:"))
+    assert line.endswith("from each warm start alone: the same verdict from 1 of 2, the same sign from 2 of 2")

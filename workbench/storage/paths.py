@@ -20,7 +20,8 @@ from typing import ClassVar, Iterable
 from workbench.errors import WorkbenchError
 from workbench.storage.atomic import json_default
 
-__all__ = ["WARMSTART_DIR", "RunPaths", "is_run_folder", "probe_set_hash", "run_label", "run_name", "safe_join"]
+__all__ = ["WARMSTART_DIR", "RunPaths", "is_run_folder", "probe_set_hash", "run_label", "run_name", "safe_join",
+           "warmstart_folder"]
 
 _KIND = re.compile(r"^[a-z0-9_]+$")
 
@@ -189,6 +190,12 @@ def run_name(label: str, seed: int, start: int | None = None) -> str:
     """The folder name of one seed of a method or variant: ``<label>-seed<seed>``, or
     ``<label>-ws<start>-seed<seed>`` for one of several warm starts (its seed)."""
     return f"{label}-seed{int(seed)}" if start is None else f"{label}-ws{int(start)}-seed{int(seed)}"
+
+
+def warmstart_folder(base: str | os.PathLike, seed: int | None = None) -> Path:
+    """The folder of a warm start: ``base`` itself, or ``<base>-ws<seed>`` for one of several
+    warm starts made with different seeds (their runs: :func:`run_name` with ``start=seed``)."""
+    return Path(base) if seed is None else Path(f"{os.fspath(base)}-ws{int(seed)}")
 
 
 def run_label(name: str) -> str:
