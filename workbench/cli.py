@@ -147,7 +147,8 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from trainer.demo import run_demo
 
-    run_demo(root=args.root, steps=args.steps, seeds=args.seeds, methods=args.methods)
+    run_demo(root=args.root, steps=args.steps, seeds=args.seeds, methods=args.methods,
+             warmstart_seeds=args.warmstart_seeds)
     return 0
 
 
@@ -304,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds per method (default 0 1)")
     p.add_argument("--methods", nargs="+", default=None,
                    help="methods or bundled configs to compare (default: grpo oisd oisd-positive sdpg)")
+    p.add_argument("--warmstart-seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="one warm start per seed (runs/warmstart-tiny-ws<s>), every method and seed from each, "
+                        "the verdicts also from each start alone (default: the one warm start runs/warmstart-tiny)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("compare", help="comparison table of runs",
