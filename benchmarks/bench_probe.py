@@ -32,15 +32,22 @@ response).
 Usage::
 
     python benchmarks/bench_probe.py [--sizes tiny 32k qwen3-0.6b] [--repeats 5] [--threads 1] [--device cpu]
-        [--json FILE]
+        [--json FILE] [--causal]
 
 Each size is first measured against the **floor**: what any correct implementation must
-do for the same splits (one forward per split with hidden states, one read-out per layer
-at the scored positions, the greedy decode with the same sampler), in a plain HF process,
+do for the same splits (one forward per split that yields the hidden states and the
+attention patterns the attention metrics read, eager attention, ``output_attentions``; one
+read-out per layer at the scored positions; the greedy decode with the same sampler), in a
+plain HF process,
 against the analyzer's ``probe_checkpoint`` (boot excluded) with its stage breakdown
 (``workbench.analysis.memory.StageSeconds``: decode, capture, lens, attention, write),
 each side in a fresh process for its peak memory; ``--json`` writes those figures.
 ``qwen3-0.6b`` (Qwen3-0.6B's body, random init, bf16 on disk) is measured only this way.
+
+``--causal`` also measures what the causal analyses add to one checkpoint (a third side in
+its own process: the analyzer with early exit at the default exit layers, the learned lens,
+and patching from a start model of the same shape and another seed), each in its own stage
+(``exit``, ``lens_fit``, ``lens_read``, ``patch``), and the whole against the default probe.
 
 ``--threads 1`` (the default) gives the most stable numbers on a shared machine;
 ``--threads 0`` keeps torch's default thread count.
@@ -251,12 +258,12 @@ FLOOR_SIDES = ("analyzer", "floor")
 FLOOR_ONLY = ("qwen3-0.6b",)
 
 
-def save_model(size: str, folder: Path) -> int:
+def save_model(size: str, folder: Path, seed: int = 0) -> int:
     """A random-init model of ``size`` in ``folder`` (bf16 on disk at real shapes); its vocabulary."""
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_char_tokenizer()
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = make_config(size, tokenizer)
     model = AutoModelForCausalLM.from_config(config)
     if size in FLOOR_ONLY:
@@ -266,24 +273,67 @@ def save_model(size: str, folder: Path) -> int:
     return config.vocab_size
 
 
-def child_side(side: str, folder: Path, vocab: int) -> None:
-    """Probe the model in ``folder`` one way, in this process; print seconds, stages and the
-    peak resident memory above the loaded model (JSON)."""
+def floor_pass(model, records: list[dict], *, max_new_tokens: int, device: str = "cpu") -> dict[str, float]:
+    """The floor of one checkpoint's analysis, in a plain HF model loaded with eager attention
+    (``attn_implementation="eager"``, so that its forward yields the attention patterns the
+    attention metrics read; SDPA never materialises them): the greedy decode with the
+    analyzer's sampler, then per split one forward with hidden states and attention patterns
+    and one read-out per layer (final norm, unembedding, log-softmax) at the scored positions.
+    Returns its stages' seconds (``decode``, ``forward``, ``lens``); CUDA synchronised."""
     from workbench.analysis.probe_runner import greedy_responses, probe_batch, probe_splits
 
+    norm, head = find_readout(model)
+    stages = {"decode": 0.0, "forward": 0.0, "lens": 0.0}
+    with torch.no_grad():
+        t = time.perf_counter()
+        greedy = greedy_responses(model, records, pad_id=0, eos_id=2, max_new_tokens=max_new_tokens)
+        sync(device)
+        stages["decode"] = time.perf_counter() - t
+        for _split, split_records, responses in probe_splits(records, greedy=greedy):
+            batch = {k: v.to(device) for k, v in probe_batch(split_records, 0, responses).items()}
+            t = time.perf_counter()
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        position_ids=batch["position_ids"], output_hidden_states=True, output_attentions=True)
+            sync(device)
+            stages["forward"] += time.perf_counter() - t
+            t = time.perf_counter()
+            scored = batch["scored"]
+            for hidden in out.hidden_states[1:-1]:  # one read-out per layer at the scored positions
+                head(norm(hidden[scored])).float().log_softmax(-1)
+            out.logits[scored].float().log_softmax(-1)
+            sync(device)
+            stages["lens"] += time.perf_counter() - t
+            del out
+    return stages
+
+
+def child_side(side: str, folder: Path, vocab: int) -> None:
+    """Probe the model in ``folder`` one way, in this process; print seconds, stages and the
+    peak resident memory above the loaded model (JSON). ``causal``: the analyzer with the
+    causal analyses on (early exit at the default layers, the learned lens, patching from the
+    start model saved beside ``folder``), each in its own stage."""
     records = make_records(vocab)
-    if side == "analyzer":
-        from workbench.analysis.analyzer import _boot, load_decoder, probe_checkpoint
+    if side in ("analyzer", "causal"):
+        from workbench.analysis.analyzer import _boot, _patch_table, load_decoder, probe_checkpoint
+        from workbench.analysis.early_exit import default_exit_layers
         from workbench.analysis.memory import StageSeconds
 
         stages = StageSeconds()
         with stages("boot"):
             bridge, tokenizer = _boot(folder, "cpu", torch.float32)
             decoder = load_decoder(folder, "cpu", torch.float32, share_with=bridge.original_model)
+            base = _boot(folder.with_name("start"), "cpu", torch.float32)[0] if side == "causal" else None
+        n_layers = bridge.cfg.n_layers
+        causal = {"exit_layers": default_exit_layers(n_layers, [n_layers // 2]), "learned_lens": True}
         baseline = _peak_bytes("cpu")
         start = time.perf_counter()
         tables = probe_checkpoint(bridge, tokenizer, records, run="bench", step=0, detail_prompts=4, greedy=True,
-                                  max_new_tokens=GREEDY_TOKENS, decoder=decoder, stages=stages)
+                                  max_new_tokens=GREEDY_TOKENS, decoder=decoder, stages=stages,
+                                  **(causal if side == "causal" else {}))
+        if side == "causal":
+            with stages("patch"):
+                tables["patch"] = _patch_table(base, bridge, decoder, tokenizer, records, run="bench", step=0,
+                                               max_new_tokens=GREEDY_TOKENS)
         with stages("write"), tempfile.TemporaryDirectory() as out:
             for kind, table in tables.items():
                 table.to_parquet(Path(out) / f"{kind}.parquet")
@@ -291,28 +341,10 @@ def child_side(side: str, folder: Path, vocab: int) -> None:
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        norm, head = find_readout(model)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
         baseline = _peak_bytes("cpu")
-        stages = {}
         start = time.perf_counter()
-        with torch.no_grad():
-            t = time.perf_counter()
-            greedy = greedy_responses(model, records, pad_id=0, eos_id=2, max_new_tokens=GREEDY_TOKENS)
-            stages["decode"] = time.perf_counter() - t
-            for split, split_records, responses in probe_splits(records, greedy=greedy):
-                batch = probe_batch(split_records, 0, responses)
-                t = time.perf_counter()
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            position_ids=batch["position_ids"], output_hidden_states=True)
-                stages["forward"] = stages.get("forward", 0.0) + time.perf_counter() - t
-                t = time.perf_counter()
-                scored = batch["scored"]
-                for hidden in out.hidden_states[1:-1]:  # one read-out per layer at the scored positions
-                    head(norm(hidden[scored])).float().log_softmax(-1)
-                out.logits[scored].float().log_softmax(-1)
-                stages["lens"] = stages.get("lens", 0.0) + time.perf_counter() - t
-                del out
+        stages = floor_pass(model, records, max_new_tokens=GREEDY_TOKENS)
         seconds = time.perf_counter() - start
     peak = (_peak_bytes("cpu") - baseline) / 2**20
     growth = {k: round(v, 1) for k, v in getattr(stages, "peak_growth_mb", {}).items()}
@@ -321,7 +353,10 @@ def child_side(side: str, folder: Path, vocab: int) -> None:
                       "peak_growth_mb": growth}))
 
 
-def analyzer_against_floor(size: str, threads: int, smoke: bool = False) -> dict:
+CAUSAL_STAGES = ("exit", "lens_fit", "lens_read", "patch")  # what --causal adds to a checkpoint's analysis
+
+
+def analyzer_against_floor(size: str, threads: int, smoke: bool = False, causal: bool = False) -> dict:
     """The analyzer's time on one checkpoint of ``size`` against the floor, each side in a fresh
     process: ``ratio_to_floor`` (probing, boot excluded, over the floor), the stage breakdown
     and peak memory. ``smoke``: one process runs both sides and then every variant's memory
@@ -329,12 +364,15 @@ def analyzer_against_floor(size: str, threads: int, smoke: bool = False) -> dict
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         vocab = save_model(size, folder)
+        if causal:  # the start model patching patches from: the same shape, another seed
+            save_model(size, Path(tmp) / "start", seed=1)
         weights_mb = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
         sides, peaks = {}, {}
         common = ["--folder", str(folder), "--vocab", str(vocab), "--threads", str(threads),
                   "--n-prompts", str(N_PROMPTS)]
-        runs = ([["--side", ",".join(FLOOR_SIDES), "--child", ",".join(VARIANTS), "--sizes", size]] if smoke
-                else [["--side", side] for side in FLOOR_SIDES])
+        sides_run = (*FLOOR_SIDES, "causal") if causal else FLOOR_SIDES
+        runs = ([["--side", ",".join(sides_run), "--child", ",".join(VARIANTS), "--sizes", size]] if smoke
+                else [["--side", side] for side in sides_run])
         for run in runs:
             for row in child_rows([*run, *common]):
                 if "side" in row:
@@ -350,7 +388,18 @@ def analyzer_against_floor(size: str, threads: int, smoke: bool = False) -> dict
             "floor_peak_rss_mb": floor["peak_rss_mb"], "weights_mb_on_disk": round(weights_mb, 1),
             "weights_mb": round(weights_mb * (2 if size in FLOOR_ONLY else 1), 1),  # fp32 in memory
             "probe_set": f"{N_PROMPTS} prompts x {SEQ_LEN} tokens, greedy {GREEDY_TOKENS} tokens",
-            **({"variant_peak_mib": peaks} if smoke else {})}
+            **({"variant_peak_mib": peaks} if smoke else {}),
+            **(_causal_costs(sides["causal"], analyzer) if causal else {})}
+
+
+def _causal_costs(causal: dict, analyzer: dict) -> dict:
+    """What the causal analyses add to one checkpoint's analysis: each one's seconds, and the
+    whole (boot and write excluded) over the default probe's."""
+    added = {k: causal["stages"].get(k, 0.0) for k in CAUSAL_STAGES}
+    default = analyzer["seconds"] - analyzer["stages"].get("write", 0.0)
+    whole = causal["seconds"] - causal["stages"].get("write", 0.0)
+    return {"causal_stages": causal["stages"], "causal_added_s": added, "causal_s": whole,
+            "causal_over_default": whole / default, "causal_peak_rss_mb": causal["peak_rss_mb"]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -364,6 +413,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="write the analyzer-against-floor figures here")
     parser.add_argument("--n-prompts", type=int, default=N_PROMPTS, help="probe prompts (of SEQ_LEN tokens)")
+    parser.add_argument("--causal", action="store_true",
+                        help="also measure what early exit, the learned lens and patching add to a checkpoint")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny preset, 2 prompts, 1 repeat, fewer subprocesses: checks the code runs")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # variants, comma-separated
@@ -384,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     floors = {}
     for size in args.sizes:
-        r = floors[size] = analyzer_against_floor(size, args.threads, smoke=args.smoke)
+        r = floors[size] = analyzer_against_floor(size, args.threads, smoke=args.smoke, causal=args.causal)
         breakdown = ", ".join(f"{k} {v:.2f}" for k, v in r["analyzer_stages"].items())
         floor = ", ".join(f"{k} {v:.2f}" for k, v in r["floor_stages"].items())
         print(f"{size}: analyzer {r['analyzer_s']:.2f} s against floor {r['floor_s']:.2f} s = "
@@ -392,6 +443,10 @@ def main(argv: list[str] | None = None) -> None:
               f"(weights {r['weights_mb']:.0f} MB); stages: {breakdown}; floor: {floor}")
         growth = ", ".join(f"{k} {v:.0f}" for k, v in r["peak_growth_mb"].items())
         print(f"  peak resident memory raised by each stage (MB): {growth}")
+        if args.causal:
+            added = ", ".join(f"{k} {v:.2f} s" for k, v in r["causal_added_s"].items())
+            print(f"  causal analyses: {r['causal_s']:.2f} s = {r['causal_over_default']:.2f}x the default probe "
+                  f"(added: {added}); peak RSS {r['causal_peak_rss_mb']:.0f} MB")
     if args.json:
         Path(args.json).write_text(json.dumps(floors, indent=2))
     args.sizes = [s for s in args.sizes if s not in FLOOR_ONLY]

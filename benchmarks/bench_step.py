@@ -11,7 +11,8 @@ forward runs), RLSD at lambda 0.5, OISD on its bundled layer.
 Sizes:
 
 - ``tiny``: the embedded tiny preset (Qwen3, 4 blocks, the 101-character vocabulary),
-  8 prompts x 8 responses of 40 tokens, as the bundled configs train it.
+  8 prompts x 8 responses of 40 tokens (the bundled configs train 32 prompts x 8 since 2026-12-06;
+  the figures in benchmarks/README.md are per step of 8 x 8).
 - ``real``: a random Qwen3 with the real vocabulary (151,936 tokens, tied embeddings),
   4 blocks of width 256, one group of 2 responses of 512 tokens: the loss path at
   real vocabulary size, where the ``(tokens, V)`` logits dominate memory. The readout

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a pl
 VARIANTS = ("trl grpo (plain GRPOTrainer)", "trl backend grpo", "trl backend oisd", "trl backend sdpg",
             "built-in grpo", "built-in oisd", "built-in sdpg")
 METHODS = ("grpo", "oisd", "sdpg")  # each by its bundled config
-# --smoke: the bundled configs' batch (8 prompts x 8 samples of 40 tokens) made tiny.
+# --smoke: the bundled configs' batch (32 prompts x 8 samples of 40 tokens) made tiny.
 SMOKE_BATCH = ("rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=8")
 
 

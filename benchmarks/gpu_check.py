@@ -21,12 +21,20 @@ running at ``--deadline-s`` is stopped):
    and attention metrics), the whole per-checkpoint analysis apart from booting and
    greedy decoding (``probe_checkpoint`` with ``greedy=False``: metrics and drill-down
    tables), and the floor: one plain HF forward plus one lens read-out per layer
-   (final norm, unembedding, log-softmax at the scored positions), with bench_probe's
-   plain forward beside it.
-4. ``rank_sync``: with 2 or more GPUs, ``accelerate launch --num_processes 2`` of
+   (final norm, unembedding, log-softmax at the scored positions), the forward with eager
+   attention so that it yields the attention patterns; bench_probe's plain (SDPA) forward
+   beside it.
+4. ``probe``: ``oisd probe`` (``probe_run``) on a run of one checkpoint of the same shape
+   (16 prompts of the embedded task, the default greedy length), boot and greedy decode
+   included, against its floor (``bench_probe.floor_pass``: the greedy decode, one forward
+   per split yielding hidden states and attention patterns, one read-out per layer).
+5. ``probe_processes``: with 2 or more GPUs, ``oisd probe`` of a run of 4 checkpoints by one
+   process and by ``accelerate launch --num_processes 2``, each a fresh command: the wall
+   times and the two analyses compared value for value.
+6. ``rank_sync``: with 2 or more GPUs, ``accelerate launch --num_processes 2`` of
    ``oisd train --backend trl`` for 2 steps; run.json's ``distributed.weight_spread``
    must be 0.0. Skipped (and said so) on one GPU.
-5. ``trl_vllm/<method>``: the TRL backend generating with vLLM colocated
+7. ``trl_vllm/<method>``: the TRL backend generating with vLLM colocated
    (``trl.use_vllm=true``, ``trl.vllm_mode=colocate``), when vLLM is installed; each in
    its own process (a vLLM engine does not give its memory back).
 
@@ -49,7 +57,7 @@ interpreter and libraries too.
 Usage::
 
     python benchmarks/gpu_check.py --out RESULT_JSON  # prints the markdown tables: copy them into benchmarks/README.md
-    python benchmarks/gpu_check.py --smoke          # the same code paths on CPU, < 1 minute
+    python benchmarks/gpu_check.py --smoke          # the same code paths on CPU, about a minute
 """
 
 from __future__ import annotations
@@ -296,11 +304,12 @@ def stage_trl(ctx: dict, method: str, vllm: bool) -> dict:
 
 @torch.no_grad()
 def run_floor(hf, batch: dict) -> torch.Tensor:
-    """The floor of one checkpoint's analysis: one plain forward, then one lens read-out
-    per layer (final norm, unembedding, log-softmax) at the scored positions."""
+    """The floor of one checkpoint's metric pass: one forward that yields the hidden states and
+    the attention patterns (``hf`` loaded with eager attention), then one lens read-out per
+    layer (final norm, unembedding, log-softmax) at the scored positions."""
     n_layers = hf.config.num_hidden_layers
     out = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-             position_ids=batch["position_ids"], output_hidden_states=True)
+             position_ids=batch["position_ids"], output_hidden_states=True, output_attentions=True)
     scored = batch["scored"]
     total = out.logits[scored].float().log_softmax(-1).sum()  # layer L: the model's own logits
     norm, head = hf.model.norm, hf.get_output_embeddings()
@@ -323,13 +332,14 @@ def stage_analyzer(ctx: dict) -> dict:
     bridge, tokenizer = _boot(folder, device, dtype)  # as `oisd probe` boots a checkpoint
     boot_s = time.perf_counter() - start
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    eager = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="eager").to(device).eval()
     records = bench_probe.make_records(hf.config.vocab_size)
     batch = {k: v.to(device) for k, v in probe_batch(records, pad_id=0).items()}
 
     variants = {
         "analyzer": lambda: bench_probe.run_ours(bridge, batch),
         "checkpoint": lambda: probe_checkpoint(bridge, tokenizer, records, run="gpu-check", step=0, greedy=False),
-        "floor": lambda: run_floor(hf, batch),
+        "floor": lambda: run_floor(eager, batch),
         "forward": lambda: bench_probe.run_forward(hf, batch),
     }
     peaks = {}
@@ -358,6 +368,105 @@ def stage_analyzer(ctx: dict) -> dict:
         "peak_kind": peaks["analyzer"]["peak_kind"],
         "peaks_mib": {k: v["peak_mib"] for k, v in peaks.items()},
     }
+
+
+PROBE_PROMPTS = 16  # the probe set of the `probe` stages: the embedded task's first held-out questions
+PROBE_CHECKPOINTS = 4  # checkpoints of the run the 1- and 2-process probes share out
+
+
+def probe_run_folder(ctx: dict, name: str, checkpoints: int) -> Path:
+    """A run folder whose ``checkpoints`` checkpoints are copies of the check's model, with the
+    probe set of the embedded task's first held-out questions (the model's tokenizer)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from trainer.tasks import ArithmeticTask
+    from workbench.analysis.probe_runner import make_probe_set
+    from workbench.storage.checkpoints import write_checkpoint
+    from workbench.storage.runwriter import RunWriter
+
+    run_dir = Path(ctx["work"]) / name
+    tokenizer = AutoTokenizer.from_pretrained(ctx["model"])
+    writer = RunWriter(run_dir, {"method": "grpo", "seed": 0}, resume=False)
+    writer.write_probe_set(make_probe_set(ArithmeticTask().test_examples(), tokenizer, PROBE_PROMPTS))
+    for step in range(1, checkpoints + 1):
+        write_checkpoint(run_dir, step, lambda f: shutil.copytree(ctx["model"], f, dirs_exist_ok=True), keep_last=None)
+    return run_dir
+
+
+def stage_probe(ctx: dict) -> dict:
+    """``oisd probe`` (``probe_run``, what the command runs) on one checkpoint, boot and greedy
+    decode included, against the floor of the same splits (``bench_probe.floor_pass``: greedy
+    decode, one forward with hidden states and attention patterns, one lens read-out per layer)."""
+    import bench_probe
+    from transformers import AutoModelForCausalLM
+
+    from workbench.analysis.analyzer import probe_run
+    from workbench.storage.atomic import read_provenance
+    from workbench.storage.runstore import Run
+    from workbench.storage.schema import DEFAULT_PROBE_MAX_NEW_TOKENS
+
+    device, dtype = ctx["device"], ctx["dtype"]
+    run_dir = probe_run_folder(ctx, "probe-1", 1)
+    run = Run.open(run_dir)
+    sync(device)
+    start = time.perf_counter()
+    report = probe_run(run_dir, device=device, dtype=dtype, progress=False)
+    sync(device)
+    probe_s = time.perf_counter() - start
+    if report.analysed != [1]:
+        raise RuntimeError(f"the probe analysed {report.analysed}, skipped {report.skipped}")
+    provenance = read_provenance(run.analysis_path(1, "metrics"))
+    stages = provenance["stage_seconds"]
+    boot_s = stages.get("boot", 0.0)
+    eager = AutoModelForCausalLM.from_pretrained(ctx["model"], dtype=getattr(torch, dtype),
+                                                 attn_implementation="eager").to(device).eval()
+    free_memory(device)
+    mem = PeakMemory(device)
+    floor_stages = bench_probe.floor_pass(eager, run.probe_set(), max_new_tokens=DEFAULT_PROBE_MAX_NEW_TOKENS,
+                                          device=device)
+    floor_s = sum(floor_stages.values())
+    return {"probe_s": probe_s, "boot_s": boot_s, "probe_without_boot_s": probe_s - boot_s,
+            "floor_s": floor_s, "probe_over_floor": (probe_s - boot_s) / floor_s,
+            "stage_seconds": stages, "floor_stages": floor_stages, "prompts": PROBE_PROMPTS,
+            "max_new_tokens": DEFAULT_PROBE_MAX_NEW_TOKENS, "floor_peak_mib": mem.result()["peak_mib"]}
+
+
+def stage_probe_processes(ctx: dict, timeout: float) -> dict:
+    """``oisd probe`` of a run of ``PROBE_CHECKPOINTS`` checkpoints by one process and by
+    ``accelerate launch --num_processes 2`` (each process on its own device), both as fresh
+    commands: the wall times, and the two analyses compared value for value."""
+    from workbench.storage.runstore import Run
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    if ctx["device"] == "cpu":
+        env["OMP_NUM_THREADS"] = "1"
+    out, tables = {"checkpoints": PROBE_CHECKPOINTS}, {}
+    deadline = time.perf_counter() + timeout
+    for processes in (1, 2):
+        run_dir = probe_run_folder(ctx, f"probe-{processes}proc", PROBE_CHECKPOINTS)
+        launcher = [sys.executable, "-m"] if processes == 1 else [*accelerate_launch(processes), "-m"]
+        command = [*launcher, "workbench.cli", "probe", str(run_dir), "--dtype", ctx["dtype"]]
+        start = time.perf_counter()
+        result = subprocess.run(command, check=False, cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=max(deadline - start, 30.0))
+        if result.returncode != 0:
+            raise RuntimeError(f"{processes}-process probe exited {result.returncode}: {last_line(result.stderr)}")
+        out[f"seconds_{processes}proc"] = time.perf_counter() - start
+        run = Run.open(run_dir)
+        made_by = {step: p.get("process") for step, p in run.analysis_provenance("metrics").items()}
+        out[f"made_by_{processes}proc"] = made_by
+        tables[processes] = run.analysis("metrics").sort_values(["step", "split", "metric", "layer", "head",
+                                                                   "ref_layer"]).reset_index(drop=True)
+    a, b = tables[1], tables[2]
+    if len(a) != len(b) or not a.drop(columns="value").equals(b.drop(columns="value")):
+        raise AssertionError("the 1- and 2-process probes wrote different metric rows")
+    out["max_abs_diff"] = float((a["value"] - b["value"]).abs().max()) if len(a) else 0.0
+    out["speedup"] = out["seconds_1proc"] / out["seconds_2proc"]
+    if sorted(set(out["made_by_2proc"].values())) != [0, 1]:
+        raise AssertionError(f"the 2-process probe did not share the checkpoints: {out['made_by_2proc']}")
+    return out
 
 
 def accelerate_launch(processes: int) -> list[str]:
@@ -408,6 +517,8 @@ def run_stage(name: str, ctx: dict) -> dict:
     """Run one stage in this process (the ``--child`` entry point calls this too)."""
     if name == "analyzer":
         return stage_analyzer(ctx)
+    if name == "probe":
+        return stage_probe(ctx)
     backend, method = name.split("/")
     if backend == "builtin":
         return stage_builtin(ctx, method)
@@ -470,12 +581,13 @@ def plan_stages(smoke: bool, rank_sync_cpu: bool) -> list[tuple[str, str | None]
     """(stage, reason to skip it or None), in the order they run."""
     stages: list[tuple[str, str | None]] = [(f"builtin/{m}", None) for m in METHODS]
     stages += [(f"trl/{m}", None) for m in METHODS]
-    stages.append(("analyzer", None))
+    stages += [("analyzer", None), ("probe", None)]
     gpus = torch.cuda.device_count() if not smoke else 0
-    if rank_sync_cpu and smoke:
-        stages.append(("rank_sync", None))
-    else:
-        stages.append(("rank_sync", None if gpus >= 2 else f"needs >= 2 GPUs (found {gpus})"))
+    for name in ("rank_sync", "probe_processes"):
+        if rank_sync_cpu and smoke:
+            stages.append((name, None))
+        else:
+            stages.append((name, None if gpus >= 2 else f"needs >= 2 GPUs (found {gpus})"))
     if smoke:
         vllm_reason = "vLLM needs a GPU (smoke runs on CPU)"
     elif importlib.util.find_spec("vllm") is None:
@@ -502,7 +614,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="run only these stages (builtin/grpo, trl/oisd, analyzer, rank_sync, trl_vllm/sdpg, ...)")
     parser.add_argument("--isolate", action="store_true", help="run every stage in its own process")
     parser.add_argument("--rank-sync-cpu", action="store_true",
-                        help="with --smoke: also run the 2-process rank-sync check on CPU (slow)")
+                        help="with --smoke: also run the 2-process checks (rank sync, probe) on CPU (slow)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--child", nargs=3, metavar=("STAGE", "CTX", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -532,7 +644,8 @@ def main(argv: list[str] | None = None) -> dict:
                   "steps": plan["steps"], "data": "embedded arithmetic task"},
         "methods": {m: resolve_config_path(m).stem for m in METHODS},
         "model": None,
-        "steps": {b: {} for b in BACKENDS}, "analyzer": None, "rank_sync": None, "stages": [],
+        "steps": {b: {} for b in BACKENDS}, "analyzer": None, "probe": None, "rank_sync": None,
+        "probe_processes": None, "stages": [],
         "complete": False,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -568,6 +681,8 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 if name == "rank_sync":
                     out = stage_rank_sync(ctx, timeout=max(left, 30.0))
+                elif name == "probe_processes":
+                    out = stage_probe_processes(ctx, timeout=max(left, 30.0))
                 elif args.isolate or name.startswith("trl_vllm/"):
                     out = run_isolated(name, ctx, timeout=max(left, 30.0))
                 else:
@@ -586,7 +701,11 @@ def main(argv: list[str] | None = None) -> dict:
             results["elapsed_s"] = round(time.perf_counter() - start, 1)
             write_json(args.out, results)
             detail = (f"step {out['step_s']:.3f} s, peak {out['peak_mib']:.0f} MiB" if "step_s" in out else
-                      f"analyzer {out['analyzer_s']:.3f} s vs floor {out['floor_s']:.3f} s" if "floor_s" in out else
+                      f"analyzer {out['analyzer_s']:.3f} s vs floor {out['floor_s']:.3f} s" if "analyzer_s" in out else
+                      f"probe {out['probe_s']:.3f} s (boot {out['boot_s']:.1f}) vs floor {out['floor_s']:.3f} s"
+                      if "probe_s" in out else
+                      f"1 process {out['seconds_1proc']:.1f} s, 2 processes {out['seconds_2proc']:.1f} s"
+                      if "speedup" in out else
                       f"weight_spread {out.get('weight_spread')}" if name == "rank_sync" else out.get("error", ""))
             log(start, f"{name}: {out['status']} in {seconds:.1f} s ({detail})")
     results["complete"] = True
@@ -655,12 +774,30 @@ def markdown(results: dict) -> str:
         lines += [f"| metric pass (`run_ours`) | {a['analyzer_s']:.4f} | {a['analyzer_over_floor']:.2f} |",
                   (f"| whole checkpoint, no greedy (`probe_checkpoint`) | {a['checkpoint_s']:.4f} | "
                    f"{a['checkpoint_over_floor']:.2f} |"),
-                  f"| floor: forward + one lens read-out per layer | {a['floor_s']:.4f} | 1.00 |",
+                  f"| floor: forward with attention patterns + one lens read-out per layer | {a['floor_s']:.4f} | 1.00 |",
                   f"| plain forward | {a['forward_s']:.4f} | {a['forward_s'] / a['floor_s']:.2f} |",
                   "", (f"Analyzer: {a['sequences']} sequences, {a['scored_positions']} scored positions; "
                        f"metric pass peak {a['peak_mib']:,.0f} MiB ({a['peak_kind']}); boot {a['boot_s']:.1f} s.")]
     elif a:
         lines.append(f"| {a['status']}: {_cell(a.get('error') or a.get('reason'))} | - | - |")
+    pr = results.get("probe")
+    if pr and pr["status"] == "ok":
+        probe_row = (f"| `oisd probe`, one checkpoint, boot excluded ({pr['prompts']} prompts, greedy "
+                     f"{pr['max_new_tokens']} tokens) | {pr['probe_without_boot_s']:.4f} | {pr['probe_over_floor']:.2f} |")
+        floor_row = ("| its floor: greedy decode + forward with attention patterns + one read-out per layer | "
+                     f"{pr['floor_s']:.4f} | 1.00 |")
+        lines += ["", "| `oisd probe` (one checkpoint) | s | x floor |", "|---|---|---|", probe_row, floor_row, "",
+                  f"`oisd probe` boot {pr['boot_s']:.1f} s; stages {json.dumps(pr['stage_seconds'])}."]
+    elif pr:
+        lines += ["", f"`oisd probe`: {pr['status']}: {_cell(pr.get('error') or pr.get('reason'))}"]
+    pp = results.get("probe_processes")
+    if pp and pp["status"] == "ok":
+        text = (f"Probe over processes ({pp['checkpoints']} checkpoints): 1 process {pp['seconds_1proc']:.1f} s, "
+                f"2 processes {pp['seconds_2proc']:.1f} s ({pp['speedup']:.2f}x); "
+                f"the analyses differ by at most {pp['max_abs_diff']:.3g}.")
+        lines += ["", text]
+    elif pp:
+        lines += ["", f"Probe over processes: {pp['status']}: {_cell(pp.get('error') or pp.get('reason'))}"]
     rs = results.get("rank_sync")
     if rs:
         if rs["status"] == "ok":

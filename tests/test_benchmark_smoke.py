@@ -38,8 +38,8 @@ NUMBER = r"[-+]?\d+(?:\.\d+)?"
 
 def _command(name: str, tmp: Path) -> list[str]:
     """The smoke run of ``name`` (its JSON or run folder, if any, under ``tmp``)."""
-    extra = {"probe": ["--json", str(tmp / "probe.json")], "probe_depth": ["--json", str(tmp / "depth.json")],
-             "methods": ["--out", str(tmp / "methods")]}.get(name, [])
+    extra = {"probe": ["--json", str(tmp / "probe.json"), "--causal"], "probe_depth": ["--json", str(tmp / "depth.json")],
+             "methods": ["--out", str(tmp / "methods"), "--warmstart-seeds", "0", "1"]}.get(name, [])
     return [sys.executable, str(BENCH / f"bench_{name}.py"), "--smoke", *extra]
 
 
@@ -140,6 +140,11 @@ def test_bench_probe_smoke_measures_the_analyzer_against_its_floor(smoke):
     assert {"decode", "capture", "lens", "attention", "write"} <= set(r["analyzer_stages"])
     assert {"decode", "forward", "lens"} == set(r["floor_stages"])
     assert r["peak_rss_mb"] > 0 and r["weights_mb"] > 0 and r["probe_set"].startswith("2 prompts")
+    # --causal: what early exit, the learned lens and patching add, each in its own stage.
+    assert set(r["causal_added_s"]) == {"exit", "lens_fit", "lens_read", "patch"}
+    assert all(v > 0 for v in r["causal_added_s"].values()) and r["causal_s"] > r["analyzer_s"] * 0.5
+    assert r["causal_over_default"] == pytest.approx(r["causal_s"] / r["analyzer_s"])
+    assert re.search(rf"causal analyses: {NUMBER} s = {NUMBER}x the default probe", out)
     for variant in ("ours", "capture", "naive", "forward"):
         median_s, vs_forward, peak_mib = _row(out, f"tiny {variant}", 3)
         assert float(median_s) > 0 and float(vs_forward.rstrip("x")) > 0 and float(peak_mib) >= 0
@@ -200,17 +205,29 @@ def test_bench_trl_backend_smoke_times_every_variant(smoke):
 
 @smoke_test("methods")
 def test_bench_methods_smoke_trains_probes_and_summarises(smoke):
+    """Two warm starts (seeds 0 and 1), GRPO and OISD from each: the summary pools the runs,
+    gives the gain per warm start and the verdicts from each start alone, with the causal
+    read-outs (early exit, learned lens, patching) measured."""
     out, tmp = smoke("methods")
     summary = json.loads((tmp / "methods" / "summary.json").read_text())
     assert set(summary["methods"]) == {"grpo", "oisd"} and isinstance(summary["layer"], int)
     for label, entry in summary["methods"].items():
-        assert entry["seeds"] == 1 and entry["runs"] == [f"{label}-seed0"]
-        assert 0.0 <= entry["accuracy_before"] <= 1.0 and 0.0 <= entry["accuracy_after"][0] <= 1.0
-        assert 0.0 <= entry["top1_agree_after"][0] <= 1.0 and entry["entropy_final"][0] > 0
+        assert entry["seeds"] == 2 and entry["runs"] == [f"{label}-ws0-seed0", f"{label}-ws1-seed0"]
+        starts = sorted(entry["gain_by_start"])  # the two warm-start folders: <warmstart>-ws<s>
+        assert [Path(s).name for s in starts] == ["warmstart-ws0", "warmstart-ws1"], starts
+        for value in ("accuracy_after", "top1_agree_after", "exit_accuracy_after", "learned_top1_agree_after"):
+            assert all(0.0 <= v <= 1.0 for v in entry[value]), (label, value, entry[value])
+        assert 0.0 <= entry["accuracy_before"] <= 1.0 and all(v > 0 for v in entry["entropy_final"])
+        assert 0.0 <= entry["exit_accuracy_before"] <= 1.0  # the built-in probes exit at step 0 (the demo's)
+        # Patching ran on every run (2 smoke steps barely move a model: its curve may be undefined, NaN).
+        assert len(entry["patch_half_layer"]) == 2
+        for run in entry["runs"]:
+            assert list((tmp / "methods" / run / "analysis").glob("step-*-patch.parquet")), run
+    assert sorted(summary["methods"]["oisd"]["vs_baseline_by_start"]) == starts
     assert set(summary["seconds"]) == {"warmstart", "train", "probe"}
     for label in ("grpo", "oisd"):  # the printed table has a row per method
-        assert re.search(rf"│ {label}\s+│\s+1 │", out), out
-    assert "2 runs in" in out and any("OISD (signed)" in t for t in summary["targets"])
+        assert re.search(rf"│ {label}\s+│\s+2 │", out), out
+    assert "4 runs in" in out and any("OISD (signed)" in t for t in summary["targets"])
 
 
 DASHBOARD_MEASURES = ("first render (alignment, cold)", "first render (new session)", "floor: bare Streamlit + 1 figure",

@@ -38,7 +38,13 @@ def test_gpu_check_smoke_measures_every_backend_and_method(tmp_path, cli_env):
     assert analyzer["status"] == "ok", analyzer
     assert analyzer["analyzer_s"] > 0 and analyzer["floor_s"] > 0 and analyzer["forward_s"] > 0
     assert analyzer["analyzer_over_floor"] == pytest.approx(analyzer["analyzer_s"] / analyzer["floor_s"])
+    probe = data["probe"]  # `oisd probe` on one checkpoint against its floor
+    assert probe["status"] == "ok", probe
+    assert probe["probe_s"] > probe["boot_s"] > 0 and probe["floor_s"] > 0
+    assert probe["probe_over_floor"] == pytest.approx((probe["probe_s"] - probe["boot_s"]) / probe["floor_s"])
+    assert {"decode", "forward", "lens"} <= set(probe["floor_stages"]) and "lens" in probe["stage_seconds"]
+    assert data["probe_processes"]["status"] == "skipped" and "GPU" in data["probe_processes"]["reason"]
     assert not [s for s in data["stages"] if s["status"] == "failed"]
     table = md.read_text()
     assert table in result.stdout  # the markdown is printed too
-    assert table.count("| ok |") == 6 and "floor" in table
+    assert table.count("| ok |") == 6 and "floor" in table and "`oisd probe`, one checkpoint, boot excluded" in table
