@@ -18,7 +18,9 @@ free port, and times in the browser:
 
 Targets: first render within 1 s of Streamlit's own floor (a minimal Streamlit page with
 one Plotly figure and no data, opened in new sessions interleaved with ours), view switch
-< 0.5 s, compare < 5 s. ``--shape qwen3-4b`` is Qwen3-4B's 36 layers x 32 heads; the issue's
+< 0.5 s, compare < 5 s. Beside the switches, Streamlit's own switch on that minimal page (a
+sidebar radio between two views of one figure, timed in the same rounds) and each switch's
+ratio to it: what a switch costs before the dashboard reads or draws anything. ``--shape qwen3-4b`` is Qwen3-4B's 36 layers x 32 heads; the issue's
 measurement is ``--shape qwen3-4b --checkpoints 200 --runs 6``.
 
 A checkpoint's drill-down files are the same bytes for every checkpoint of a run (hard
@@ -41,6 +43,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
@@ -204,15 +207,19 @@ def _wait_view(page, header: str, figure_text: str, figures: int) -> None:
     )
 
 
-# The floor: Streamlit's own page load, a header and one Plotly heat map, no data read.
+# The floor: Streamlit's own page load, a header and one Plotly heat map, no data read; and
+# Streamlit's own view switch: a sidebar radio between two such views (what any switch costs:
+# the script's rerun, the round trip and drawing one figure).
 FLOOR_APP = """
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
-st.header("Floor")
-st.plotly_chart(go.Figure(go.Heatmap(z=np.random.default_rng(0).random((8, 50)))))
+view = st.sidebar.radio("View", ["Floor", "Floor B"])
+st.header(view)
+st.plotly_chart(go.Figure(go.Heatmap(z=np.random.default_rng(0).random((8, 50))), layout=dict(title=view)))
 """
 FLOOR = "floor: bare Streamlit + 1 figure"
+FLOOR_SWITCH = "floor: a bare view switch"
 
 
 def _serve(cmd: list[str], env: dict) -> tuple[subprocess.Popen, str]:
@@ -246,7 +253,7 @@ def measure(root: Path, repeats: int) -> dict[str, list[float]]:
                                "true", "--browser.gatherUsageStats", "false"], env)
     times: dict[str, list[float]] = {"first render (alignment, cold)": [], "first render (new session)": [],
                                      FLOOR: [], "switch to Training": [],
-                                     "switch to Drill-down": [], "switch to Layer alignment": []}
+                                     "switch to Drill-down": [], "switch to Layer alignment": [], FLOOR_SWITCH: []}
     try:
         if not (wait_for_health(url, timeout_s=120) and wait_for_health(floor_url, timeout_s=120)):
             raise RuntimeError("dashboard did not start")
@@ -271,13 +278,22 @@ def measure(root: Path, repeats: int) -> dict[str, list[float]]:
                                         timeout=120_000, polling=20)
                 times[FLOOR].append(time.perf_counter() - start)
                 fresh.context.close()
-            for _ in range(repeats):
+            floor_page = browser.new_context(viewport={"width": 1500, "height": 1100}).new_page()
+            floor_page.goto(floor_url)
+            _wait_view(floor_page, "Floor", "Floor", 1)
+            for _ in range(repeats):  # the dashboard's switches, then the floor's, side by side
                 for view, text, n in (("Training", "reward", 1), ("Drill-down", "Logit lens", 3),
                                       ("Layer alignment", "tuned-lens direction", 2)):
                     start = time.perf_counter()
                     page.locator('[data-testid="stSidebar"] label').filter(has_text=view).first.click()
                     _wait_view(page, view, text, n)
                     times[f"switch to {view}"].append(time.perf_counter() - start)
+                for view in ("Floor B", "Floor"):
+                    start = time.perf_counter()
+                    floor_page.locator('[data-testid="stSidebar"] label').filter(
+                        has_text=re.compile(rf"^\s*{view}\s*$")).first.click()
+                    _wait_view(floor_page, view, view, 1)
+                    times[FLOOR_SWITCH].append(time.perf_counter() - start)
             browser.close()
         times["dashboard peak memory (MB)"] = [_peak_rss_mb(server.pid)]
     finally:
@@ -321,12 +337,20 @@ def measure_server(root: Path, repeats: int) -> dict[str, list[float]]:
     for _ in range(repeats):
         times["first render (new session)"].append(timed(fresh(), "first render (new session)", 2))
         times[FLOOR].append(timed(AppTest.from_string(FLOOR_APP, default_timeout=120), FLOOR, 1))
+    floor = AppTest.from_string(FLOOR_APP, default_timeout=120)
+    timed(floor, FLOOR, 1)
+    times[FLOOR_SWITCH] = []
     for _ in range(repeats):
         for view, n in (("Training", 1), ("Drill-down", 3), ("Layer alignment", 2)):
             page.radio(key="view").set_value(view)
             times[f"switch to {view}"].append(timed(page, f"switch to {view}", n))
             if page.query_params.get("view") not in (view, [view]):
                 raise RuntimeError(f"switch to {view}: the page shows {page.query_params.get('view')}")
+        for view in ("Floor B", "Floor"):
+            floor.sidebar.radio[0].set_value(view)
+            times[FLOOR_SWITCH].append(timed(floor, FLOOR_SWITCH, 1))
+            if floor.header[0].value != view:
+                raise RuntimeError(f"{FLOOR_SWITCH}: the page shows {floor.header[0].value}")
     times["server process peak memory (MB)"] = [peak_rss_mb()]
     return times
 
@@ -399,7 +423,7 @@ def run(args, root: Path, layers: int, heads: int, browser: bool) -> int:
     ok = True
     for name, values in times.items():
         warm = float(np.median(values[1:])) if len(values) > 1 else float(values[0])
-        if name == FLOOR or name.endswith("(MB)") or args.smoke:  # a smoke judges no target
+        if name in (FLOOR, FLOOR_SWITCH) or name.endswith("(MB)") or args.smoke:  # a smoke judges no target
             unit = "" if name.endswith("(MB)") else "s"
             print(f"{name:34s} {values[0]:6.2f}{unit} {warm:6.2f}{unit}")
             continue
@@ -412,6 +436,10 @@ def run(args, root: Path, layers: int, heads: int, browser: bool) -> int:
         verdict = "ok" if warm < target else "SLOW"
         ok &= warm < target
         print(f"{name:34s} {values[0]:6.2f}s {warm:6.2f}s {target:6.2f}s  {verdict}")
+    switch_floor = float(np.median(times[FLOOR_SWITCH]))
+    print("switch / floor switch: " + ", ".join(
+        f"{name.removeprefix('switch to ')} {float(np.median(values[1:] or values)) / switch_floor:.2f}"
+        for name, values in times.items() if name.startswith("switch to")))
     session = float(np.median(times["first render (new session)"]))
     print(f"(median over warm repeats; the first switch to a view reads its tables cold; first-render targets are "
           f"the floor + {TARGET_OVER_FLOOR_S:.0f} s{'; a smoke judges none' if args.smoke else ''})\n"

@@ -231,7 +231,8 @@ def test_bench_methods_smoke_trains_probes_and_summarises(smoke):
 
 
 DASHBOARD_MEASURES = ("first render (alignment, cold)", "first render (new session)", "floor: bare Streamlit + 1 figure",
-                      "switch to Training", "switch to Drill-down", "switch to Layer alignment", "oisd compare (all runs)")
+                      "switch to Training", "switch to Drill-down", "switch to Layer alignment", "floor: a bare view switch",
+                      "oisd compare (all runs)")
 
 
 @smoke_test("dashboard")
@@ -247,6 +248,9 @@ def test_bench_dashboard_smoke_measures_the_server_side(smoke):
     assert _numbers(memory.split(")")[-1])[0] > 0
     ratio = re.search(rf"new session / floor = ({NUMBER})", out)
     assert ratio and float(ratio.group(1)) > 0
+    switches = re.search(rf"switch / floor switch: Training ({NUMBER}), Drill-down ({NUMBER}), "
+                         rf"Layer alignment ({NUMBER})", out)
+    assert switches and all(float(x) > 0 for x in switches.groups())
     assert "SLOW" not in out  # a smoke judges no target
 
 
