@@ -77,14 +77,15 @@ def decimate(x: np.ndarray, y: np.ndarray, max_points: int = MAX_CURVE_POINTS) -
     if n <= max_points:
         return x, y
     edges = np.linspace(0, n, max(1, max_points // 2) + 1).astype(int)
-    keep = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        if hi <= lo:
-            continue
-        block = y[lo:hi]
-        a, b = lo + int(np.argmin(block)), lo + int(np.argmax(block))
-        keep.extend(sorted({a, b}))
-    index = np.asarray(keep)
+    bucket = np.searchsorted(edges, np.arange(n), side="right") - 1
+    starts = np.flatnonzero(np.diff(bucket, prepend=-1))  # first position of each non-empty bucket
+    ends = np.append(starts[1:], n) - 1
+    order = np.arange(n)
+    # Sorted by bucket, then value: a bucket's first entry is its minimum, its last its maximum
+    # (ties: the earliest step, as np.argmin and np.argmax take).
+    lowest = np.lexsort((order, y, bucket))[starts]
+    highest = np.lexsort((-order, y, bucket))[ends]
+    index = np.unique(np.concatenate([lowest, highest]))  # in step order
     return x[index], y[index]
 
 
@@ -99,6 +100,7 @@ def training_curves(tables: dict[str, pd.DataFrame], keys: list[str], smooth: in
     rows, cols = _grid(len(keys))
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=keys, horizontal_spacing=0.08,
                         vertical_spacing=min(0.12, 0.5 / max(rows, 1)))
+    traces, at_rows, at_cols = [], [], []
     for i, (name, table) in enumerate(tables.items()):
         colour = PALETTE[i % len(PALETTE)]
         for j, key in enumerate(keys):
@@ -108,11 +110,12 @@ def training_curves(tables: dict[str, pd.DataFrame], keys: list[str], smooth: in
             keep = series.notna()
             y = series[keep].rolling(smooth, min_periods=1).mean() if smooth > 1 else series[keep]
             x, y = decimate(table["step"][keep].to_numpy(), y.to_numpy())
-            fig.add_trace(
-                go.Scatter(x=x, y=y, mode="lines", name=name, legendgroup=name,
-                           showlegend=j == 0, line=dict(color=colour)),
-                row=j // cols + 1, col=j % cols + 1,
-            )
+            traces.append(go.Scatter(x=x, y=y, mode="lines", name=name, legendgroup=name,
+                                     showlegend=j == 0, line=dict(color=colour)))
+            at_rows.append(j // cols + 1)
+            at_cols.append(j % cols + 1)
+    if traces:  # one call: plotly validates the figure once, not once per trace
+        fig.add_traces(traces, rows=at_rows, cols=at_cols)
     fig.update_xaxes(title_text="step")
     fig.update_layout(height=max(320, 260 * rows), margin=dict(t=40, b=40, l=50, r=20), font=_FONT,
                       legend=dict(orientation="h", yanchor="bottom", y=1.02 + 0.02 * rows, x=0))

@@ -227,11 +227,20 @@ def make_app(monkeypatch):
 
 @pytest.fixture
 def downloads(monkeypatch):
-    """Bytes handed to ``st.download_button``, captured as (file_name, data) in order."""
+    """Bytes handed to ``st.download_button``, captured as (file_name, data) in order; a
+    deferred download (``data`` a callable, written on click) is written here as a click would."""
     import streamlit.testing.v1.app_test as app_test_module
+    from streamlit.runtime.media_file_manager import MediaFileManager
     from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
 
     captured: list[tuple[str | None, bytes]] = []
+    add_deferred = MediaFileManager.add_deferred
+
+    def recording_add_deferred(self, data_callable, mimetype, coordinates, file_name=None, **kwargs):
+        captured.append((file_name, data_callable()))
+        return add_deferred(self, data_callable, mimetype, coordinates, file_name=file_name, **kwargs)
+
+    monkeypatch.setattr(MediaFileManager, "add_deferred", recording_add_deferred)
 
     class Recording(MemoryMediaFileStorage):
         def load_and_get_id(self, path_or_data, mimetype, kind, filename=None):

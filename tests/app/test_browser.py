@@ -141,5 +141,13 @@ def test_runs_view_and_drilldown_render(dashboard, page, tmp_path):
     page.get_by_text("Weight drift:").first.wait_for(timeout=30_000)
     assert page.get_by_text("block 1 moved most").count() >= 1
 
+    # The table behind a view is written when its download button is clicked (deferred): the
+    # file that arrives holds the view's rows.
+    with page.expect_download(timeout=60_000) as download:
+        page.get_by_role("button", name="Download table (CSV)").first.click()
+    rows = Path(download.value.path()).read_text().splitlines()
+    assert rows[0].split(",")[:2] == ["run", "step"] and len(rows) > 1
+    assert download.value.suggested_filename == "alignment-lens_kl.csv"
+
     open_view(page, dashboard, view="Training", runs=["../grpo"])
     page.get_by_text("Refused run").first.wait_for(timeout=30_000)
