@@ -48,3 +48,24 @@ def test_gpu_check_smoke_measures_every_backend_and_method(tmp_path, cli_env):
     table = md.read_text()
     assert table in result.stdout  # the markdown is printed too
     assert table.count("| ok |") == 6 and "floor" in table and "`oisd probe`, one checkpoint, boot excluded" in table
+
+
+def test_gpu_check_probe_over_processes_runs_on_cpu(tmp_path, cli_env):
+    """The 2-process probe stage, which a GPU session runs only with 2 GPUs, rehearsed on CPU
+    (``--rank-sync-cpu``: 2 gloo processes): both probes ran, the checkpoints were shared out
+    (process 0 and 1 each analysed some) and the two analyses agree value for value."""
+    out = tmp_path / "gpu_check.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--smoke", "--rank-sync-cpu",
+         "--only", "probe_processes", "--out", str(out)],
+        check=False, cwd=tmp_path, env={**cli_env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    stage = json.loads(out.read_text())["probe_processes"]
+    assert stage["status"] == "ok", stage
+    assert stage["seconds_1proc"] > 0 and stage["seconds_2proc"] > 0
+    assert stage["speedup"] == pytest.approx(stage["seconds_1proc"] / stage["seconds_2proc"])
+    assert set(stage["made_by_1proc"].values()) == {0}
+    assert sorted(set(stage["made_by_2proc"].values())) == [0, 1] and len(stage["made_by_2proc"]) == 4
+    assert stage["max_abs_diff"] == 0.0
