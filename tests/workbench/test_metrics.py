@@ -73,7 +73,23 @@ def test_ranks_nll_entropy_top1_by_hand():
     expected_entropy = -sum(p * math.log(p) for p in p_layer)
     assert stats["entropy"].item() == pytest.approx(expected_entropy, abs=1e-6)
     assert stats["top1_agree"].item() == 0.0
-    assert stats["argmax"].item() == 1 and stats["argmax"].dtype == torch.long
+
+
+def test_top1_agree_is_argmax_equality_ties_included():
+    """top1_agree is computed without an argmax pass (counts against the final top-1's
+    score): it must still equal ``argmax p^l == argmax p^L``, first index on ties."""
+    uniform = _log([[0.25] * 4] * 2)
+    final = _log([[0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7]])  # top-1: token 0, token 3
+    stats = metrics.lens_position_stats(uniform, final, torch.tensor([0, 0]))
+    assert stats["top1_agree"].tolist() == [1.0, 0.0]  # a four-way tie: argmax is token 0
+    gen = torch.Generator().manual_seed(0)
+    # Logits on a coarse grid: many ties at the top, and rows where the top is unique.
+    logits = torch.randint(0, 6, (400, 9), generator=gen).float()
+    final = torch.randint(0, 6, (400, 9), generator=gen).float()
+    stats = metrics.lens_position_stats(logits.log_softmax(-1), final.log_softmax(-1), torch.zeros(400, dtype=torch.long))
+    expected = (logits.argmax(-1) == final.argmax(-1)).float()
+    assert 0 < expected.sum() < 400
+    assert torch.equal(stats["top1_agree"], expected)
 
 
 def test_ranks_ties_share_the_better_rank():
@@ -104,7 +120,7 @@ def test_prediction_depth_by_hand():
     )
     # pos0 every layer agrees -> 1; pos1 only layer 4 -> 4 (layer 2 agreeing does not
     # count, layer 3 breaks the run); pos2 layers 3..4 -> 3; pos3 layers 3..4 -> 3.
-    assert metrics.prediction_depth(argmax).tolist() == [1, 4, 3, 3]
+    assert metrics.prediction_depth(argmax == argmax[-1:]).tolist() == [1, 4, 3, 3]
 
 
 # --- attention ------------------------------------------------------------------

@@ -168,6 +168,36 @@ def test_chunk_size_does_not_change_results():
     _assert_same_result(one_at_a_time, all_at_once, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["logit", "affine"])
+def test_layers_read_out_together_give_the_same_metrics(monkeypatch, kind):
+    """Several layers' chunks go through one unembedding product (``readout_group``): the
+    same statistics as one product per layer and chunk, with fewer products."""
+    from workbench.measures import probing
+    from workbench.models.readout import AffineLens, LogitLens
+
+    inputs = _random_inputs(seed=3, n_layers=6)
+    g = torch.Generator().manual_seed(5)
+    norm, unembed = torch.nn.LayerNorm(8), torch.nn.Linear(8, 13, bias=False)
+    products = []
+    unembed.register_forward_hook(lambda module, args, out: products.append(out.shape[0]))
+    lens = LogitLens(norm, unembed)
+    if kind == "affine":
+        lens = AffineLens(lens, {layer: (torch.randn(8, 8, generator=g) * 0.3, torch.randn(8, generator=g))
+                                 for layer in (1, 3, 4)})
+    inputs.lens = lens
+    with torch.no_grad():
+        grouped = compute_probe_metrics(inputs, chunk_size=4, detail_prompts=[0])
+        n_grouped = len(products)
+        products.clear()
+        monkeypatch.setattr(probing, "readout_group", lambda rows: 1)
+        alone = compute_probe_metrics(inputs, chunk_size=4, detail_prompts=[0])
+    chunks = -(-int(inputs.mask.sum()) // 4)
+    assert len(products) == chunks * 5 and n_grouped == chunks  # 5 intermediate layers, one product per chunk
+    _assert_same_result(grouped, alone, atol=1e-6)
+    for a, b in zip(grouped.detail[0], alone.detail[0]):
+        pd.testing.assert_frame_equal(a, b, atol=1e-6, check_exact=False)
+
+
 def test_unscored_positions_are_ignored():
     inputs = _random_inputs(seed=1)
     before = compute_probe_metrics(inputs)

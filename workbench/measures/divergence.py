@@ -199,16 +199,20 @@ def log_softmax_and_probs(
     return logp, torch.exp(logp, out=p_out)
 
 
-def row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def row_dot(a: torch.Tensor, b: torch.Tensor, *, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_a a(..., a) b(..., a)``: ``(..., V), (..., V) -> (...)``; shapes must match.
 
-    ``torch.linalg.vecdot``: on CPU 4x faster than a batched matrix product
-    ``(n, 1, V) @ (n, V, 1)`` on chunk-sized rows (measured on ``(128, 32000)`` and
-    ``(27, 151936)``), at the price of one chunk-sized temporary.
+    The product, then the sum (what ``torch.linalg.vecdot`` does, to the same bits): on CPU
+    2-3x faster than a batched matrix product ``(n, 1, V) @ (n, V, 1)`` on chunk-sized rows.
+    Given ``scratch`` (``a``'s shape and dtype, overwritten; it may be ``a`` or ``b``
+    itself), the product is written there: a fresh chunk-sized temporary costs its page
+    faults, 1.85 against 1.29 ms on ``(27, 151936)``.
     """
     if a.shape != b.shape:
         raise ValueError(f"row_dot needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
-    return torch.linalg.vecdot(a, b)
+    if scratch is None:
+        return torch.linalg.vecdot(a, b)
+    return torch.mul(a, b, out=scratch).sum(-1)
 
 
 def sum_xlogx(p: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,7 +226,7 @@ def sum_xlogx(p: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tens
         ``(...)`` in nats, <= 0.
     """
     log_p = torch.clamp(p, min=_TINY, out=out).log_()
-    return row_dot(p, log_p)
+    return row_dot(p, log_p, scratch=None if out is None else log_p)
 
 
 def js_divergence_probs(

@@ -27,6 +27,8 @@ that no intermediate exceeds ``PAIR_BUDGET`` elements.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from scipy.optimize import linear_sum_assignment
 
@@ -144,7 +146,7 @@ class LensReference:
             scratch = logp_l.new_empty((2, *logp_l.shape))
         # sum p^l log p^l = -H(p^l) from the given logs (one pass, no log); rows with an
         # exact zero (0 * -inf = nan) take the 0 log 0 = 0 path.
-        x_l = row_dot(p_l, logp_l)  # (n,)
+        x_l = row_dot(p_l, logp_l, scratch=scratch[0])  # (n,)
         zero_rows = x_l.isnan()
         if bool(zero_rows.any()):
             x_l[zero_rows] = sum_xlogx(p_l[zero_rows])
@@ -152,7 +154,7 @@ class LensReference:
         # -inf of either log-prob makes 0 * -inf = nan: such rows (only possible with
         # exact zeros in the inputs, never for a finite-logit softmax) are recomputed
         # with the select-based definition, which gives 0 log 0 = 0 exactly.
-        kl = self.p_logp - row_dot(self.p, logp_l)
+        kl = self.p_logp - row_dot(self.p, logp_l, scratch=scratch[0])
         bad = kl.isnan()
         if bool(bad.any()):
             kl[bad] = kl_divergence(self.logp[bad], logp_l[bad])
@@ -164,17 +166,30 @@ class LensReference:
         # summing is several times faster than summing a bool tensor.
         scores = logp_l.gather(-1, torch.stack([self.argmax, self.targets], -1))  # (n, 2)
         ranks = torch.gt(logp_l.unsqueeze(0), scores.T.unsqueeze(-1), out=scratch).sum(-1)
-        argmax_l = logp_l.argmax(-1)  # (n,)
         return {
             "lens_kl": kl,
             "lens_js": js,
-            "top1_agree": (argmax_l == self.argmax).to(logp_l.dtype),
+            "top1_agree": self._top1_agree(logp_l, scores[:, 0], ranks[0], scratch[0]),
             "final_rank": ranks[0],
             "target_rank": ranks[1],
             "target_nll": -scores[:, 1],
             "entropy": -x_l,
-            "argmax": argmax_l,
         }
+
+    def _top1_agree(self, logp_l: torch.Tensor, score: torch.Tensor, rank: torch.Tensor,
+                    scratch: torch.Tensor) -> torch.Tensor:
+        """``1.0`` where ``argmax p^l == argmax p^L`` (the first maximal index, as ``argmax``
+        has it), without an argmax pass over ``(n, V)`` (on CPU one costs as much as four
+        other passes): they agree exactly when ``argmax p^L``'s log-prob ``score`` is the only
+        one at least as large (one comparison with the next float below it); a tie at the
+        top (``rank`` 0, more than one such token) is settled by ``argmax`` over those rows."""
+        below = torch.nextafter(score, score.new_tensor(-math.inf)).unsqueeze(-1)
+        at_least = torch.gt(logp_l, below, out=scratch).sum(-1)  # (n,) tokens >= score
+        agree = at_least == 1
+        tied = (rank == 0) & (at_least > 1)
+        if bool(tied.any()):
+            agree[tied] = logp_l[tied].argmax(-1) == self.argmax[tied]
+        return agree.to(logp_l.dtype)
 
     def final_stats(self, scratch: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """:meth:`compare` of the final layer with itself, without the passes whose
@@ -192,7 +207,6 @@ class LensReference:
             "target_rank": target_rank,
             "target_nll": -score.squeeze(-1),
             "entropy": -self.xlogx,
-            "argmax": self.argmax,
         }
 
 
@@ -218,7 +232,8 @@ def lens_position_stats(
         - ``target_rank``: rank of the target under ``p^l`` (same tie rule).
         - ``target_nll``: ``-log p^l(target)`` in nats.
         - ``entropy``: ``H(p^l)`` in nats.
-        - ``argmax``: ``argmax p^l`` (long), the input of :func:`prediction_depth`.
+
+    ``top1_agree`` over layers ``1..L`` is the input of :func:`prediction_depth`.
 
     To compare many layers against one final layer, build one :class:`LensReference`
     and call its ``compare`` per layer (what :mod:`workbench.measures.probing` does).
@@ -231,7 +246,7 @@ def lens_position_stats(
     return LensReference(logp_final, targets).compare(logp_l)
 
 
-def prediction_depth(argmax_by_layer: torch.Tensor) -> torch.Tensor:
+def prediction_depth(agree_by_layer: torch.Tensor) -> torch.Tensor:
     """Prediction depth per position: the smallest layer from which the top-1 token
     never changes again.
 
@@ -240,14 +255,15 @@ def prediction_depth(argmax_by_layer: torch.Tensor) -> torch.Tensor:
     every layer agrees.
 
     Args:
-        argmax_by_layer: ``(L, n)`` ``argmax p^l`` for layers ``1..L`` (row ``L-1`` is the
-            final layer).
+        agree_by_layer: ``(L, n)`` ``1[argmax p^l == argmax p^L]`` (bool or 0/1, the
+            ``top1_agree`` of :meth:`LensReference.compare`) for layers ``1..L``; row
+            ``L-1``, the final layer, agrees with itself.
 
     Returns:
         ``(n,)`` long depths in ``[1, L]``.
     """
-    n_layers = argmax_by_layer.shape[0]
-    agree = argmax_by_layer == argmax_by_layer[-1:]  # (L, n)
+    n_layers = agree_by_layer.shape[0]
+    agree = agree_by_layer.bool()  # (L, n)
     # Count the unbroken run of agreeing layers from the top: cumprod over the
     # reversed layer axis stays 1 until the first disagreement.
     trailing = agree.flip(0).long().cumprod(0).sum(0)  # (n,), >= 1 (layer L agrees with itself)

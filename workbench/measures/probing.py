@@ -8,13 +8,16 @@ after that is shared, so the two agree to float precision on the same checkpoint
 Memory: the logit lens needs a ``(positions, V)`` distribution per layer, which is
 large for real vocabularies. Scored positions are gathered first and processed in
 chunks of ``chunk_size`` positions (default: :func:`~workbench.models.readout.vocab_chunk_rows`), one
-layer at a time, keeping only running sums (and one argmax per layer and position
-for prediction depth). No ``(L, positions, V)`` tensor is ever built.
+layer at a time, keeping only running sums (and one top-1 agreement per layer and
+position for prediction depth). No ``(L, positions, V)`` tensor is ever built.
 
-Speed: the lens statistics are memory-bound passes over ``(chunk, V)``, and fresh
-``(chunk, V)`` allocations cost as much as the math, so one set of buffers is
-allocated per call and reused for every chunk and layer; the final layer's side of
-every statistic is computed once per chunk (:class:`metrics.LensReference`). The
+Speed: the read-out's matrix product is most of the time, and a chunk-sized one
+re-reads the whole unembedding for a few rows, so a few layers' chunks are read out in
+one product of about :data:`~workbench.models.readout.READOUT_ROWS` rows. The lens
+statistics are then memory-bound passes over ``(chunk, V)``, and fresh ``(chunk, V)``
+allocations cost as much as the math, so one set of buffers is allocated per call and
+reused for every chunk and layer; the final layer's side of every statistic is
+computed once per chunk (:class:`metrics.LensReference`). The
 attention metrics gather the scored query rows of all sequences at once and run
 each metric as one batched op per layer.
 
@@ -45,7 +48,7 @@ import torch
 
 from workbench.errors import ConfigError, DataError, WorkbenchError
 from workbench.measures import divergence, metrics
-from workbench.models.readout import vocab_chunk_rows
+from workbench.models.readout import read_out_layers, readout_group, vocab_chunk_rows
 from workbench.storage.schema import ATTN_COLUMNS, CELL_COLUMNS, METRIC_COLUMNS, TOPK_COLUMNS
 
 __all__ = [
@@ -267,6 +270,11 @@ def _iter_layer_stats(
     final_buf = new((2, width, vocab), dtype=torch.float32)  # log p^L, p^L
     layer_buf = new((2, width, vocab), dtype=torch.float32)  # log p^l, p^l
     scratch = new((2, width, vocab), dtype=torch.float32)
+    # Layers 1..L-1 read out a few at a time: one unembedding product of about
+    # READOUT_ROWS rows instead of one per chunk-sized slice (readout_group).
+    per_group = readout_group(width)
+    layers = list(range(1, inputs.n_layers))
+    groups = [layers[i : i + per_group] for i in range(0, len(layers), per_group)]
     for start in range(0, n, chunk_size):
         idx = flat_positions[start : start + chunk_size]
         c = idx.numel()
@@ -274,14 +282,18 @@ def _iter_layer_stats(
             final_flat[idx], temperature, out=(final_buf[0, :c], final_buf[1, :c])
         )
         reference = metrics.LensReference(logp_final, targets[start : start + c], p_final)
-        for layer in range(1, inputs.n_layers):
-            h = hidden_flat[layer - 1]  # a model spread over devices keeps each layer on its own
-            logits = inputs.lens(h[idx.to(h.device)].to(final_flat.device), layer)  # (c, V)
-            logp, p = divergence.log_softmax_and_probs(
-                logits, temperature, out=(layer_buf[0, :c], layer_buf[1, :c])
-            )
-            del logits  # free before the statistics' passes
-            yield start, layer, logp, reference.compare(logp, p, scratch=scratch[:, :c])
+        for group in groups:
+            # A model spread over devices keeps each layer's hidden states on its own device.
+            hs = [hidden_flat[layer - 1][idx.to(hidden_flat[layer - 1].device)].to(final_flat.device)
+                  for layer in group]
+            block = read_out_layers(inputs.lens, hs, group)  # (len(group) * c, V)
+            del hs
+            for j, layer in enumerate(group):
+                logp, p = divergence.log_softmax_and_probs(
+                    block[j * c : (j + 1) * c], temperature, out=(layer_buf[0, :c], layer_buf[1, :c])
+                )
+                yield start, layer, logp, reference.compare(logp, p, scratch=scratch[:, :c])
+            del block  # free before the next group's product
         # Layer L is the model's own output: never put through the norm again, and its
         # comparison with itself is known without the divergence passes.
         yield start, inputs.n_layers, logp_final, reference.final_stats(scratch[:, :c])
@@ -321,15 +333,15 @@ def _lens_metrics(
         name: torch.zeros(inputs.n_layers, dtype=acc_dtype, device=device)
         for name in LENS_STAT_NAMES
     }
-    argmax = torch.empty(inputs.n_layers, n, dtype=torch.long, device=device)  # (L, n)
+    agree = torch.empty(inputs.n_layers, n, dtype=torch.bool, device=device)  # (L, n)
     for start, layer, logp, stats in _iter_layer_stats(inputs, flat, targets, chunk_size, temperature):
-        argmax[layer - 1, start : start + stats["argmax"].numel()] = stats["argmax"]
+        agree[layer - 1, start : start + stats["top1_agree"].numel()] = stats["top1_agree"].bool()
         for name in LENS_STAT_NAMES:
             sums[name][layer - 1] += stats[name].to(acc_dtype).sum()
         for detail in details:
             detail.add(start, layer, logp, stats)
     lens = {name: (total / n).cpu().double().numpy() for name, total in sums.items()}
-    depth = metrics.prediction_depth(argmax).double().mean().item()
+    depth = metrics.prediction_depth(agree).double().mean().item()
     return lens, depth, n
 
 
@@ -552,7 +564,7 @@ class _Detail:
         self.hi = first_slot + self.positions.numel()
         self.topk_parts: list[pd.DataFrame] = []
         self.stat_parts: dict[int, dict[str, list[torch.Tensor]]] = {}
-        self.argmax = torch.empty(inputs.n_layers, self.positions.numel(), dtype=torch.long)
+        self.agree = torch.empty(inputs.n_layers, self.positions.numel(), dtype=torch.bool)
 
     @classmethod
     def of_batch(cls, inputs: ProbeInputs, prompt_index: int, top_k: int,
@@ -581,7 +593,7 @@ class _Detail:
                 }
             )
         )
-        self.argmax[layer - 1, a - self.lo : b - self.lo] = stats["argmax"][rows].cpu()
+        self.agree[layer - 1, a - self.lo : b - self.lo] = stats["top1_agree"][rows].bool().cpu()
         per_layer = self.stat_parts.setdefault(layer, {name: [] for name in LENS_STAT_NAMES})
         for name in LENS_STAT_NAMES:
             per_layer[name].append(stats[name][rows].cpu())
@@ -608,7 +620,7 @@ class _Detail:
                 parts = self.stat_parts.get(layer, {}).get(name)
                 values = torch.cat(parts) if parts else torch.zeros(0)
                 cell_parts.append((layer, name, values.double().numpy()))
-        cell_parts.append((0, "prediction_depth", metrics.prediction_depth(self.argmax).double().numpy()))
+        cell_parts.append((0, "prediction_depth", metrics.prediction_depth(self.agree).double().numpy()))
         cells = pd.DataFrame(
             {
                 "prompt": prompt_index,
