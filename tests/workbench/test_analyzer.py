@@ -330,6 +330,29 @@ def test_attention_table_keeps_top_k_keys_beyond_its_budget(tmp_path, tokenizer,
     assert info["attn_mass_kept"] == pytest.approx(float(kept.mean()), abs=2e-3) and info["attn_mass_kept"] < 1
 
 
+def test_streamed_attention_equals_the_held_patterns(tmp_path, tokenizer, records, monkeypatch):
+    """Patterns that fit ``HELD_PATTERN_BYTES`` are read from the one cached forward; beyond
+    it a second forward streams them layer by layer. Both give the same tables, value for
+    value, and the budget decides which path runs."""
+    from workbench.analysis import analyzer
+
+    model = _model(_configs(tokenizer)["qwen3"])
+    streams = []
+    real_stream = analyzer.stream_attention
+    monkeypatch.setattr(analyzer, "stream_attention", lambda *a, **k: streams.append(1) or real_stream(*a, **k))
+    tables = {}
+    for name, budget in [("held", analyzer.HELD_PATTERN_BYTES), ("streamed", 0)]:
+        monkeypatch.setattr(analyzer, "HELD_PATTERN_BYTES", budget)
+        run_dir = _make_run(tmp_path / name, tokenizer, records, {5: model})
+        probe_run(run_dir, progress=False, max_new_tokens=8, detail_prompts=2)
+        tables[name] = {kind: Run.open(run_dir).analysis(kind) for kind in ("metrics", "attn", "cells", "topk")}
+        assert len(streams) == (0 if name == "held" else 2)  # one second forward per split
+    for kind, held in tables["held"].items():
+        pd.testing.assert_frame_equal(held, tables["streamed"][kind])
+    attn = tables["held"]["metrics"]
+    assert attn[attn.metric == "attn_js_final"]["value"].max() > 1e-3  # the patterns differ by layer
+
+
 def test_probe_measures_weight_drift_from_the_start_model(tmp_path, tokenizer, records):
     """``oisd probe`` writes each checkpoint's drift from the run's start model; a block moved
     by hand is the one compare names, and the dashboard's alignment view draws it."""

@@ -91,6 +91,23 @@ ATTN_ROW_GROUP = 1 << 16
 # The read-out of the last block must reproduce the model's logits within this
 # tolerance (absolute, scaled by the logits' magnitude); half precisions round more.
 _READOUT_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+# Scored positions that check it: a read-out that is not ln_final + unembed (softcapping,
+# a bias, a scale) shows at every position, and a check over all of them cost 3.6 s of a
+# 15 s capture at Qwen3-0.6B's shape (16 prompts).
+_READOUT_CHECK_ROWS = 64
+#: Bytes of attention patterns (every layer's ``(N, H, T, T)``) a probe batch may hold from
+#: its one cached forward. Within it the attention metrics read them there; beyond it a
+#: second forward hands them over one layer at a time (:func:`stream_attention`), so that
+#: memory does not grow with depth x heads x length^2 (36 x 32 at 512 tokens would hold
+#: 9.7 GB for 8 prompts). The second forward cost 9 of 25 s per split at Qwen3-0.6B's
+#: shape, where 16 prompts' patterns are 117 MB.
+HELD_PATTERN_BYTES = 1 << 28
+
+
+def pattern_bytes(n_layers: int, n_heads: int, input_ids: torch.Tensor, dtype: torch.dtype) -> int:
+    """Bytes of every layer's attention patterns over the ``(N, T)`` batch ``input_ids``."""
+    n_seq, seq_len = input_ids.shape
+    return n_layers * n_seq * n_heads * seq_len * seq_len * torch.empty((), dtype=dtype).element_size()
 
 
 @dataclass
@@ -274,8 +291,9 @@ def bridge_probe_inputs(bridge, batch: dict[str, torch.Tensor], *, patterns: str
 
     resid = [cache[f"blocks.{i}.hook_resid_post"] for i in range(n_layers)]
     scored = batch["scored"]
-    reproduced = lens(resid[-1][scored], n_layers)  # (n, V), scored positions only
-    own = logits[scored]
+    rows = scored.reshape(-1).nonzero().squeeze(1)[:_READOUT_CHECK_ROWS]  # the first scored positions
+    reproduced = lens(resid[-1].reshape(-1, resid[-1].shape[-1])[rows], n_layers)  # (rows, V)
+    own = logits.reshape(-1, logits.shape[-1])[rows]
     scale = max(1.0, float(own.abs().max())) if own.numel() else 1.0
     error = float((reproduced.float() - own.float()).abs().max()) if own.numel() else 0.0
     if error > _READOUT_TOL.get(logits.dtype, 1e-4) * scale:
@@ -422,18 +440,20 @@ def probe_checkpoint(
         metric_frames += [count] if count is not None else []
         if batch is None:
             continue
+        # Every layer's attention pattern from the one cached forward when they fit
+        # HELD_PATTERN_BYTES; else only the last layer's, and a second forward streams the rest.
+        held = pattern_bytes(n_layers, bridge.cfg.n_heads, batch["input_ids"], bridge.cfg.dtype) <= HELD_PATTERN_BYTES
         with stage("capture"):
-            inputs = bridge_probe_inputs(bridge, batch, patterns="final")
+            inputs = bridge_probe_inputs(bridge, batch, patterns="all" if held else "final")
         if fit is not None:
             with stage("lens_fit"):
                 fit.add(inputs, inputs.final_hidden, batch["prompt_index"].tolist())
             scored_batches.append((split, batch))
         shown = range(min(detail_prompts, len(records))) if split == detail_split else range(0)
-        with stage("lens"):  # the lens metrics, and the drill-down's lens cells from the same read-outs
-            result = compute_probe_metrics(inputs, chunk_size=chunk_size, detail_prompts=shown, decode=decode)
         if len(shown):
             attn_top_k = attention_top_k(inputs, shown, ATTN_DETAIL_ROWS if attn_rows is None else attn_rows)
-        # The attention metrics and drill-down rows, one layer at a time (a second forward).
+        # The attention metrics and drill-down rows, one layer at a time (before the lens
+        # read-outs, so that held patterns are freed first).
         attention = AttentionMetrics(inputs.mask, inputs.attention_mask, inputs.final_attention)
 
         by_prompt: dict[int, list[pd.DataFrame]] = {prompt: [] for prompt in shown}
@@ -446,8 +466,15 @@ def probe_checkpoint(
                     top_k=attn_top_k, with_mass=True, first_layer=layer))
 
         with stage("attention"):
-            stream_attention(bridge, batch, on_layer)
+            if inputs.attentions is not None:
+                for layer, pattern in enumerate(inputs.attentions, start=1):
+                    on_layer(layer, pattern)
+                inputs.attentions = None
+            else:
+                stream_attention(bridge, batch, on_layer)
         attn_frames += [frame for prompt in shown for frame in by_prompt[prompt]]  # prompt, then layer order
+        with stage("lens"):  # the lens metrics, and the drill-down's lens cells from the same read-outs
+            result = compute_probe_metrics(inputs, chunk_size=chunk_size, detail_prompts=shown, decode=decode)
         result.set_attention(attention.result())
         metric_frames.append(result.to_frame(run, step, split, "analyzer"))
         for prompt in shown:
