@@ -163,7 +163,7 @@ def run_naive(bridge, batch):
     lens = {}
     for layer in range(n_layers):
         stats = wm.lens_position_stats(logp[layer].reshape(-1, vocab), final, targets)
-        lens[layer] = {k: wm.masked_mean(v.float(), mask) for k, v in stats.items() if k != "argmax"}
+        lens[layer] = {k: wm.masked_mean(v.float(), mask) for k, v in stats.items()}
     inputs = ProbeInputs(
         hidden=[cache[f"blocks.{i}.hook_resid_post"] for i in range(n_layers - 1)],
         final_logits=logits, lens=LogitLens.of_bridge(bridge),
@@ -356,11 +356,26 @@ def child_side(side: str, folder: Path, vocab: int) -> None:
 CAUSAL_STAGES = ("exit", "lens_fit", "lens_read", "patch")  # what --causal adds to a checkpoint's analysis
 
 
-def analyzer_against_floor(size: str, threads: int, smoke: bool = False, causal: bool = False) -> dict:
+def _mean_side(runs: list[dict]) -> dict:
+    """One side's rounds as one: mean seconds and stage seconds, the largest peaks."""
+    out = dict(runs[-1])
+    out["seconds"] = statistics.fmean(r["seconds"] for r in runs)
+    out["stages"] = {k: round(statistics.fmean(r["stages"].get(k, 0.0) for r in runs), 3) for k in runs[0]["stages"]}
+    for key in ("peak_rss_mb", "peak_above_model_mb"):
+        out[key] = max(r[key] for r in runs)
+    return out
+
+
+def analyzer_against_floor(size: str, threads: int, smoke: bool = False, causal: bool = False,
+                           rounds: int = 1) -> dict:
     """The analyzer's time on one checkpoint of ``size`` against the floor, each side in a fresh
     process: ``ratio_to_floor`` (probing, boot excluded, over the floor), the stage breakdown
-    and peak memory. ``smoke``: one process runs both sides and then every variant's memory
-    (``child_memory``, the peak reset before each), one after the other: ``variant_peak_mib``."""
+    and peak memory. ``rounds`` > 1 runs the two sides in turn, analyzer first then floor
+    first (ABBA...), so that a machine that speeds up or slows down during the measurement
+    moves both: the seconds and stages are the rounds' means, ``round_ratios`` each round's
+    own ratio (the spread). ``smoke``: one process runs both sides and then every variant's
+    memory (``child_memory``, the peak reset before each), one after the other:
+    ``variant_peak_mib``."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "model"
         vocab = save_model(size, folder)
@@ -370,18 +385,25 @@ def analyzer_against_floor(size: str, threads: int, smoke: bool = False, causal:
         sides, peaks = {}, {}
         common = ["--folder", str(folder), "--vocab", str(vocab), "--threads", str(threads),
                   "--n-prompts", str(N_PROMPTS)]
-        sides_run = (*FLOOR_SIDES, "causal") if causal else FLOOR_SIDES
-        runs = ([["--side", ",".join(sides_run), "--child", ",".join(VARIANTS), "--sizes", size]] if smoke
-                else [["--side", side] for side in sides_run])
+        if smoke:
+            sides_run = (*FLOOR_SIDES, "causal") if causal else FLOOR_SIDES
+            runs = [["--side", ",".join(sides_run), "--child", ",".join(VARIANTS), "--sizes", size]]
+        else:
+            order = [FLOOR_SIDES if i % 2 == 0 else FLOOR_SIDES[::-1] for i in range(max(1, rounds))]
+            runs = [["--side", side] for pair in order for side in pair] + ([["--side", "causal"]] if causal else [])
         for run in runs:
             for row in child_rows([*run, *common]):
                 if "side" in row:
-                    sides[row.pop("side")] = row
+                    sides.setdefault(row.pop("side"), []).append(row)
                 else:
                     peaks[row["variant"]] = row["peak_mib"]
+    probing_s = [a["seconds"] - a["stages"].get("write", 0.0) for a in sides["analyzer"]]
+    round_ratios = [round(a / f["seconds"], 3) for a, f in zip(probing_s, sides["floor"])]
+    sides = {side: _mean_side(runs_) for side, runs_ in sides.items()}
     analyzer, floor = sides["analyzer"], sides["floor"]
-    probing = analyzer["seconds"] - analyzer["stages"].get("write", 0.0)
-    return {"ratio_to_floor": probing / floor["seconds"], "analyzer_s": probing, "floor_s": floor["seconds"],
+    probing = statistics.fmean(probing_s)
+    return {"ratio_to_floor": probing / floor["seconds"], "round_ratios": round_ratios,
+            "analyzer_s": probing, "floor_s": floor["seconds"],
             "analyzer_stages": analyzer["stages"], "floor_stages": floor["stages"],
             "peak_rss_mb": analyzer["peak_rss_mb"], "peak_above_model_mb": analyzer["peak_above_model_mb"],
             "peak_growth_mb": analyzer.get("peak_growth_mb", {}),
@@ -413,6 +435,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="write the analyzer-against-floor figures here")
     parser.add_argument("--n-prompts", type=int, default=N_PROMPTS, help="probe prompts (of SEQ_LEN tokens)")
+    parser.add_argument("--floor-rounds", type=int, default=1,
+                        help="rounds of the analyzer against the floor, sides in turn (ABBA); means and each round's ratio")
     parser.add_argument("--causal", action="store_true",
                         help="also measure what early exit, the learned lens and patching add to a checkpoint")
     parser.add_argument("--smoke", action="store_true",
@@ -435,11 +459,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     floors = {}
     for size in args.sizes:
-        r = floors[size] = analyzer_against_floor(size, args.threads, smoke=args.smoke, causal=args.causal)
+        r = floors[size] = analyzer_against_floor(size, args.threads, smoke=args.smoke, causal=args.causal,
+                                                  rounds=args.floor_rounds)
         breakdown = ", ".join(f"{k} {v:.2f}" for k, v in r["analyzer_stages"].items())
         floor = ", ".join(f"{k} {v:.2f}" for k, v in r["floor_stages"].items())
         print(f"{size}: analyzer {r['analyzer_s']:.2f} s against floor {r['floor_s']:.2f} s = "
-              f"{r['ratio_to_floor']:.2f}x (target 1.3x); peak RSS {r['peak_rss_mb']:.0f} MB "
+              f"{r['ratio_to_floor']:.2f}x (target 1.3x; rounds {r['round_ratios']}); "
+              f"peak RSS {r['peak_rss_mb']:.0f} MB, floor's {r['floor_peak_rss_mb']:.0f} MB "
               f"(weights {r['weights_mb']:.0f} MB); stages: {breakdown}; floor: {floor}")
         growth = ", ".join(f"{k} {v:.0f}" for k, v in r["peak_growth_mb"].items())
         print(f"  peak resident memory raised by each stage (MB): {growth}")
