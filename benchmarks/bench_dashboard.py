@@ -191,17 +191,23 @@ def _free_port() -> int:
 
 
 def _wait_view(page, header: str, figure_text: str, figures: int) -> None:
-    """Until the main header is ``header`` and ``figures`` Plotly figures, one showing
-    ``figure_text``, are drawn and Streamlit is no longer running the script."""
+    """Until the main header is ``header``, Streamlit has finished running the script (the
+    app root's ``data-test-script-state``, what Streamlit's own browser tests wait on) and
+    ``figures`` Plotly figures, one showing ``figure_text``, are drawn.
+
+    (Until 2026-12-06 this read the status widget's text, which never says "Running" in
+    this Streamlit: a switch counted as done once its first figures were drawn, while the
+    script still ran, and the rest of that view, the alignment view's 650 KB drift figure,
+    was drawn inside the next switch's time.)"""
     page.wait_for_function(
         """([header, text, n]) => {
+            const app = document.querySelector('[data-testid="stApp"]');
+            if (!app || app.getAttribute('data-test-script-state') !== 'notRunning') return false;
             const h = document.querySelector('[data-testid="stMain"] h2');
             if (!h || h.innerText.trim() !== header) return false;
             const plots = [...document.querySelectorAll('.js-plotly-plot')].filter(p => p.querySelector('.main-svg'));
             if (plots.length < n) return false;
-            if (!plots.some(p => p.textContent.includes(text))) return false;
-            const status = document.querySelector('[data-testid="stStatusWidget"]');
-            return !status || !status.innerText.includes('Running');
+            return plots.some(p => p.textContent.includes(text));
         }""",
         arg=[header, figure_text, figures], timeout=120_000, polling=20,
     )
@@ -274,8 +280,7 @@ def measure(root: Path, repeats: int) -> dict[str, list[float]]:
                 fresh = browser.new_context(viewport={"width": 1500, "height": 1100}).new_page()
                 start = time.perf_counter()  # the floor, side by side with the session above
                 fresh.goto(floor_url)
-                fresh.wait_for_function("() => document.querySelector('.js-plotly-plot .main-svg')",
-                                        timeout=120_000, polling=20)
+                _wait_view(fresh, "Floor", "Floor", 1)  # waited on as the dashboard's page is
                 times[FLOOR].append(time.perf_counter() - start)
                 fresh.context.close()
             floor_page = browser.new_context(viewport={"width": 1500, "height": 1100}).new_page()
