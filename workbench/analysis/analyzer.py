@@ -107,7 +107,7 @@ HELD_PATTERN_BYTES = 1 << 28
 def pattern_bytes(n_layers: int, n_heads: int, input_ids: torch.Tensor, dtype: torch.dtype) -> int:
     """Bytes of every layer's attention patterns over the ``(N, T)`` batch ``input_ids``."""
     n_seq, seq_len = input_ids.shape
-    return n_layers * n_seq * n_heads * seq_len * seq_len * torch.empty((), dtype=dtype).element_size()
+    return n_layers * n_seq * n_heads * seq_len * seq_len * dtype.itemsize
 
 
 @dataclass
