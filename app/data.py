@@ -14,6 +14,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import pandas as pd
 import streamlit as st
@@ -211,14 +212,20 @@ def metric_steps(run: Run, source: str) -> list[int]:
     return _metric_steps(str(run.path), source, _source_key(run, source))[0]
 
 
-def available_sources(run: Run) -> list[str]:
-    """The metric sources a run has files for (without reading the tables)."""
-    found = []
+@st.cache_data(show_spinner=False, max_entries=64)
+def _available_sources(path: str, file_key: tuple) -> list[str]:
+    run, found = Run(Path(path), {}), []
     if run.has_probes():
         found.append("probe")
     if run.metric_files("analyzer"):  # a folder listing, no footer read
         found.append("analyzer")
     return found
+
+
+def available_sources(run: Run) -> list[str]:
+    """The metric sources a run has files for (without reading the tables; the folders are
+    listed again only when one of them gained or lost a file)."""
+    return _available_sources(str(run.path), (*_source_key(run, "probe"), *_source_key(run, "analyzer")))
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -343,6 +350,49 @@ def checkpoint_steps(run: Run) -> tuple[list[int], list[str]]:
 
 
 # ---------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------
+
+
+def metrics_key(run: Run) -> tuple:
+    """What a figure drawn from the run's training metrics depends on."""
+    return (str(run.path), signature(run.paths.metrics))
+
+
+def source_key(run: Run, source: str) -> tuple:
+    """What a figure drawn from one metric source of the run depends on."""
+    return (str(run.path), source, *_source_key(run, source))
+
+
+def analysis_key(run: Run) -> tuple:
+    """What a figure drawn from the run's per-checkpoint analysis tables depends on."""
+    return (str(run.path), signature(run.paths.analysis))
+
+
+def detail_key(run: Run, step: int, kind: str) -> tuple:
+    """What a figure drawn from one checkpoint's detail table of ``kind`` depends on."""
+    return (str(run.path), int(step), kind, signature(run.analysis_path(int(step), kind)))
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def _figure(what: str, key: tuple, _build: Callable[[], Any]) -> Any:
+    return _build()
+
+
+def cached_figure(what: str, key: tuple, build: Callable[[], Any]) -> Any:
+    """The figure ``build()`` returns, built once per ``(what, key)`` and shared by every session.
+
+    ``key`` holds the figure's parameters and the keys of the files its rows come from
+    (:func:`metrics_key`, :func:`source_key`, :func:`analysis_key`, :func:`detail_key`), so a
+    file that changes (a live run's new step, a new checkpoint's analysis) builds it again.
+    Building a figure costs 0.05-0.15 s (plotly validates every property); a view that draws one
+    it drew before costs only its serialization. The figure is never modified:
+    ``st.plotly_chart`` serializes a copy.
+    """
+    return _figure(what, key, build)
+
+
+# ---------------------------------------------------------------------------
 # Summaries
 # ---------------------------------------------------------------------------
 
@@ -370,13 +420,14 @@ def runs_table_row(name: str, run: Run) -> dict:
 
 
 def clear_caches() -> None:
-    """Drop every cached table (tests call this between runs of the app)."""
+    """Drop every cached table and figure (tests call this between runs of the app)."""
     st.cache_data.clear()
+    _figure.clear()
 
 
 __all__ = [
-    "METRIC_COLUMNS", "RunListing", "SOURCES", "analysed_steps", "analysis_table", "available_sources",
-    "checkpoint_steps", "clear_caches", "detail", "detail_prompts", "metric_catalog", "metric_rows",
-    "metric_steps", "metrics",
-    "probe_set", "resolve_run", "runs_table_row", "scan_root", "signature",
+    "METRIC_COLUMNS", "RunListing", "SOURCES", "analysed_steps", "analysis_key", "analysis_table",
+    "available_sources", "cached_figure", "checkpoint_steps", "clear_caches", "detail", "detail_key",
+    "detail_prompts", "metric_catalog", "metric_rows", "metric_steps", "metrics", "metrics_key",
+    "probe_set", "resolve_run", "runs_table_row", "scan_root", "signature", "source_key",
 ]

@@ -1,6 +1,7 @@
 """The view's state in the URL, so that a link reopens the same view.
 
-The URL keys are ``view, runs, metric, step, prompt, layer`` (plus ``source``).
+The URL keys are ``view, runs, metric, step, prompt, layer`` (plus ``source``, and the
+section a view shows: ``alignment_show``, ``drilldown_show``).
 On a session's first run the query parameters become the widgets' initial values;
 after each run the widgets' values are written back with ``st.query_params``.
 Values from a URL are matched against the options a widget offers, so a stale or
@@ -18,7 +19,7 @@ import streamlit as st
 
 from workbench.storage.runstore import Run
 
-URL_KEYS = ("view", "runs", "metric", "step", "prompt", "layer", "source")
+URL_KEYS = ("view", "runs", "metric", "step", "prompt", "layer", "source", "alignment_show", "drilldown_show")
 _PENDING = "_url_pending"
 
 
@@ -120,11 +121,14 @@ def write_url(ctx: ViewContext, view: str) -> None:
         st.query_params.from_dict(params)
 
 
-def download_csv(table: pd.DataFrame, file_name: str, label: str = "Download table (CSV)",
-                 key: str | None = None) -> None:
+def download_csv(table: pd.DataFrame | Callable[[], pd.DataFrame], file_name: str,
+                 label: str = "Download table (CSV)", key: str | None = None) -> None:
     """A download button for the table behind a view (its exact rows, as CSV), written when
     the button is clicked: a view's table can be megabytes (the training view's 6 runs x 2,000
-    steps x 8 curves: 3 MB, 0.25 s to write), which every rerun would otherwise pay."""
-    st.download_button(label, data=lambda: table.to_csv(index=False).encode("utf-8"), file_name=file_name,
-                       mime="text/csv", key=key or f"download-{file_name}", disabled=table.empty,
-                       on_click="ignore")
+    steps x 8 curves: 3 MB, 0.25 s to write), which every rerun would otherwise pay.
+
+    ``table`` may be a function that builds it, so that building it too waits for the click."""
+    build = table if callable(table) else (lambda: table)
+    empty = isinstance(table, pd.DataFrame) and table.empty
+    st.download_button(label, data=lambda: build().to_csv(index=False).encode("utf-8"), file_name=file_name,
+                       mime="text/csv", key=key or f"download-{file_name}", disabled=empty, on_click="ignore")

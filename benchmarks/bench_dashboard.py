@@ -11,7 +11,10 @@ free port, and times in the browser:
   layer-alignment view of every run until its heat maps are drawn, then the same
   page in new browser sessions on the running server;
 - view switch: clicking another view in the sidebar until its figures are drawn
-  (training curves, then the drill-down, then back to layer alignment, warm).
+  (training curves, then the drill-down, then back to layer alignment, warm);
+- section switch: inside the drill-down and layer-alignment views, clicking the section drawn
+  on demand (attention maps, weight drift) and back, until its figures are drawn (each view
+  draws one section at a time, so these are what the rest of a view costs).
 
 - ``oisd compare`` over every run of the root (a fresh process, wall time);
 - the dashboard server's peak resident memory (``VmHWM``) after all of the above.
@@ -225,6 +228,15 @@ st.header(view)
 st.plotly_chart(go.Figure(go.Heatmap(z=np.random.default_rng(0).random((8, 50))), layout=dict(title=view)))
 """
 FLOOR = "floor: bare Streamlit + 1 figure"
+# The views switched between, each as it opens (its first section): header, a text one of its
+# figures shows, how many figures it draws.
+VIEWS = (("Training", "reward", 1), ("Drill-down", "Logit lens", 1), ("Layer alignment", "tuned-lens direction", 1))
+# Sections drawn on demand inside a view (a radio in the main area), timed like a switch:
+# (view, section label, text one of its figures shows, figures, URL key of the radio).
+SECTIONS = (("Drill-down", "Attention maps", "Final layer", 4, "drilldown_show"),
+            ("Drill-down", "Logit lens", "Logit lens", 1, "drilldown_show"),
+            ("Layer alignment", "Weight drift", "Weight drift", 1, "alignment_show"),
+            ("Layer alignment", "Heat maps", "tuned-lens direction", 1, "alignment_show"))
 FLOOR_SWITCH = "floor: a bare view switch"
 
 
@@ -258,8 +270,8 @@ def measure(root: Path, repeats: int) -> dict[str, list[float]]:
     floor, floor_url = _serve([sys.executable, "-m", "streamlit", "run", str(floor_app), "--server.headless",
                                "true", "--browser.gatherUsageStats", "false"], env)
     times: dict[str, list[float]] = {"first render (alignment, cold)": [], "first render (new session)": [],
-                                     FLOOR: [], "switch to Training": [],
-                                     "switch to Drill-down": [], "switch to Layer alignment": [], FLOOR_SWITCH: []}
+                                     FLOOR: [], **{f"switch to {v}": [] for v, _, _ in VIEWS},
+                                     **{f"section: {v} > {s}": [] for v, s, *_ in SECTIONS}, FLOOR_SWITCH: []}
     try:
         if not (wait_for_health(url, timeout_s=120) and wait_for_health(floor_url, timeout_s=120)):
             raise RuntimeError("dashboard did not start")
@@ -268,13 +280,13 @@ def measure(root: Path, repeats: int) -> dict[str, list[float]]:
             page = browser.new_context(viewport={"width": 1500, "height": 1100}).new_page()
             start = time.perf_counter()
             page.goto(f"{url}/?{query}")
-            _wait_view(page, "Layer alignment", "tuned-lens direction", 2)
+            _wait_view(page, "Layer alignment", "tuned-lens direction", 1)
             times["first render (alignment, cold)"].append(time.perf_counter() - start)
             for _ in range(repeats):  # a new browser session on the running server
                 fresh = browser.new_context(viewport={"width": 1500, "height": 1100}).new_page()
                 start = time.perf_counter()
                 fresh.goto(f"{url}/?{query}")
-                _wait_view(fresh, "Layer alignment", "tuned-lens direction", 2)
+                _wait_view(fresh, "Layer alignment", "tuned-lens direction", 1)
                 times["first render (new session)"].append(time.perf_counter() - start)
                 fresh.context.close()
                 fresh = browser.new_context(viewport={"width": 1500, "height": 1100}).new_page()
@@ -287,12 +299,17 @@ def measure(root: Path, repeats: int) -> dict[str, list[float]]:
             floor_page.goto(floor_url)
             _wait_view(floor_page, "Floor", "Floor", 1)
             for _ in range(repeats):  # the dashboard's switches, then the floor's, side by side
-                for view, text, n in (("Training", "reward", 1), ("Drill-down", "Logit lens", 3),
-                                      ("Layer alignment", "tuned-lens direction", 2)):
+                for view, text, n in VIEWS:
                     start = time.perf_counter()
                     page.locator('[data-testid="stSidebar"] label').filter(has_text=view).first.click()
                     _wait_view(page, view, text, n)
                     times[f"switch to {view}"].append(time.perf_counter() - start)
+                    for _, section, text_s, n_s, _ in (s for s in SECTIONS if s[0] == view):
+                        start = time.perf_counter()
+                        page.locator('[data-testid="stMain"] label').filter(
+                            has_text=re.compile(rf"^\s*{section}\s*$")).first.click()
+                        _wait_view(page, view, text_s, n_s)
+                        times[f"section: {view} > {section}"].append(time.perf_counter() - start)
                 for view in ("Floor B", "Floor"):
                     start = time.perf_counter()
                     floor_page.locator('[data-testid="stSidebar"] label').filter(
@@ -335,22 +352,25 @@ def measure_server(root: Path, repeats: int) -> dict[str, list[float]]:
         return seconds
 
     times: dict[str, list[float]] = {"first render (alignment, cold)": [], "first render (new session)": [],
-                                     FLOOR: [], "switch to Training": [],
-                                     "switch to Drill-down": [], "switch to Layer alignment": []}
+                                     FLOOR: [], **{f"switch to {v}": [] for v, _, _ in VIEWS},
+                                     **{f"section: {v} > {s}": [] for v, s, *_ in SECTIONS}}
     page = fresh()
-    times["first render (alignment, cold)"].append(timed(page, "first render", 2))
+    times["first render (alignment, cold)"].append(timed(page, "first render", 1))
     for _ in range(repeats):
-        times["first render (new session)"].append(timed(fresh(), "first render (new session)", 2))
+        times["first render (new session)"].append(timed(fresh(), "first render (new session)", 1))
         times[FLOOR].append(timed(AppTest.from_string(FLOOR_APP, default_timeout=120), FLOOR, 1))
     floor = AppTest.from_string(FLOOR_APP, default_timeout=120)
     timed(floor, FLOOR, 1)
     times[FLOOR_SWITCH] = []
     for _ in range(repeats):
-        for view, n in (("Training", 1), ("Drill-down", 3), ("Layer alignment", 2)):
+        for view, _, n in VIEWS:
             page.radio(key="view").set_value(view)
             times[f"switch to {view}"].append(timed(page, f"switch to {view}", n))
             if page.query_params.get("view") not in (view, [view]):
                 raise RuntimeError(f"switch to {view}: the page shows {page.query_params.get('view')}")
+            for _, section, _, n_s, key in (s for s in SECTIONS if s[0] == view):
+                page.radio(key=key).set_value(section)
+                times[f"section: {view} > {section}"].append(timed(page, f"section {section}", n_s))
         for view in ("Floor B", "Floor"):
             floor.sidebar.radio[0].set_value(view)
             times[FLOOR_SWITCH].append(timed(floor, FLOOR_SWITCH, 1))
@@ -424,13 +444,13 @@ def run(args, root: Path, layers: int, heads: int, browser: bool) -> int:
     where = "headless Chromium" if browser else "server side only (Streamlit AppTest, no browser)"
     print(f"{'smoke, ' if args.smoke else ''}{where}: {args.runs} runs x {args.checkpoints} checkpoints, "
           f"{layers} layers x {heads} heads")
-    print(f"{'measure':34s} {'first':>7s} {'median':>7s} {'target':>7s}")
+    print(f"{'measure':42s} {'first':>7s} {'median':>7s} {'target':>7s}")
     ok = True
     for name, values in times.items():
         warm = float(np.median(values[1:])) if len(values) > 1 else float(values[0])
         if name in (FLOOR, FLOOR_SWITCH) or name.endswith("(MB)") or args.smoke:  # a smoke judges no target
             unit = "" if name.endswith("(MB)") else "s"
-            print(f"{name:34s} {values[0]:6.2f}{unit} {warm:6.2f}{unit}")
+            print(f"{name:42s} {values[0]:6.2f}{unit} {warm:6.2f}{unit}")
             continue
         if name.startswith("first"):
             target = floor + TARGET_OVER_FLOOR_S
@@ -440,11 +460,12 @@ def run(args, root: Path, layers: int, heads: int, browser: bool) -> int:
             target = TARGET_SWITCH_S
         verdict = "ok" if warm < target else "SLOW"
         ok &= warm < target
-        print(f"{name:34s} {values[0]:6.2f}s {warm:6.2f}s {target:6.2f}s  {verdict}")
+        print(f"{name:42s} {values[0]:6.2f}s {warm:6.2f}s {target:6.2f}s  {verdict}")
     switch_floor = float(np.median(times[FLOOR_SWITCH]))
     print("switch / floor switch: " + ", ".join(
-        f"{name.removeprefix('switch to ')} {float(np.median(values[1:] or values)) / switch_floor:.2f}"
-        for name, values in times.items() if name.startswith("switch to")))
+        f"{name.removeprefix('switch to ').removeprefix('section: ')} "
+        f"{float(np.median(values[1:] or values)) / switch_floor:.2f}"
+        for name, values in times.items() if name.startswith(("switch to", "section: "))))
     session = float(np.median(times["first render (new session)"]))
     print(f"(median over warm repeats; the first switch to a view reads its tables cold; first-render targets are "
           f"the floor + {TARGET_OVER_FLOOR_S:.0f} s{'; a smoke judges none' if args.smoke else ''})\n"

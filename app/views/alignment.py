@@ -14,6 +14,10 @@ from workbench.storage.schema import METRIC_INFO, N_SAMPLES, OUTCOME_SPLITS
 PAIRWISE = {"attn_js", "attn_head_match", "attn_head_identity"}  # shown in the attention view
 # A pseudo split: the metric on sampled completions the verifier accepts minus those it rejects.
 GAP = "gap: sampled_correct - sampled_wrong"
+# The view's sections, one drawn at a time (the URL's ``alignment_show``).
+HEATMAPS, DIFFERENCE, PROFILES, DRIFT = ("Heat maps", "Difference of two runs", "Per-layer curves at one checkpoint",
+                                         "Weight drift")
+SECTIONS = [HEATMAPS, DIFFERENCE, PROFILES, DRIFT]
 
 
 def per_layer_rows(table: pd.DataFrame, metric: str, split: str | None) -> pd.DataFrame:
@@ -46,7 +50,8 @@ def _default_pair(names: list[str], baseline: dict[str, bool]) -> tuple[str, str
 
 
 def render(ctx: ViewContext) -> None:
-    """Draw heat maps of the chosen metric for the selected runs, and A minus B."""
+    """Draw one section: heat maps of the chosen metric for the selected runs, A minus B, the
+    per-layer curves at one checkpoint, or where training changed the weights."""
     st.header("Layer alignment")
     if not ctx.runs:
         st.info("Select one or more runs in the sidebar.")
@@ -89,6 +94,12 @@ def render(ctx: ViewContext) -> None:
         st.caption("Layers 1..L (L = final layer); one column per checkpoint with probes. "
                    "All runs share one colour scale.")
 
+    # One section at a time: the browser draws only the figure the user looks at (six runs'
+    # heat maps, their drift maps and the per-layer curves together cost seconds to draw).
+    show = select(ctx, "Show", SECTIONS, "alignment_show", widget="radio", horizontal=True)
+    if show == DRIFT:
+        _weight_drift(ctx)
+        return
     wanted = list(OUTCOME_SPLITS) if split == GAP else [split]
     rows = {}
     for name in catalogs:
@@ -101,24 +112,37 @@ def render(ctx: ViewContext) -> None:
     if not rows:
         st.info(f"No {metric} rows in the selected runs.")
         return
+    download_csv(lambda: pd.concat(rows.values(), ignore_index=True), f"alignment-{metric}.csv")
     per_step_only = all(set(r["layer"].unique()) <= {0} for r in rows.values())
     if per_step_only:  # e.g. prediction_depth: one value per checkpoint, not per layer
         st.plotly_chart(figures.step_lines(rows, metric), key="alignment_lines")
-    else:
-        matrices = {name: figures.layer_step_matrix(r[r["layer"] >= 1]) for name, r in rows.items()}
-        st.plotly_chart(figures.layer_checkpoint_heatmaps(matrices, metric), key="alignment_heatmaps")
-        if len(matrices) >= 2:
-            st.subheader("Difference between two runs")
-            names = list(matrices)
-            default_a, default_b = _default_pair(names, {n: ctx.runs[n].is_baseline for n in names})
-            col_a, col_b = st.columns(2)
-            a = select(None, "Run A", names, "diff_a", container=col_a, default=default_a)
-            b = select(None, "minus run B", names, "diff_b", container=col_b, default=default_b)
-            st.plotly_chart(figures.difference_heatmap(matrices[a], matrices[b], a, b, metric),
-                            key="alignment_difference")
+        return
+    if show == PROFILES:
         _profiles_at_one_checkpoint(rows, metric)
-    download_csv(pd.concat(rows.values(), ignore_index=True), f"alignment-{metric}.csv")
-    _weight_drift(ctx)
+        return
+    def matrices() -> dict[str, pd.DataFrame]:
+        return {name: figures.layer_step_matrix(r[r["layer"] >= 1]) for name, r in rows.items()}
+
+    # Everything the figures depend on: the rows' files and the choices above.
+    key = (tuple(data.source_key(ctx.runs[n], source) for n in rows), metric, split)
+    if show == HEATMAPS:
+        st.plotly_chart(data.cached_figure("alignment_heatmaps", key,
+                                           lambda: figures.layer_checkpoint_heatmaps(matrices(), metric)),
+                        key="alignment_heatmaps")
+        return
+    if len(rows) < 2:
+        st.info("Select a second run with these rows to see the difference between two runs.")
+        return
+    names = list(rows)
+    default_a, default_b = _default_pair(names, {n: ctx.runs[n].is_baseline for n in names})
+    col_a, col_b = st.columns(2)
+    a = select(None, "Run A", names, "diff_a", container=col_a, default=default_a)
+    b = select(None, "minus run B", names, "diff_b", container=col_b, default=default_b)
+    def difference():
+        both = {n: figures.layer_step_matrix(rows[n][rows[n]["layer"] >= 1]) for n in (a, b)}
+        return figures.difference_heatmap(both[a], both[b], a, b, metric)
+
+    st.plotly_chart(data.cached_figure("alignment_difference", (key, a, b), difference), key="alignment_difference")
 
 
 def _weight_drift(ctx: ViewContext) -> None:
@@ -127,10 +151,12 @@ def _weight_drift(ctx: ViewContext) -> None:
     drifts = {name: data.drift_table(run) for name, run in ctx.runs.items()}
     drifts = {name: d for name, d in drifts.items() if len(d)}
     if not drifts:
+        st.info("None of the selected runs has weight drift yet (`oisd probe` measures it from the checkpoints).")
         return
     st.subheader("Where training changed the weights")
-    matrices = {name: figures.drift_matrix(d) for name, d in drifts.items()}
-    st.plotly_chart(figures.drift_heatmaps(matrices), key="alignment_drift")
+    figure = data.cached_figure("alignment_drift", tuple(data.analysis_key(ctx.runs[n]) for n in drifts),
+                                lambda: figures.drift_heatmaps({n: figures.drift_matrix(d) for n, d in drifts.items()}))
+    st.plotly_chart(figure, key="alignment_drift")
     notes = []
     for name, d in drifts.items():
         s = drift_summary(d)
@@ -138,6 +164,7 @@ def _weight_drift(ctx: ViewContext) -> None:
             notes.append(f"`{name}` at step {s['step']}: block {s['block']} moved most "
                          f"({s['rel_change']:.3g}); {s['changed_bf16']:.0%} of the parameters changed at bf16 resolution")
     st.caption("  \n".join(notes))
+    download_csv(pd.concat(drifts.values(), ignore_index=True), "drift.csv")
 
 
 def _profiles_at_one_checkpoint(rows: dict[str, pd.DataFrame], metric: str) -> None:
@@ -145,7 +172,6 @@ def _profiles_at_one_checkpoint(rows: dict[str, pd.DataFrame], metric: str) -> N
     steps = sorted(set().union(*(set(r["step"].astype(int)) for r in rows.values())))
     if not steps:
         return
-    st.subheader("Per-layer curves at one checkpoint")
     step = select(None, "Checkpoint step", steps, "alignment_profile_step", default=steps[-1])
     at_step = {name: r[(r["step"] == step) & (r["layer"] >= 1)] for name, r in rows.items()}
     at_step = {name: r for name, r in at_step.items() if len(r)}

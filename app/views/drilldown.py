@@ -8,6 +8,10 @@ import streamlit as st
 from app import data, figures
 from app.state import ViewContext, download_csv, select
 
+# The view's sections, one drawn at a time (the URL's ``drilldown_show``).
+LENS, ATTENTION, SIDE_BY_SIDE = "Logit lens", "Attention maps", "Side by side: two checkpoints or models"
+SECTIONS = [LENS, ATTENTION, SIDE_BY_SIDE]
+
 
 def head_rows(attn: pd.DataFrame, layer: int, head: int) -> pd.DataFrame:
     """Attention rows of one layer for one head, or the mean over heads (``head = -1``).
@@ -52,7 +56,8 @@ def _prompt_label(records: list[dict], prompt: int) -> str:
 
 
 def render(ctx: ViewContext) -> None:
-    """Draw the logit-lens grid and attention maps of one prompt at one checkpoint."""
+    """Draw one section for one prompt at one checkpoint: its logit-lens grid, its attention
+    maps, or its lens grid beside another checkpoint's or model's."""
     st.header("Drill-down")
     if not ctx.runs:
         st.info("Select one or more runs in the sidebar.")
@@ -76,6 +81,12 @@ def render(ctx: ViewContext) -> None:
         record = records[prompt]
         st.markdown(f"**Prompt** `{record.get('prompt', '')}` \u2192 **reference** `{record.get('reference', '')}`")
 
+    # One section at a time: the browser draws only what the user looks at (the lens grid,
+    # four attention maps and three more grids together took two seconds to draw).
+    show = select(ctx, "Show", SECTIONS, "drilldown_show", widget="radio", horizontal=True)
+    if show == ATTENTION:
+        _attention_maps(ctx, name, run, steps, step, prompt)
+        return
     topk, topk_messages = data.detail(run, step, "topk", prompt)
     cells, cell_messages = data.detail(run, step, "cells", prompt)
     for message in topk_messages + cell_messages:
@@ -83,20 +94,31 @@ def render(ctx: ViewContext) -> None:
     lens_metrics = sorted(set(cells.loc[cells["layer"] >= 1, "metric"])) if len(cells) else []
     metric = select(ctx, "Colour by", ["top-1 prob", *lens_metrics], "metric",
                     default="lens_kl" if "lens_kl" in lens_metrics else "top-1 prob")
+    if show == SIDE_BY_SIDE:
+        _side_by_side(ctx, name, run, step, prompt, records, metric, topk, cells)
+        return
     if len(topk):
-        st.plotly_chart(figures.lens_grid(topk, cells, None if metric == "top-1 prob" else metric),
+        colour = None if metric == "top-1 prob" else metric
+        key = (data.detail_key(run, step, "topk"), data.detail_key(run, step, "cells"), prompt, colour)
+        st.plotly_chart(data.cached_figure("lens_grid", key, lambda: figures.lens_grid(topk, cells, colour)),
                         key="drilldown_grid")
         if metric != "top-1 prob":
             st.caption(f"{figures.metric_label(metric)}; {figures.metric_direction(metric)}. "
                        "Hover a cell for the top-k tokens with their probabilities.")
     else:
         st.info("No top-k table for this prompt.")
+    left, right = st.columns(2)
+    with left:
+        download_csv(topk, f"logit-{name}-step{step}-prompt{prompt}.csv", label="Download the top-k table (CSV)")
+    with right:
+        download_csv(cells, f"cells-{name}-step{step}-prompt{prompt}.csv", label="Download the cells table (CSV)")
 
-    st.subheader("Attention maps")
+
+def _attention_maps(ctx: ViewContext, name: str, run, steps: list[int], step: int, prompt: int) -> None:
+    """One layer's attention map beside the final layer's, and the same layer at another step."""
     shape = data.attention_shape(run, step, prompt)
     if shape is None:
         st.info(f"No attention detail at step {step}.")
-        download_csv(topk, f"lens-{name}-step{step}-prompt{prompt}.csv")
         return
     layers, heads = shape.layers, shape.heads
     final = layers[-1]
@@ -114,10 +136,12 @@ def render(ctx: ViewContext) -> None:
     if attn.empty:
         st.info(f"No attention detail of prompt {prompt} at step {step}.")
         return
+    download_csv(attn, f"attention-{name}-step{step}-prompt{prompt}.csv")
     if shape.top_k is not None:
         st.caption(f"Each query shows its {shape.top_k} heaviest keys, which hold {shape.mass_kept:.0%} of its "
                    "attention on average (the model's depth, heads and length exceed the table's budget; "
                    "`workbench.analysis.analyzer.ATTN_DETAIL_ROWS`).")
+    cells, _ = data.detail(run, step, "cells", prompt)
     tokens = {int(p): t for p, t in cells.drop_duplicates("position")[["position", "token"]].itertuples(index=False)}
     head_text = "mean over heads" if head == -1 else f"head {head}"
 
@@ -147,19 +171,11 @@ def render(ctx: ViewContext) -> None:
     else:
         st.info(f"No attention detail of prompt {prompt} at step {step_b}.")
 
-    _side_by_side(ctx, name, run, step, prompt, records, metric, topk, cells)
-
-    export = st.radio("Table to download", ["logit lens (top-k)", "cells", "attention"], horizontal=True,
-                      key="drilldown_export")
-    table = {"logit lens (top-k)": topk, "cells": cells, "attention": attn}[export]
-    download_csv(table, f"{export.split()[0]}-{name}-step{step}-prompt{prompt}.csv")
-
 
 def _side_by_side(ctx: ViewContext, name: str, run, step: int, prompt: int, records: list[dict], metric: str,
                   topk: pd.DataFrame, cells: pd.DataFrame) -> None:
     """Lens grid A (the checkpoint above), lens grid B (another checkpoint of any selected
     run, or another model's analysis folder), and A minus B."""
-    st.subheader("Side by side: two checkpoints or two models on this prompt")
     choices = [(n, s) for n, r in ctx.runs.items() for s in data.analysed_steps(r, "topk") if (n, s) != (name, step)]
     if not choices:
         st.info("Select another run (or a run with another analysed checkpoint) to compare with.")

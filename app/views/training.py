@@ -14,6 +14,9 @@ DEFAULT_KEYS = ["reward", "accuracy", "eval/accuracy", "entropy", "kl", "loss/po
                 "loss/attn", "loss/opd", "loss/ref_kl", "grad_share/policy", "grad_share/think",
                 "grad_share/attn", "grad_share/opd", "grad_share/ref_kl", "sched/beta", "sched/lambda"]
 HIDDEN = {"step", "time"}
+# Panels drawn before the user picks: the browser's cost grows with every panel of every run
+# (6 runs x 8 panels took about half a second to draw); the rest are one click away.
+DEFAULT_PANELS = 4
 
 
 def curves_table(tables: dict[str, pd.DataFrame], keys: list[str]) -> pd.DataFrame:
@@ -48,11 +51,15 @@ def render(ctx: ViewContext) -> None:
     if not tables:
         return
     columns = sorted({c for t in tables.values() for c in t.columns} - HIDDEN)
-    defaults = [k for k in DEFAULT_KEYS if k in columns] or columns[:4]
-    keys = st.multiselect("Metrics", columns, default=defaults, key="training_keys")
+    defaults = ([k for k in DEFAULT_KEYS if k in columns] or columns)[:DEFAULT_PANELS]
+    keys = st.multiselect("Metrics", columns, default=defaults, key="training_keys",
+                          help="One panel per metric; loss terms, gradient shares and schedules are in the list.")
     smooth = st.slider("Smoothing (rolling mean over steps)", 1, 50, 1, key="training_smooth")
     if not keys:
         st.info("Pick at least one metric.")
         return
-    st.plotly_chart(figures.training_curves(tables, keys, smooth=smooth), key="training_curves")
-    download_csv(curves_table(tables, keys), "training.csv")
+    figure = data.cached_figure("training_curves", (tuple(data.metrics_key(ctx.runs[n]) for n in tables),
+                                                    tuple(keys), smooth),
+                                lambda: figures.training_curves(tables, keys, smooth=smooth))
+    st.plotly_chart(figure, key="training_curves")
+    download_csv(lambda: curves_table(tables, keys), "training.csv")

@@ -118,9 +118,12 @@ def test_runs_view_and_drilldown_render(dashboard, page, tmp_path):
 
     open_view(page, dashboard, view="Drill-down", runs=["oisd"], step="30", prompt="0", layer="2")
     page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
-    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 5", timeout=60_000)
-    assert page.locator(".js-plotly-plot").count() >= 5  # lens grid + four attention maps
     assert page.get_by_text("Logit lens: top-1 token").count() >= 1
+    # One section at a time: the lens grid alone, then the four attention maps once chosen.
+    assert page.locator(".js-plotly-plot").count() == 1
+    page.locator("[data-testid='stMain'] label").filter(has_text="Attention maps").first.click()
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 4", timeout=60_000)
+    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=60_000)
     # Streamlit scrolls inside its main block, so a tall viewport is what shows the whole view.
     page.set_viewport_size({"width": 1500, "height": 2700})
     page.wait_for_timeout(500)
@@ -128,17 +131,13 @@ def test_runs_view_and_drilldown_render(dashboard, page, tmp_path):
     page.set_viewport_size({"width": 1500, "height": 1100})
     # The view's state is in the URL, so the link reopens it.
     assert "prompt=0" in page.url and "layer=2" in page.url and "view=Drill-down" in page.url
+    assert "drilldown_show=Attention+maps" in page.url
 
     open_view(page, dashboard, view="Layer alignment", runs=["grpo", "oisd"], metric="lens_kl")
-    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 2", timeout=60_000)
+    page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
     page.set_viewport_size({"width": 1500, "height": 1500})
     page.wait_for_timeout(500)
     page.screenshot(path=str(tmp_path / "alignment-view.png"))
-    # Beside layer alignment: the block x checkpoint heat map of weight drift, drawn in the browser.
-    page.get_by_text("Where training changed the weights").first.wait_for(timeout=30_000)
-    page.get_by_text("Weight drift:").first.wait_for(timeout=30_000)
-    assert page.get_by_text("block 1 moved most").count() >= 1
-
     # The table behind a view is written when its download button is clicked (deferred): the
     # file that arrives holds the view's rows.
     with page.expect_download(timeout=60_000) as download:
@@ -146,6 +145,11 @@ def test_runs_view_and_drilldown_render(dashboard, page, tmp_path):
     rows = Path(download.value.path()).read_text().splitlines()
     assert rows[0].split(",")[:2] == ["run", "step"] and len(rows) > 1
     assert download.value.suggested_filename == "alignment-lens_kl.csv"
+    # Layer alignment's weight-drift section: the block x checkpoint heat map, drawn in the browser.
+    page.locator("[data-testid='stMain'] label").filter(has_text="Weight drift").first.click()
+    page.get_by_text("Where training changed the weights").first.wait_for(timeout=30_000)
+    page.get_by_text("Weight drift:").first.wait_for(timeout=30_000)
+    assert page.get_by_text("block 1 moved most").count() >= 1
 
     open_view(page, dashboard, view="Training", runs=["../grpo"])
     page.get_by_text("Refused run").first.wait_for(timeout=30_000)

@@ -27,13 +27,15 @@ def test_dashboard_shows_analysis_folders_of_two_models_side_by_side(tmp_path, t
         folder = prepare_analysis_folder(resolve_source(_save(tmp_path / name, "qwen3", tokenizer, seed)), out,
                                          PROMPTS, max_new_tokens=6)
         assert probe_run(folder, progress=False).analysed == [0]
-    at = make_app(out, view="Layer alignment", runs=["base", "tuned"], source="analyzer", metric="lens_js")
+    at = make_app(out, view="Layer alignment", runs=["base", "tuned"], source="analyzer", metric="lens_js",
+                  alignment_show="Per-layer curves at one checkpoint")
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     profiles = plotly_figures(at)["alignment_profiles"]
     assert [t.name for t in profiles.data] == ["base", "tuned"]
 
-    at = make_app(out, view="Drill-down", runs=["base", "tuned"], prompt="0")
+    at = make_app(out, view="Drill-down", runs=["base", "tuned"], prompt="0",
+                  drilldown_show="Side by side: two checkpoints or models")
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     figures = plotly_figures(at)

@@ -80,4 +80,5 @@ def test_attention_and_drilldown_views(real_root, make_app):
     figures = plotly_figures(at)
     grid = np.array(figures["drilldown_grid"].data[0].z, dtype=float)
     assert grid.shape[0] == L and grid.shape[1] > 1
-    assert "drilldown_attn_final" in figures
+    at.radio(key="drilldown_show").set_value("Attention maps")
+    assert "drilldown_attn_final" in plotly_figures(_run(at))

@@ -68,9 +68,12 @@ def test_training_view_overlays_runs(runs_root, make_app, downloads):
     assert set(reward) == {"grpo", "oisd"}
     steps = np.arange(1, STEPS[-1] + 1)
     np.testing.assert_allclose(reward["oisd"].y, 0.2 + 0.02 * steps * RUN_SCALE["oisd"])
-    titles = [a.text for a in figure.layout.annotations]
-    for key in ("reward", "accuracy", "eval/accuracy", "entropy", "kl", "loss/think", "sched/beta", "sched/lambda"):
-        assert key in titles
+    # The first DEFAULT_PANELS of the default keys are drawn; the others are one pick away.
+    assert [a.text for a in figure.layout.annotations] == ["reward", "accuracy", "eval/accuracy", "entropy"]
+    everything = ["reward", "accuracy", "eval/accuracy", "entropy", "kl", "loss/think", "sched/beta", "sched/lambda"]
+    at.multiselect(key="training_keys").set_value(everything)
+    figure = plotly_figures(_run(at))["training_curves"]
+    assert [a.text for a in figure.layout.annotations] == everything
     exported = _csv(downloads, "training.csv")
     lambda_rows = exported[exported["metric"] == "sched/lambda"]
     assert set(lambda_rows["run"]) == {"oisd"} and len(lambda_rows) == STEPS[-1]  # grpo logs no lambda
@@ -86,8 +89,8 @@ def test_alignment_heatmap_has_layer_by_checkpoint_shape(runs_root, make_app, do
     for trace, run in zip(heatmaps, ["grpo", "oisd"]):
         z = np.array(trace.z)
         assert z.shape == (N_LAYERS, len(STEPS))
-        assert list(trace.y) == [str(layer) for layer in range(1, N_LAYERS + 1)]
-        assert list(trace.x) == [str(s) for s in STEPS]
+        assert list(trace.y) == list(range(1, N_LAYERS + 1))  # numeric axes: a column sits at its step
+        assert list(trace.x) == list(STEPS)
         expected = [[expected_value(run, "lens_kl", s, layer) for s in STEPS] for layer in range(1, N_LAYERS + 1)]
         np.testing.assert_allclose(z, expected)
         assert trace.coloraxis == "coloraxis"  # one shared colour scale
@@ -98,6 +101,11 @@ def test_alignment_heatmap_has_layer_by_checkpoint_shape(runs_root, make_app, do
     assert any("tuned-lens direction" in m.value for m in at.markdown)
     # The corrupt probes.parquet of `partial` is reported in its place.
     assert any("partial" in e.value and "unreadable" in e.value for e in at.error)
+    # One section at a time: the heat maps alone are drawn until another section is chosen.
+    assert set(figures) == {"alignment_heatmaps"}
+    at.radio(key="alignment_show").set_value("Difference of two runs")
+    figures = plotly_figures(_run(at))
+    assert set(figures) == {"alignment_difference"} and at.query_params["alignment_show"] == "Difference of two runs"
     # Difference: OISD minus GRPO by default.
     diff = figures["alignment_difference"]
     assert "oisd minus grpo" in diff.layout.title.text
@@ -143,8 +151,7 @@ def test_attention_view(runs_root, make_app, downloads):
 
 def test_drilldown_lens_grid_and_attention_maps(runs_root, make_app, downloads):
     at = _run(make_app(runs_root, view="Drill-down", runs=["oisd"], step="10", prompt="1", layer="2"))
-    assert (at.selectbox(key="step").value, at.selectbox(key="prompt").value, at.selectbox(key="layer").value) \
-        == (10, 1, 2)
+    assert (at.selectbox(key="step").value, at.selectbox(key="prompt").value) == (10, 1)
     figures = plotly_figures(at)
     grid = figures["drilldown_grid"].data[0]
     assert np.array(grid.z).shape == (N_LAYERS, 2)  # layers x scored positions
@@ -153,16 +160,22 @@ def test_drilldown_lens_grid_and_attention_maps(runs_root, make_app, downloads):
     assert "0.500" in grid.customdata[0][0] and "7" in grid.customdata[0][0]  # top-k on hover
     np.testing.assert_allclose(grid.z[1][0], expected_value("oisd", "lens_kl", 10, 2) + 0.5)
     assert "tuned-lens direction" in figures["drilldown_grid"].layout.title.text
-    for key in ("drilldown_attn_layer", "drilldown_attn_final", "drilldown_attn_step_a", "drilldown_attn_step_b"):
-        assert key in figures
+    exported = _csv(downloads, "logit-oisd-step10-prompt1.csv")
+    assert len(exported) == N_LAYERS * 2 * 3 and set(exported["prompt"]) == {1}
+    assert set(figures) == {"drilldown_grid"}  # one section at a time
+    at.radio(key="drilldown_show").set_value("Attention maps")
+    figures = plotly_figures(_run(at))
+    assert set(figures) == {"drilldown_attn_layer", "drilldown_attn_final", "drilldown_attn_step_a",
+                            "drilldown_attn_step_b"}
+    assert at.selectbox(key="layer").value == 2  # the URL's layer, kept while the lens section was shown
     chosen = np.array(figures["drilldown_attn_layer"].data[0].z, dtype=float)
     assert chosen.shape == (2, 7)  # queries 5, 6 x keys 0..6
     np.testing.assert_allclose(np.nansum(chosen, axis=1), 1.0)  # each query row is a distribution
     assert "Final layer 4" in figures["drilldown_attn_final"].layout.title.text
     assert "step 20" in figures["drilldown_attn_step_b"].layout.title.text
-    exported = _csv(downloads, "logit-oisd-step10-prompt1.csv")
-    assert len(exported) == N_LAYERS * 2 * 3 and set(exported["prompt"]) == {1}
+    assert set(_csv(downloads, "attention-oisd-step10-prompt1.csv")["layer"]) == {2, N_LAYERS}
     assert at.query_params["prompt"] == "1" and at.query_params["layer"] == "2"
+    assert at.query_params["drilldown_show"] == "Attention maps"
 
 
 @pytest.mark.parametrize("name", ["../outside", "/etc", "grpo/../../outside"])
@@ -219,7 +232,8 @@ def test_gap_split_is_correct_minus_wrong_per_layer_and_step():
 
 
 def test_drilldown_side_by_side_grids_and_their_difference(runs_root, make_app):
-    at = _run(make_app(runs_root, view="Drill-down", runs=["oisd"], step="10", prompt="1", layer="2"))
+    at = _run(make_app(runs_root, view="Drill-down", runs=["oisd"], step="10", prompt="1", layer="2",
+                       drilldown_show="Side by side: two checkpoints or models"))  # the section from the URL
     figures = plotly_figures(at)
     for key in ("drilldown_grid_a", "drilldown_grid_b", "drilldown_grid_diff"):
         assert key in figures, sorted(figures)
@@ -244,7 +258,8 @@ def test_pair_problem_names_why_two_grids_do_not_line_up():
 
 
 def test_alignment_overlays_per_layer_curves_at_one_checkpoint(runs_root, make_app):
-    at = _run(make_app(runs_root, view="Layer alignment", runs=["grpo", "oisd"], metric="lens_kl"))
+    at = _run(make_app(runs_root, view="Layer alignment", runs=["grpo", "oisd"], metric="lens_kl",
+                       alignment_show="Per-layer curves at one checkpoint"))
     profiles = plotly_figures(at)["alignment_profiles"]
     assert [t.name for t in profiles.data] == ["grpo", "oisd"]
     last = STEPS[-1]
@@ -255,13 +270,14 @@ def test_alignment_overlays_per_layer_curves_at_one_checkpoint(runs_root, make_a
 
 
 def test_alignment_view_shows_where_training_changed_the_weights(runs_root, make_app):
-    at = _run(make_app(runs_root, view="Layer alignment", runs=["grpo", "oisd"], metric="lens_kl"))
+    at = _run(make_app(runs_root, view="Layer alignment", runs=["grpo", "oisd"], metric="lens_kl",
+                       alignment_show="Weight drift"))
     figure = plotly_figures(at)["alignment_drift"]
     heatmaps = [t for t in figure.data if t.type == "heatmap"]
     assert len(heatmaps) == 2
     for trace, run in zip(heatmaps, ["grpo", "oisd"]):
         assert list(trace.y) == ["embeddings"] + [str(b) for b in range(1, N_LAYERS + 1)]
-        assert list(trace.x) == [str(s) for s in STEPS]
+        assert list(trace.x) == list(STEPS)
         expected = [[expected_drift(run, s, b) for s in STEPS] for b in range(N_LAYERS + 1)]
         np.testing.assert_allclose(np.array(trace.z), expected)
     assert "Weight drift" in figure.layout.title.text
@@ -317,3 +333,21 @@ def test_causal_view_early_exit_lens_and_patching(runs_root, make_app, downloads
     exported = _csv(downloads, "early-exit.csv")
     assert set(exported["metric"]) == {"exit_accuracy", "exit_agree", "exit_length"}
 
+
+
+def test_lens_grid_writes_tokens_only_where_cells_can_hold_them():
+    """Up to LENS_TEXT_MAX_POSITIONS positions each cell shows its top-1 token; a wider grid
+    (a long completion: cells under ~25 px) is drawn without text, its tokens still on hover."""
+    from app.figures import LENS_TEXT_MAX_POSITIONS, lens_grid
+
+    def grid(n: int):
+        topk = pd.DataFrame([(layer, p, 0, f"t{p}", 0.5) for layer in (1, 2) for p in range(n)],
+                            columns=["layer", "position", "k", "token", "prob"])
+        cells = pd.DataFrame([(layer, p, f"i{p}", f"o{p}", "lens_kl", 0.1) for layer in (1, 2) for p in range(n)],
+                             columns=["layer", "position", "token", "target", "metric", "value"])
+        return lens_grid(topk, cells, "lens_kl").data[0]
+
+    narrow, wide = grid(LENS_TEXT_MAX_POSITIONS), grid(LENS_TEXT_MAX_POSITIONS + 1)
+    assert list(narrow.text[1][:3]) == ["t0", "t1", "t2"] and narrow.texttemplate == "%{text}"
+    assert wide.text is None and wide.texttemplate is None
+    assert "t7" in wide.customdata[0][7]  # the top-k on hover
