@@ -144,6 +144,13 @@ def _heatmap(matrix: pd.DataFrame, *, categorical_y: bool = False, **kwargs) -> 
     )
 
 
+def _layer_dtick(matrices) -> int:
+    """Whole-layer tick spacing for a numeric layer axis: every layer up to 12, then every
+    few (plotly would otherwise tick 4 layers at 1, 1.5, 2, ...)."""
+    n = max((len(m.index) for m in matrices), default=1)
+    return max(1, math.ceil(n / 12))
+
+
 def _heatmap_grid(matrices: dict[str, pd.DataFrame], *, title: str, y_title: str, coloraxis: dict,
                   categorical_y: bool = False) -> go.Figure:
     """One heat map per run (steps across, ``y_title`` down) in a grid, on one colour axis.
@@ -160,7 +167,8 @@ def _heatmap_grid(matrices: dict[str, pd.DataFrame], *, title: str, y_title: str
     if traces:  # one call: plotly validates the figure once
         fig.add_traces(traces, rows=[i // cols + 1 for i in range(n)], cols=[i % cols + 1 for i in range(n)])
     fig.update_xaxes(title_text="checkpoint step")
-    fig.update_yaxes(title_text=y_title, type="category" if categorical_y else "linear")
+    fig.update_yaxes(title_text=y_title, type="category" if categorical_y else "linear",
+                     dtick=None if categorical_y else _layer_dtick(matrices.values()))
     fig.update_layout(title=dict(text=title, font=dict(size=14)), coloraxis=coloraxis, height=height,
                       margin=dict(t=70, b=40, l=50, r=20), font=_FONT)
     return fig
@@ -216,7 +224,7 @@ def difference_heatmap(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: st
     fig = go.Figure(_heatmap(diff, colorscale=DIVERGING, zmid=0.0, zmin=-bound, zmax=bound,
                              colorbar=dict(title=dict(text=f"\u0394 {metric}", side="right"))))
     fig.update_xaxes(title_text="checkpoint step")
-    fig.update_yaxes(title_text="layer")
+    fig.update_yaxes(title_text="layer", dtick=_layer_dtick([diff]))
     fig.update_layout(title=dict(text=f"{name_a} minus {name_b}: {metric_label(metric)}", font=dict(size=14)),
                       height=320, margin=dict(t=60, b=40, l=50, r=20), font=_FONT)
     return fig
