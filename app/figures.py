@@ -134,12 +134,10 @@ def layer_step_matrix(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.pivot_table(index="layer", columns="step", values="value", aggfunc="mean").sort_index()
 
 
-def _heatmap(matrix: pd.DataFrame, *, categorical_y: bool = False, **kwargs) -> go.Heatmap:
-    """A heat map of ``matrix`` at its numeric labels (checkpoint steps across, layers down);
-    ``categorical_y``: the rows are names (drift's blocks: embeddings, 1..L, final norm, head)."""
-    y = [str(i) for i in matrix.index] if categorical_y else matrix.index.to_numpy()
+def _heatmap(matrix: pd.DataFrame, **kwargs) -> go.Heatmap:
+    """A heat map of ``matrix`` at its numeric labels (checkpoint steps across, layers down)."""
     return go.Heatmap(
-        z=matrix.to_numpy(dtype=float), x=matrix.columns.to_numpy(), y=y,
+        z=matrix.to_numpy(dtype=float), x=matrix.columns.to_numpy(), y=matrix.index.to_numpy(),
         hovertemplate="step %{x}<br>layer %{y}<br>%{z:.4g}<extra></extra>", **kwargs,
     )
 
@@ -151,26 +149,45 @@ def _layer_dtick(matrices) -> int:
     return max(1, math.ceil(n / 12))
 
 
-def _heatmap_grid(matrices: dict[str, pd.DataFrame], *, title: str, y_title: str, coloraxis: dict,
-                  categorical_y: bool = False) -> go.Figure:
-    """One heat map per run (steps across, ``y_title`` down) in a grid, on one colour axis.
+def stack_row(run: str, row: object, row_title: str) -> str:
+    """The y label of one run's row in :func:`_heatmap_stack` (what hover shows)."""
+    return f"{run}, {row_title} {row}"
 
-    The axes are numeric (a column sits at its checkpoint step): a category axis of 200
-    checkpoints costs the browser about a third more to draw (measured 2026-12-06)."""
-    n = max(len(matrices), 1)
-    rows, cols = _grid(n)
-    height = max(300, 320 * rows)
-    # About 140 px between rows: room for a row's tick labels and axis title and the next row's title.
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(matrices), horizontal_spacing=0.08,
-                        vertical_spacing=140 / height if rows > 1 else 0.0)
-    traces = [_heatmap(matrix, coloraxis="coloraxis", categorical_y=categorical_y) for matrix in matrices.values()]
-    if traces:  # one call: plotly validates the figure once
-        fig.add_traces(traces, rows=[i // cols + 1 for i in range(n)], cols=[i % cols + 1 for i in range(n)])
+
+def _heatmap_stack(matrices: dict[str, pd.DataFrame], *, title: str, row_title: str, coloraxis: dict) -> go.Figure:
+    """Every run's (rows x steps) matrix in one heat map on one colour axis: the runs stacked
+    top to bottom in order (each with its first row at the bottom, blank rows between two
+    runs), one shared checkpoint-step axis, the run's name at the middle of its rows.
+
+    One heat map rather than one subplot per run: Streamlit draws a figure three times, and
+    each subplot's heat map is its own canvas and axes; six runs in one trace cost the browser
+    about half as much (measured 2026-12-06). A row's label (:func:`stack_row`) names the run
+    and the row on hover.
+    """
+    steps = sorted(set().union(*(set(m.columns) for m in matrices.values()))) if matrices else []
+    # Blank rows between two runs: one per 12 rows of the tallest run, so that one run's top
+    # tick and the next one's bottom tick do not overlap.
+    gap = max(1, math.ceil(max((len(m.index) for m in matrices.values()), default=1) / 12))
+    blocks, labels, ticks = [], [], {}
+    for i, (name, matrix) in enumerate(reversed(list(matrices.items()))):  # category axis: bottom first
+        if i:
+            blocks.append(np.full((gap, len(steps)), np.nan))
+            labels.extend(" " * (gap * (i - 1) + k + 1) for k in range(gap))  # blank, unique categories
+        rows = [stack_row(name, r, row_title) for r in matrix.index]
+        blocks.append(matrix.reindex(columns=steps).to_numpy(dtype=float))
+        labels.extend(rows)
+        if rows:
+            marks = {0: str(matrix.index[0]), len(rows) - 1: str(matrix.index[-1])}
+            middle = len(rows) // 2
+            marks[middle] = f"<b>{name}</b>" + (f" {marks[middle]}" if middle in marks else "")
+            ticks.update({rows[k]: text for k, text in marks.items()})
+    z = np.vstack(blocks) if blocks else np.zeros((0, 0))
+    fig = go.Figure(go.Heatmap(z=z, x=np.asarray(steps), y=labels, coloraxis="coloraxis",
+                               hovertemplate="%{y}<br>step %{x}<br>%{z:.4g}<extra></extra>"))
     fig.update_xaxes(title_text="checkpoint step")
-    fig.update_yaxes(title_text=y_title, type="category" if categorical_y else "linear",
-                     dtick=None if categorical_y else _layer_dtick(matrices.values()))
-    fig.update_layout(title=dict(text=title, font=dict(size=14)), coloraxis=coloraxis, height=height,
-                      margin=dict(t=70, b=40, l=50, r=20), font=_FONT)
+    fig.update_yaxes(title_text=row_title, type="category", tickvals=list(ticks), ticktext=list(ticks.values()))
+    fig.update_layout(title=dict(text=title, font=dict(size=14)), coloraxis=coloraxis,
+                      height=max(320, 110 + int(4.5 * len(labels))), margin=dict(t=60, b=40, l=50, r=20), font=_FONT)
     return fig
 
 
@@ -181,14 +198,14 @@ def _finite_range(matrices: dict[str, pd.DataFrame]) -> tuple[float, float] | No
 
 
 def layer_checkpoint_heatmaps(matrices: dict[str, pd.DataFrame], metric: str) -> go.Figure:
-    """A layer x checkpoint heat map per run, on one shared colour scale.
+    """Each run's layer x checkpoint heat map, stacked in one figure on one shared colour scale.
 
     Args:
         matrices: Run name -> :func:`layer_step_matrix` of the metric.
         metric: The metric name (written with its definition on the figure).
     """
     cmin, cmax = _finite_range(matrices) or (0.0, 1.0)
-    return _heatmap_grid(matrices, title=metric_label(metric), y_title="layer", coloraxis=dict(
+    return _heatmap_stack(matrices, title=metric_label(metric), row_title="layer", coloraxis=dict(
         colorscale=SEQUENTIAL, cmin=cmin, cmax=cmax, reversescale=metric in HIGHER_IS_CLOSER,
         colorbar=dict(title=dict(text=metric, side="right"))))
 
@@ -206,12 +223,11 @@ def drift_matrix(drift: pd.DataFrame) -> pd.DataFrame:
 
 
 def drift_heatmaps(matrices: dict[str, pd.DataFrame]) -> go.Figure:
-    """A block x checkpoint heat map of the weights' relative change from the start per run,
-    on one shared colour scale from 0."""
+    """Each run's block x checkpoint heat map of the weights' relative change from the start,
+    stacked in one figure on one shared colour scale from 0."""
     top = (_finite_range(matrices) or (0.0, 1.0))[1]
-    return _heatmap_grid(
-        matrices, title="Weight drift: ||W_t - W_0|| / ||W_0|| per block (higher = moved more)", y_title="block",
-        categorical_y=True,
+    return _heatmap_stack(
+        matrices, title="Weight drift: ||W_t - W_0|| / ||W_0|| per block (higher = moved more)", row_title="block",
         coloraxis=dict(colorscale=SEQUENTIAL, cmin=0.0, cmax=top if top > 0 else 1.0,
                        colorbar=dict(title=dict(text="rel. change", side="right"))))
 

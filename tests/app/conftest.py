@@ -275,5 +275,21 @@ def plotly_figures(at) -> dict:
             for element in at.get("plotly_chart")}
 
 
+def stack_block(figure, run: str, rows, row_title: str = "layer") -> np.ndarray:
+    """The values of ``run``'s ``rows`` (in that order) in a heat map that stacks runs
+    (``app.figures.layer_checkpoint_heatmaps``, ``drift_heatmaps``)."""
+    from app.figures import stack_row
+
+    trace = figure.data[0]
+    labels = list(trace.y)
+    return np.array(trace.z, dtype=float)[[labels.index(stack_row(run, r, row_title)) for r in rows]]
+
+
+def stacked_runs(figure) -> list[str]:
+    """The runs of a stacked heat map, top to bottom (the bold tick at each run's middle row)."""
+    texts = [t for t in figure.layout.yaxis.ticktext if t.startswith("<b>")]
+    return [t.removeprefix("<b>").split("</b>")[0] for t in reversed(texts)]
+
+
 def isclose(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.app.conftest import plotly_figures
+from tests.app.conftest import plotly_figures, stack_block
 
 L = 4  # blocks of the tiny preset
 
@@ -64,9 +64,8 @@ def test_alignment_heatmap_is_layers_by_checkpoints(real_root, make_app, source)
     at = _run(make_app(real_root, view="Layer alignment", runs=["grpo", "oisd"], metric="top1_agree",
                        source=source))
     figures = plotly_figures(at)
-    heat = [f for k, f in figures.items() if "heatmap" in k or "alignment" in k]
-    assert heat, list(figures)
-    z = np.array(heat[0].data[0].z, dtype=float)
+    assert "alignment_heatmaps" in figures, list(figures)
+    z = stack_block(figures["alignment_heatmaps"], "oisd", range(1, L + 1))
     # probes: steps 0, 1, 2; analyzer: checkpoints 1, 2 — one row per layer 1..L
     assert z.shape[0] == L and z.shape[1] in (2, 3)
     assert np.nanmax(z) <= 1.0 and np.nanmin(z) >= 0.0

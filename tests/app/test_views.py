@@ -23,6 +23,8 @@ from tests.app.conftest import (
     expected_value,
     make_runs_root,
     plotly_figures,
+    stack_block,
+    stacked_runs,
 )
 
 
@@ -84,16 +86,18 @@ def test_alignment_heatmap_has_layer_by_checkpoint_shape(runs_root, make_app, do
     at = _run(make_app(runs_root, view="Layer alignment", runs=["grpo", "oisd", "partial"], metric="lens_kl"))
     assert at.radio(key="source").value == "probe"
     figures = plotly_figures(at)
-    heatmaps = [t for t in figures["alignment_heatmaps"].data if t.type == "heatmap"]
-    assert len(heatmaps) == 2  # partial has no readable probes
-    for trace, run in zip(heatmaps, ["grpo", "oisd"]):
-        z = np.array(trace.z)
-        assert z.shape == (N_LAYERS, len(STEPS))
-        assert list(trace.y) == list(range(1, N_LAYERS + 1))  # numeric axes: a column sits at its step
-        assert list(trace.x) == list(STEPS)
+    heat = figures["alignment_heatmaps"]
+    # One heat map, the runs stacked top to bottom (partial has no readable probes), a blank row
+    # between them, one shared checkpoint-step axis and colour scale.
+    assert len(heat.data) == 1 and stacked_runs(heat) == ["grpo", "oisd"]
+    trace = heat.data[0]
+    assert np.array(trace.z).shape == (2 * N_LAYERS + 1, len(STEPS)) and list(trace.x) == list(STEPS)
+    assert np.isnan(np.array(trace.z, dtype=float)[N_LAYERS]).all()  # the row between the two runs
+    assert trace.coloraxis == "coloraxis"
+    for run in ["grpo", "oisd"]:
         expected = [[expected_value(run, "lens_kl", s, layer) for s in STEPS] for layer in range(1, N_LAYERS + 1)]
-        np.testing.assert_allclose(z, expected)
-        assert trace.coloraxis == "coloraxis"  # one shared colour scale
+        np.testing.assert_allclose(stack_block(heat, run, range(1, N_LAYERS + 1)), expected)
+    assert list(trace.y[:N_LAYERS]) == [f"oisd, layer {layer}" for layer in range(1, N_LAYERS + 1)]  # layer 1 low
     axis = figures["alignment_heatmaps"].layout.coloraxis
     assert axis.cmin == pytest.approx(expected_value("oisd", "lens_kl", 30, N_LAYERS))
     assert axis.cmax == pytest.approx(expected_value("grpo", "lens_kl", 10, 1))
@@ -121,8 +125,8 @@ def test_alignment_from_url_analyzer_source_and_per_step_metric(runs_root, make_
     at = _run(make_app(runs_root, view="Layer alignment", runs=["oisd"], metric="top1_agree", source="analyzer"))
     assert at.radio(key="source").value == "analyzer"
     assert at.selectbox(key="metric").value == "top1_agree"
-    trace = plotly_figures(at)["alignment_heatmaps"].data[0]
-    np.testing.assert_allclose(trace.z[0], [expected_value("oisd", "top1_agree", s, 1) for s in STEPS])
+    heat = plotly_figures(at)["alignment_heatmaps"]
+    np.testing.assert_allclose(stack_block(heat, "oisd", [1])[0], [expected_value("oisd", "top1_agree", s, 1) for s in STEPS])
     assert at.query_params["source"] == "analyzer" and at.query_params["metric"] == "top1_agree"
 
     at.selectbox(key="metric").set_value("prediction_depth")
@@ -273,13 +277,12 @@ def test_alignment_view_shows_where_training_changed_the_weights(runs_root, make
     at = _run(make_app(runs_root, view="Layer alignment", runs=["grpo", "oisd"], metric="lens_kl",
                        alignment_show="Weight drift"))
     figure = plotly_figures(at)["alignment_drift"]
-    heatmaps = [t for t in figure.data if t.type == "heatmap"]
-    assert len(heatmaps) == 2
-    for trace, run in zip(heatmaps, ["grpo", "oisd"]):
-        assert list(trace.y) == ["embeddings"] + [str(b) for b in range(1, N_LAYERS + 1)]
-        assert list(trace.x) == list(STEPS)
+    assert len(figure.data) == 1 and stacked_runs(figure) == ["grpo", "oisd"]
+    assert list(figure.data[0].x) == list(STEPS)
+    blocks = ["embeddings"] + [str(b) for b in range(1, N_LAYERS + 1)]  # in model order, embeddings lowest
+    for run in ["grpo", "oisd"]:
         expected = [[expected_drift(run, s, b) for s in STEPS] for b in range(N_LAYERS + 1)]
-        np.testing.assert_allclose(np.array(trace.z), expected)
+        np.testing.assert_allclose(stack_block(figure, run, blocks, "block"), expected)
     assert "Weight drift" in figure.layout.title.text
     caption = " ".join(c.value for c in at.caption)
     assert f"`oisd` at step {STEPS[-1]}: block 1 moved most" in caption
@@ -311,11 +314,10 @@ def test_causal_view_early_exit_lens_and_patching(runs_root, make_app, downloads
     at = _run(make_app(runs_root, view="Causal", runs=["grpo", "oisd"]))
     figures = plotly_figures(at)
     # Early exit: a layer x checkpoint heat map per run, and per-method curves at the last checkpoint.
-    heatmaps = [t for t in figures["exit_heatmaps"].data if t.type == "heatmap"]
-    assert len(heatmaps) == 2
-    for trace, run in zip(heatmaps, ["grpo", "oisd"]):
+    assert stacked_runs(figures["exit_heatmaps"]) == ["grpo", "oisd"]
+    for run in ["grpo", "oisd"]:
         expected = [[expected_exit(run, s, layer) for s in STEPS] for layer in range(1, N_LAYERS + 1)]
-        np.testing.assert_allclose(np.array(trace.z), expected)
+        np.testing.assert_allclose(stack_block(figures["exit_heatmaps"], run, range(1, N_LAYERS + 1)), expected)
     curves = {t.name: t for t in figures["exit_curves"].data}
     assert set(curves) == {"grpo (1 run)", "oisd (1 run)"}
     np.testing.assert_allclose(curves["oisd (1 run)"].y, [expected_exit("oisd", STEPS[-1], layer)
