@@ -131,8 +131,8 @@ def _detail(rng: np.random.Generator, layers: int, heads: int, prompts: int, seq
 
 def _drift_frame(rng: np.random.Generator, name: str, step: int, layers: int) -> pd.DataFrame:
     """One checkpoint's weight-drift table (``DRIFT_COLUMNS``), the rows ``oisd probe`` writes."""
-    rows = [(name, step, module, 0, "all", float(rng.random() * 0.01), float(rng.random()), 10**6)
-            for module in ("embeddings", "final_norm", "head")]
+    rows = [(name, step, module, block, "all", float(rng.random() * 0.01), float(rng.random()), 10**6)
+            for module, block in (("embeddings", 0), ("final_norm", layers + 1), ("head", layers + 2))]
     rows += [(name, step, "block", block, kind, float(rng.random() * 0.01), float(rng.random()), 10**5)
              for block in range(1, layers + 1) for kind in ("attention", "mlp", "norm", "all")]
     return pd.DataFrame(rows, columns=DRIFT_COLUMNS)
