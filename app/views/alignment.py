@@ -120,6 +120,7 @@ def render(ctx: ViewContext) -> None:
     if show == PROFILES:
         _profiles_at_one_checkpoint(rows, metric)
         return
+
     def matrices() -> dict[str, pd.DataFrame]:
         return {name: figures.layer_step_matrix(r[r["layer"] >= 1]) for name, r in rows.items()}
 
@@ -138,6 +139,7 @@ def render(ctx: ViewContext) -> None:
     col_a, col_b = st.columns(2)
     a = select(None, "Run A", names, "diff_a", container=col_a, default=default_a)
     b = select(None, "minus run B", names, "diff_b", container=col_b, default=default_b)
+
     def difference():
         both = {n: figures.layer_step_matrix(rows[n][rows[n]["layer"] >= 1]) for n in (a, b)}
         return figures.difference_heatmap(both[a], both[b], a, b, metric)
