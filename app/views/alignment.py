@@ -91,8 +91,8 @@ def render(ctx: ViewContext) -> None:
     with right:
         definition = figures.metric_label(metric)
         st.markdown(f"**{definition}**  \n{figures.metric_direction(metric)}")
-        st.caption("Layers 1..L (L = final layer); one column per checkpoint with probes. "
-                   "All runs share one colour scale.")
+        st.caption("Layers 1..L (L = final layer), the runs stacked top to bottom; one column per "
+                   "checkpoint with probes, at its step. All runs share one colour scale.")
 
     # One section at a time: the browser draws only the figure the user looks at (six runs'
     # heat maps, their drift maps and the per-layer curves together cost seconds to draw).
