@@ -159,9 +159,9 @@ def _heatmap_stack(matrices: dict[str, pd.DataFrame], *, title: str, row_title: 
     top to bottom in order (each with its first row at the bottom, blank rows between two
     runs), one shared checkpoint-step axis, the run's name at the middle of its rows.
 
-    One heat map rather than one subplot per run: Streamlit draws a figure three times, and
-    each subplot's heat map is its own canvas and axes; six runs in one trace cost the browser
-    about half as much (measured 2026-12-06). A row's label (:func:`stack_row`) names the run
+    One heat map rather than one subplot per run: Streamlit draws a figure two or three
+    times, and each subplot's heat map is its own canvas and axes; six runs in one trace cost
+    the browser about half as much (measured 2026-12-06). A row's label (:func:`stack_row`) names the run
     and the row on hover.
     """
     steps = sorted(set().union(*(set(m.columns) for m in matrices.values()))) if matrices else []
