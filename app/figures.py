@@ -142,11 +142,10 @@ def _heatmap(matrix: pd.DataFrame, **kwargs) -> go.Heatmap:
     )
 
 
-def _layer_dtick(matrices) -> int:
+def _layer_dtick(n_layers: int) -> int:
     """Whole-layer tick spacing for a numeric layer axis: every layer up to 12, then every
     few (plotly would otherwise tick 4 layers at 1, 1.5, 2, ...)."""
-    n = max((len(m.index) for m in matrices), default=1)
-    return max(1, math.ceil(n / 12))
+    return max(1, math.ceil(n_layers / 12))
 
 
 def stack_row(run: str, row: object, row_title: str) -> str:
@@ -165,9 +164,9 @@ def _heatmap_stack(matrices: dict[str, pd.DataFrame], *, title: str, row_title: 
     and the row on hover.
     """
     steps = sorted(set().union(*(set(m.columns) for m in matrices.values()))) if matrices else []
-    # Blank rows between two runs: one per 12 rows of the tallest run, so that one run's top
-    # tick and the next one's bottom tick do not overlap.
-    gap = max(1, math.ceil(max((len(m.index) for m in matrices.values()), default=1) / 12))
+    # Blank rows between two runs: one per 12 rows of the tallest run (the layer-tick rule), so
+    # that one run's top tick and the next one's bottom tick do not overlap.
+    gap = _layer_dtick(max((len(m.index) for m in matrices.values()), default=1))
     blocks, labels, ticks = [], [], {}
     for i, (name, matrix) in enumerate(reversed(list(matrices.items()))):  # category axis: bottom first
         if i:
@@ -240,7 +239,7 @@ def difference_heatmap(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: st
     fig = go.Figure(_heatmap(diff, colorscale=DIVERGING, zmid=0.0, zmin=-bound, zmax=bound,
                              colorbar=dict(title=dict(text=f"\u0394 {metric}", side="right"))))
     fig.update_xaxes(title_text="checkpoint step")
-    fig.update_yaxes(title_text="layer", dtick=_layer_dtick([diff]))
+    fig.update_yaxes(title_text="layer", dtick=_layer_dtick(len(diff.index)))
     fig.update_layout(title=dict(text=f"{name_a} minus {name_b}: {metric_label(metric)}", font=dict(size=14)),
                       height=320, margin=dict(t=60, b=40, l=50, r=20), font=_FONT)
     return fig

@@ -121,14 +121,14 @@ def render(ctx: ViewContext) -> None:
         _profiles_at_one_checkpoint(rows, metric)
         return
 
-    def matrices() -> dict[str, pd.DataFrame]:
-        return {name: figures.layer_step_matrix(r[r["layer"] >= 1]) for name, r in rows.items()}
+    def matrix(name: str) -> pd.DataFrame:
+        return figures.layer_step_matrix(rows[name][rows[name]["layer"] >= 1])
 
     # Everything the figures depend on: the rows' files and the choices above.
     key = (tuple(data.source_key(ctx.runs[n], source) for n in rows), metric, split)
     if show == HEATMAPS:
         st.plotly_chart(data.cached_figure("alignment_heatmaps", key,
-                                           lambda: figures.layer_checkpoint_heatmaps(matrices(), metric)),
+                                           lambda: figures.layer_checkpoint_heatmaps({n: matrix(n) for n in rows}, metric)),
                         key="alignment_heatmaps")
         return
     if len(rows) < 2:
@@ -140,11 +140,9 @@ def render(ctx: ViewContext) -> None:
     a = select(None, "Run A", names, "diff_a", container=col_a, default=default_a)
     b = select(None, "minus run B", names, "diff_b", container=col_b, default=default_b)
 
-    def difference():
-        both = {n: figures.layer_step_matrix(rows[n][rows[n]["layer"] >= 1]) for n in (a, b)}
-        return figures.difference_heatmap(both[a], both[b], a, b, metric)
-
-    st.plotly_chart(data.cached_figure("alignment_difference", (key, a, b), difference), key="alignment_difference")
+    st.plotly_chart(data.cached_figure("alignment_difference", (key, a, b),
+                                       lambda: figures.difference_heatmap(matrix(a), matrix(b), a, b, metric)),
+                    key="alignment_difference")
 
 
 def _weight_drift(ctx: ViewContext) -> None:
