@@ -50,6 +50,7 @@ def test_gpu_check_smoke_measures_every_backend_and_method(tmp_path, cli_env):
     assert table.count("| ok |") == 6 and "floor" in table and "`oisd probe`, one checkpoint, boot excluded" in table
 
 
+@pytest.mark.slow  # 29 s; the two-process probe itself is tested in tests/workbench/test_probe_processes.py
 def test_gpu_check_probe_over_processes_runs_on_cpu(tmp_path, cli_env):
     """The 2-process probe stage, which a GPU session runs only with 2 GPUs, rehearsed on CPU
     (``--rank-sync-cpu``: 2 gloo processes): both probes ran, the checkpoints were shared out
