@@ -183,7 +183,7 @@ def metric_rows(run: Run, source: str, **where) -> tuple[pd.DataFrame, list[str]
     Args:
         run: The run.
         source: ``"probe"`` (``probes/``, the trainer's built-in probes) or
-            ``"analyzer"`` (``analysis/step-*-metrics.parquet``, all checkpoints).
+            ``"analyzer"`` (``analysis/``: the metrics of every analysed checkpoint).
         where: column -> values to keep, e.g. ``metric=["lens_kl"], head=[-1]``.
 
     Returns:

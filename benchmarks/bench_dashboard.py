@@ -3,8 +3,9 @@
 Builds a runs root of N runs x M checkpoints with synthetic tables of the real
 shapes (``probes/step-*.parquet`` through ``RunWriter.log_probes`` and
 ``analysis/step-*-metrics.parquet``, both from ``ProbeResult.to_frame`` for all four splits
-with their ``n_samples`` rows; weight drift per block; top-k / cells / attention detail for 4 prompts per
-checkpoint, in the analyzer's compact dtypes and row groups), starts ``oisd dashboard`` on a
+with their ``n_samples`` rows; weight drift per block; the metrics and drift merged into
+segments of 32 checkpoints as ``oisd probe`` leaves them; top-k / cells / attention detail for
+4 prompts per checkpoint, in the analyzer's compact dtypes and row groups), starts ``oisd dashboard`` on a
 free port, and times in the browser:
 
 - first render: a fresh server (nothing imported, empty caches) opening the
@@ -68,7 +69,7 @@ from workbench.analysis.memory import peak_rss_mb  # noqa: E402
 from workbench.analysis.probe_runner import n_samples_frame  # noqa: E402
 from workbench.measures.probing import LENS_STAT_NAMES, ProbeResult  # noqa: E402
 from workbench.storage.atomic import atomic_write_parquet  # noqa: E402
-from workbench.storage.runwriter import RunWriter, write_metric_table  # noqa: E402
+from workbench.storage.runwriter import RunWriter, merge_analysis_files, write_metric_table  # noqa: E402
 from workbench.storage.schema import DRIFT_COLUMNS  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
@@ -183,6 +184,8 @@ def build_root(root: Path, runs: int, checkpoints: int, layers: int, heads: int 
             write_metric_table(folder / f"step-{step:06d}-metrics.parquet",
                                _probe_frame(rng, name, step, layers, heads, "analyzer"), metadata={**meta, "kind": "metrics"})
             bar.update()
+        for kind in ("metrics", "drift"):  # as `oisd probe` leaves them: merged into segments
+            merge_analysis_files(writer.paths, kind)
         writer.set_status("finished")
     bar.close()
 

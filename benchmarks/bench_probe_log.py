@@ -5,7 +5,7 @@ rows ``ProbeResult.to_frame`` makes, about 21k) are logged at step 1 and at step
 run that already holds the earlier steps, two ways side by side:
 
 - ``parts``: ``RunWriter.log_probes``, one ``probes/step-NNNNNN.parquet`` per step, merged
-  into a segment file every ``PROBE_SEGMENT`` (32) steps so that readers open few files;
+  into a segment file every ``SEGMENT_STEPS`` (32) steps so that readers open few files;
 - ``one table``: the earlier layout, read the whole ``probes.parquet``, append, rewrite.
 
 Prints the seconds of each and the step-200 / step-1 ratio (1.0 = the cost does not grow);

@@ -403,7 +403,6 @@ def stage_probe(ctx: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     from workbench.analysis.analyzer import probe_run
-    from workbench.storage.atomic import read_provenance
     from workbench.storage.runstore import Run
     from workbench.storage.schema import DEFAULT_PROBE_MAX_NEW_TOKENS
 
@@ -417,7 +416,7 @@ def stage_probe(ctx: dict) -> dict:
     probe_s = time.perf_counter() - start
     if report.analysed != [1]:
         raise RuntimeError(f"the probe analysed {report.analysed}, skipped {report.skipped}")
-    provenance = read_provenance(run.analysis_path(1, "metrics"))
+    provenance = run.analysis_provenance("metrics")[1]
     stages = provenance["stage_seconds"]
     boot_s = stages.get("boot", 0.0)
     eager = AutoModelForCausalLM.from_pretrained(ctx["model"], dtype=getattr(torch, dtype),

@@ -9,20 +9,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 def test_bench_dashboard_root_is_read_as_the_dashboard_reads_it(tmp_path):
     """The synthetic root of bench_dashboard holds what a real one does (four splits with
-    their n_samples rows, merged probe segments, drift, compact hard-linked detail), and the
+    their n_samples rows, merged probe and analysis segments, drift, compact hard-linked detail), and the
     readers the dashboard and `oisd compare` use find it all."""
     import bench_dashboard
 
     from workbench.compare import comparison_table
     from workbench.storage.runstore import Run
-    from workbench.storage.runwriter import PROBE_SEGMENT
+    from workbench.storage.paths import SEGMENT_STEPS
 
     root = tmp_path / "runs"
-    bench_dashboard.build_root(root, runs=2, checkpoints=PROBE_SEGMENT + 2, layers=6, heads=3)
+    bench_dashboard.build_root(root, runs=2, checkpoints=SEGMENT_STEPS + 2, layers=6, heads=3)
     run = Run.open(root / "grpo-0")
     assert run.num_layers == 6
     assert len(run.paths.probe_segment_files()) == 1 and len(run.paths.probe_part_files()) == 2
-    steps = [10 * c for c in range(1, PROBE_SEGMENT + 3)]
+    for kind in ("metrics", "drift"):  # merged as `oisd probe` leaves them; the detail is per checkpoint
+        segments, parts = run.paths.analysis_files(kind)
+        assert len(segments) == 1 and len(parts) == 2
+    assert len(run.paths.analysis_files("attn")[1]) == SEGMENT_STEPS + 2
+    steps = [10 * c for c in range(1, SEGMENT_STEPS + 3)]
     assert run.metric_steps("probe") == steps and run.metric_steps("analyzer") == steps
     catalog = run.metric_catalog("analyzer")
     assert set(catalog["split"]) == {"reference", "greedy", "sampled_correct", "sampled_wrong"}

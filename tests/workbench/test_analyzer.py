@@ -353,13 +353,19 @@ def test_streamed_attention_equals_the_held_patterns(tmp_path, tokenizer, record
     assert attn[attn.metric == "attn_js_final"]["value"].max() > 1e-3  # the patterns differ by layer
 
 
-def test_probe_measures_weight_drift_from_the_start_model(tmp_path, tokenizer, records):
+def test_probe_measures_weight_drift_from_the_start_model(tmp_path, tokenizer, records, monkeypatch):
     """``oisd probe`` writes each checkpoint's drift from the run's start model; a block moved
-    by hand is the one compare names, and the dashboard's alignment view draws it."""
+    by hand is the one compare names, and the dashboard's alignment view draws it. Here the
+    analysis is merged into segments of 2 checkpoints (32 by default), so everything below
+    reads segments: the drift, compare's line, and the up-to-date check of a second probe."""
     import copy
+    import functools
 
+    from workbench.analysis import analyzer
     from workbench.compare import drift_lines
-    from workbench.storage.runwriter import RunWriter
+    from workbench.storage.runwriter import RunWriter, merge_analysis_files
+
+    monkeypatch.setattr(analyzer, "merge_analysis_files", functools.partial(merge_analysis_files, size=2))
 
     start = _model(_configs(tokenizer)["qwen3"])
     start_dir = tmp_path / "start"
@@ -372,7 +378,11 @@ def test_probe_measures_weight_drift_from_the_start_model(tmp_path, tokenizer, r
     writer = RunWriter(run_dir, {"method": "grpo", "seed": 0, "model": {"path": str(start_dir)}}, resume=True,
                        append=True)
     writer.record(num_layers=4)
-    probe_run(run_dir, progress=False, greedy=False, detail_prompts=0)
+    report = probe_run(run_dir, progress=False, greedy=False, detail_prompts=0)
+    segments = sorted(p.name for p in (run_dir / "analysis").glob("steps-*"))
+    assert segments == ["steps-000005-000010-drift.parquet", "steps-000005-000010-metrics.parquet"]
+    assert set(report.files) >= {run_dir / "analysis" / name for name in segments}
+    assert all(f.exists() for f in report.files)
     drift = Run.open(run_dir).analysis("drift")
     assert sorted(drift["step"].unique()) == [5, 10]
     blocks = drift[(drift["kind"] == "all") & (drift["module"] == "block")].set_index(["step", "block"])

@@ -472,21 +472,21 @@ def test_metric_rows_read_only_what_is_asked_and_list_the_catalog_from_footers(t
 
 
 def test_probe_parts_merge_into_segments_and_survive_a_cut_merge_and_a_resume(tmp_path):
-    """Once PROBE_SEGMENT parts have gathered before the newest step, they are merged into one
+    """Once SEGMENT_STEPS parts have gathered before the newest step, they are merged into one
     segment file; readers see the same rows either way, a merge cut short (the segment
     written, the parts not yet removed) neither duplicates nor loses rows, and a resume into
     a segment keeps its earlier steps."""
-    from workbench.storage.runwriter import PROBE_SEGMENT
+    from workbench.storage.paths import SEGMENT_STEPS
 
     run_dir = tmp_path / "r"
     writer = RunWriter(run_dir, {"method": "grpo"}, resume=False)
-    steps = [5 * i for i in range(PROBE_SEGMENT + 3)]
+    steps = [5 * i for i in range(SEGMENT_STEPS + 3)]
     for step in steps:
         writer.log_probes(_lens_rows(step))
     folder = run_dir / "probes"
     names = sorted(p.name for p in folder.iterdir())
-    last_merged = steps[PROBE_SEGMENT - 1]
-    assert names == [f"step-{s:06d}.parquet" for s in steps[PROBE_SEGMENT:]] + [
+    last_merged = steps[SEGMENT_STEPS - 1]
+    assert names == [f"step-{s:06d}.parquet" for s in steps[SEGMENT_STEPS:]] + [
         f"steps-000000-{last_merged:06d}.parquet"]
     run = Run.open(run_dir)
     assert run.metric_steps("probe") == steps
@@ -506,3 +506,96 @@ def test_probe_parts_merge_into_segments_and_survive_a_cut_merge_and_a_resume(tm
     resumed = Run.open(run_dir)
     assert resumed.metric_steps("probe") == [s for s in steps if s <= 50]
     assert sorted(p.name for p in folder.iterdir()) == ["steps-000000-000050.parquet"]
+
+
+def _write_analysis(run: Run, step: int, offset: float = 0.0, process: int = 0) -> None:
+    """One checkpoint's analyzer files as `oisd probe` writes them: its metric table (lens_kl
+    at layers 1 and 2, value step + layer / 10 + offset) and its drift table, each with its
+    provenance in the footer."""
+    from workbench.storage.runwriter import write_metric_table
+    from workbench.storage.schema import DRIFT_COLUMNS
+
+    rows = _lens_rows(step).assign(source="analyzer")
+    rows["value"] += offset
+    write_metric_table(run.analysis_path(step, "metrics"), rows,
+                       metadata={"probe_set_hash": "h", "process": process, "offset": offset, "kind": "metrics"})
+    drift = pd.DataFrame([{"run": "r", "step": step, "module": "block", "block": b, "kind": "all",
+                           "rel_change": step / 100 + b + offset, "changed_bf16": 0.5, "n_params": 10}
+                          for b in (1, 2, 3)])[DRIFT_COLUMNS]
+    atomic_write_parquet(run.analysis_path(step, "drift"), drift, metadata={"kind": "drift", "step": step})
+
+
+def _analysis_state(run: Run) -> dict:
+    """What every reader of analysis files gives, in a form that compares equal across layouts."""
+    metrics = run.analysis("metrics").sort_values(["step", "layer"], ignore_index=True)
+    drift = run.analysis("drift").sort_values(["step", "block"], ignore_index=True)
+    return {
+        "metrics": metrics.to_dict("list"),
+        "drift": drift.to_dict("list"),
+        "one_step": run.metric_rows("analyzer", step=[10], metric=["lens_kl"])["value"].tolist(),
+        "provenance": run.analysis_provenance("metrics"),
+        "drift_steps": sorted(run.analysis_provenance("drift")),
+        "steps": run.metric_steps("analyzer"),
+        "analysed": sorted(run.analyzed_steps("metrics", "h")),
+        "catalog": run.metric_catalog("analyzer").values.tolist(),
+    }
+
+
+def test_analysis_files_merge_into_segments_and_read_the_same(tmp_path):
+    """The analyzer's files of the kinds read over every checkpoint merge into segments of
+    ``size`` checkpoints (``analysis/steps-A-B-{kind}.parquet``, provenance per step in the
+    footer): every reader gives the same rows and provenance before and after; a checkpoint
+    analysed again replaces its rows (readers take the newer file; the next merge folds it
+    in); a merge cut short duplicates nothing; a segment is never made across another."""
+    from workbench.storage.runwriter import merge_analysis_files
+
+    run_dir = tmp_path / "r"
+    RunWriter(run_dir, {"method": "grpo"}, resume=False).set_status("finished")
+    run = Run.open(run_dir)
+    steps = [10 * i for i in range(1, 8)]
+    for step in steps:
+        _write_analysis(run, step, process=(step // 10) % 2)
+    before = _analysis_state(run)
+    assert before["steps"] == steps and before["provenance"][30]["process"] == 1
+    assert before["one_step"] == [10.1, 10.2]
+
+    written = merge_analysis_files(run.paths, "metrics", size=3)
+    written += merge_analysis_files(run.paths, "drift", size=3)
+    names = sorted(p.name for p in run.paths.analysis.iterdir())
+    assert names == ["step-000070-drift.parquet", "step-000070-metrics.parquet",
+                     "steps-000010-000030-drift.parquet", "steps-000010-000030-metrics.parquet",
+                     "steps-000040-000060-drift.parquet", "steps-000040-000060-metrics.parquet"]
+    assert sorted(p.name for p in written) == names[2:]
+    assert _analysis_state(run) == before
+
+    # Step 20 analysed again (another probe set, --force): its new rows, not the old ones.
+    _write_analysis(run, 20, offset=1000.0)
+    again = _analysis_state(run)
+    assert again["provenance"][20]["offset"] == 1000.0
+    values = pd.DataFrame(again["metrics"]).query("step == 20")["value"].tolist()
+    assert values == [1020.1, 1020.2]
+    drift = pd.DataFrame(again["drift"])
+    assert drift.query("step == 20")["rel_change"].tolist() == [1001.2, 1002.2, 1003.2]
+    assert len(drift) == 3 * len(steps)
+    merge_analysis_files(run.paths, "metrics", size=3)
+    merge_analysis_files(run.paths, "drift", size=3)
+    assert not run.analysis_path(20, "metrics").exists() and not run.analysis_path(20, "drift").exists()
+    assert _analysis_state(run) == again
+
+    # A merge cut short: a checkpoint file the segment already holds is back beside it.
+    _write_analysis(run, 40)
+    assert _analysis_state(run) == again
+    merge_analysis_files(run.paths, "metrics", size=3)
+    assert not run.analysis_path(40, "metrics").exists()
+
+    # Step 5 (before every segment) and steps 80, 90: no segment spans 5..80 across the others.
+    for step in (5, 80, 90):
+        _write_analysis(run, step)
+    merge_analysis_files(run.paths, "metrics", size=3)
+    segments, parts = run.paths.analysis_files("metrics")
+    assert [(a, b) for a, b, _ in segments] == [(10, 30), (40, 60), (70, 90)]
+    assert [step for step, _ in parts] == [5]
+    assert run.metric_steps("analyzer") == [5, *steps, 80, 90]
+
+    with pytest.raises(WorkbenchError, match="analysis kind 'attn' is not merged"):
+        merge_analysis_files(run.paths, "attn")

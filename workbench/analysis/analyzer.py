@@ -61,9 +61,9 @@ from workbench.models.loading import DTYPES
 from workbench.models.readout import LogitLens
 from workbench.storage.atomic import atomic_write_parquet
 from workbench.storage.checkpoints import MANIFEST_NAME
-from workbench.storage.paths import probe_set_hash
+from workbench.storage.paths import SEGMENT_KINDS, probe_set_hash
 from workbench.storage.runstore import Run
-from workbench.storage.runwriter import write_metric_table
+from workbench.storage.runwriter import merge_analysis_files, write_metric_table
 from workbench.storage.schema import (
     ATTN_COLUMNS,
     CELL_COLUMNS,
@@ -119,7 +119,7 @@ class ProbeReport:
         analysed: steps analysed in this call.
         up_to_date: steps skipped because their analysis exists with this probe set.
         skipped: ``(step, one-line reason)`` for checkpoints that could not be analysed.
-        files: parquet files written.
+        files: parquet files written (a checkpoint's file merged into a segment, as the segment).
     """
 
     run_dir: Path
@@ -144,7 +144,7 @@ class ProbeReport:
             analysed=sorted(s for r in every for s in r.analysed),
             up_to_date=sorted(s for r in every for s in r.up_to_date),
             skipped=sorted(s for r in every for s in r.skipped),
-            files=sorted((f for r in every for f in r.files), key=str),
+            files=sorted({f for r in every for f in r.files if f.exists()}, key=str),  # merged away: gone
         )
 
 
@@ -746,6 +746,11 @@ def probe_run(
             write_metric_table(path, tables["metrics"], metadata={**provenance, "kind": "metrics"})
             report.files.append(path)
         report.analysed.append(step)
+    procs.barrier()  # every process's checkpoints are written before they are merged
+    if procs.main:  # the kinds read over every checkpoint, merged into segments: once, by process 0
+        segments = [path for kind in SEGMENT_KINDS for path in merge_analysis_files(run.paths, kind)]
+        if segments:  # a file merged away is listed as the segment that holds it
+            report.files = [f for f in report.files if f.exists()] + segments
     return report
 
 

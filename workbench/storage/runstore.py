@@ -9,9 +9,10 @@ A run folder::
       metrics.jsonl            one JSON object per training step ("step", "time", ...)
       probe_set.jsonl          the fixed probe prompts and reference completions
       probes/step-NNNNNN.parquet  built-in probes, one file per probed step, METRIC_COLUMNS (schema.py)
-      probes/steps-A-B.parquet    ...merged 32 steps at a time (runwriter.PROBE_SEGMENT)
+      probes/steps-A-B.parquet    ...merged 32 steps at a time (paths.SEGMENT_STEPS)
       checkpoints/step-000050/ HF files + tokenizer + trainer_state + manifest.json
       analysis/step-000050-<kind>.parquet   analyzer output with provenance metadata
+      analysis/steps-A-B-<kind>.parquet     ...metrics, drift, lens, patch merged 32 checkpoints at a time
 
 The rest of the store, by seam: :mod:`workbench.storage.atomic` (every file is written
 atomically), :mod:`workbench.storage.checkpoints` (checkpoints and their manifests),
@@ -78,16 +79,21 @@ def _warn(message: str) -> None:
     warn(message, stacklevel=4, logger=__name__)
 
 
-def _read_files(files: list[Path], columns: list[str] | None, where: dict[str, list]) -> pd.DataFrame:
+def _read_files(files: list[Path], columns: list[str] | None, where: dict[str, list],
+                skip: dict[Path, frozenset[int]] | None = None) -> pd.DataFrame:
     """The rows of ``files`` that match ``where`` (:func:`_read_where`), in file order, as one
-    table of ``columns`` (None: every column). Files are read on a few threads (parquet
-    decoding releases the GIL) and joined as Arrow tables, so there is one conversion to
-    pandas, not one per file. An unreadable file is skipped with a warning."""
+    table of ``columns`` (None: every column), leaving out the rows of the steps ``skip``
+    names for a file (a segment's steps that a newer per-checkpoint file holds). Files are
+    read on a few threads (parquet decoding releases the GIL) and joined as Arrow tables, so
+    there is one conversion to pandas, not one per file. An unreadable file is skipped with a
+    warning."""
     import pyarrow as pa
+
+    skip = skip or {}
 
     def read(path: Path):
         try:
-            return _read_where(path, columns, where)
+            return _read_where(path, columns, where, skip.get(path, frozenset()))
         except Exception as exc:  # a corrupt file must not take the dashboard down
             _warn(f"{path} is unreadable: {exc}")
             return None
@@ -105,9 +111,9 @@ def _read_files(files: list[Path], columns: list[str] | None, where: dict[str, l
 _PRUNE_COLUMNS = ("metric", "split", "step")  # the leading keys of runwriter.METRIC_SORT
 
 
-def _read_where(path: Path, columns: list[str] | None, where: dict[str, list]):
+def _read_where(path: Path, columns: list[str] | None, where: dict[str, list], skip_steps: frozenset[int] = frozenset()):
     """The rows of one parquet file whose ``column`` is in ``values`` for every item of
-    ``where``, as an Arrow table of ``columns``.
+    ``where`` and whose step is not in ``skip_steps``, as an Arrow table of ``columns``.
 
     Row groups are chosen from the footer's min/max statistics first (a sorted metric file
     keeps one metric in a few row groups), and only those are decoded. Measured on a
@@ -131,10 +137,13 @@ def _read_where(path: Path, columns: list[str] | None, where: dict[str, list]):
                 break  # no value of this column can be in the row group
         else:
             groups.append(i)
-    needed = None if columns is None else list(dict.fromkeys(columns + list(where)))
+    needed = None if columns is None else list(dict.fromkeys(columns + list(where) + (["step"] if skip_steps else [])))
     table = file.read_row_groups(groups, columns=needed)
     for column, values in where.items():
         table = table.filter(pc.is_in(table[column], value_set=_value_set(values, table.schema.field(column).type)))
+    if skip_steps:
+        kept = pc.invert(pc.is_in(table["step"], value_set=_value_set(sorted(skip_steps), table.schema.field("step").type)))
+        table = table.filter(kept)
     return table if columns is None else table.select(columns)
 
 
@@ -274,20 +283,36 @@ class Run:
 
     def metric_files(self, source: str, steps: Iterable[int] | None = None) -> list[Path]:
         """The files of one metric source (``"probe"``: ``probes/``, its segments and parts,
-        and a legacy ``probes.parquet``; ``"analyzer"``: ``analysis/step-*-metrics.parquet``),
-        by step; only those that may hold ``steps`` when given (a legacy single table is
-        always included)."""
-        wanted = None if steps is None else {int(s) for s in steps}
-        if source == "probe":  # files of several steps first: a legacy table, then the segments
-            several = [self.paths.probes] if self.paths.probes.is_file() else []
-            several += [p for a, b, p in self.paths.probe_segment_files()
-                        if wanted is None or any(a <= step <= b for step in wanted)]
-            parts = self.paths.probe_part_files()
-        elif source == "analyzer":
-            several, parts = [], self._analysis_files("metrics")
-        else:
+        and a legacy ``probes.parquet``; ``"analyzer"``: the analysis segments and
+        per-checkpoint files of kind ``metrics``), by step; only those that may hold
+        ``steps`` when given (a legacy single table is always included)."""
+        return list(self._metric_sources(source, steps))
+
+    def _metric_sources(self, source: str, steps: Iterable[int] | None = None) -> dict[Path, frozenset[int]]:
+        """:meth:`metric_files`, each with the steps whose rows it must not give."""
+        if source == "analyzer":
+            return self._analysis_sources("metrics", steps)
+        if source != "probe":
             raise WorkbenchError(f"unknown metric source {source!r}; expected 'probe' or 'analyzer'")
-        return several + [p for step, p in parts if wanted is None or step in wanted]
+        wanted = None if steps is None else {int(s) for s in steps}
+        # files of several steps first: a legacy table, then the segments
+        several = [self.paths.probes] if self.paths.probes.is_file() else []
+        several += [p for a, b, p in self.paths.probe_segment_files()
+                    if wanted is None or any(a <= step <= b for step in wanted)]
+        parts = [p for step, p in self.paths.probe_part_files() if wanted is None or step in wanted]
+        return dict.fromkeys(several + parts, frozenset())
+
+    def _analysis_sources(self, kind: str, steps: Iterable[int] | None = None) -> dict[Path, frozenset[int]]:
+        """The analysis files of ``kind`` (its segments, then its per-checkpoint files, by
+        step; only those that may hold ``steps`` when given), each with the steps whose rows
+        it must not give: a segment's steps that a newer per-checkpoint file holds."""
+        wanted = None if steps is None else {int(s) for s in steps}
+        segments, parts = self.paths.analysis_files(kind)
+        newer = [step for step, _ in parts]
+        found = {p: frozenset(s for s in newer if a <= s <= b) for a, b, p in segments
+                 if wanted is None or any(a <= s <= b for s in wanted)}
+        found.update((p, frozenset()) for step, p in parts if wanted is None or step in wanted)
+        return found
 
     def metric_rows(self, source: str, *, columns: list[str] | None = None,
                     **where: Iterable | None) -> pd.DataFrame:
@@ -310,7 +335,8 @@ class Run:
         if unknown:
             raise WorkbenchError(f"unknown metric columns {unknown}; expected some of {METRIC_COLUMNS}")
         where = {column: list(values) for column, values in where.items() if values is not None}
-        return _read_files(self.metric_files(source, where.get("step")), columns, where)
+        sources = self._metric_sources(source, where.get("step"))
+        return _read_files(list(sources), columns, where, sources)
 
     def has_probes(self) -> bool:
         """Whether the trainer wrote built-in probes (without reading them)."""
@@ -383,14 +409,6 @@ class Run:
         """``analysis/step-NNNNNN-{kind}.parquet`` (kind: metrics, topk, cells, attn, ...)."""
         return self.paths.analysis_file(step, kind)
 
-    def _analysis_files(self, kind: str) -> list[tuple[int, Path]]:
-        pattern = RunPaths.analysis_pattern(kind)
-        folder = self.paths.analysis
-        if not folder.is_dir():
-            return []
-        found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := pattern.match(p.name))]
-        return sorted(found)
-
     def metric_catalog(self, source: str) -> pd.DataFrame:
         """What one metric source holds, without its values: the distinct ``(metric,
         split)`` pairs over every step (columns ``metric, split``), from the files' footers
@@ -417,39 +435,53 @@ class Run:
         return pd.DataFrame(sorted(pairs), columns=["metric", "split"])
 
     def metric_steps(self, source: str) -> list[int]:
-        """Steps with metric rows of ``source``: from the per-step file names (and a legacy
-        ``probes.parquet``'s step column), without reading any rows of the parts."""
-        legacy_steps: set[int] = set()
+        """Steps with metric rows of ``source``: from the per-step file names and the
+        segments' footers (and a legacy ``probes.parquet``'s step column), without reading
+        any rows of the parts."""
+        if source not in ("probe", "analyzer"):
+            raise WorkbenchError(f"unknown metric source {source!r}; expected 'probe' or 'analyzer'")
+        steps: set[int] = set()
         if source == "probe" and self.paths.probes.is_file():
             try:
-                legacy_steps = {int(s) for s in pd.read_parquet(self.paths.probes, columns=["step"])["step"].unique()}
+                steps = {int(s) for s in pd.read_parquet(self.paths.probes, columns=["step"])["step"].unique()}
             except Exception as exc:
                 _warn(f"{self.paths.probes} is unreadable: {exc}")
         if source == "probe":
-            for _, _, path in self.paths.probe_segment_files():
-                try:
-                    legacy_steps.update(int(s) for s in read_provenance(path).get("steps", []))
-                except Exception as exc:
-                    _warn(f"{path} is unreadable: {exc}")
-        parts = self.paths.probe_part_files() if source == "probe" else self._analysis_files("metrics")
-        return sorted(legacy_steps | {step for step, _ in parts})
+            segments, parts = self.paths.probe_segment_files(), self.paths.probe_part_files()
+        else:
+            segments, parts = self.paths.analysis_files("metrics")
+        for _, _, path in segments:
+            try:
+                steps.update(int(s) for s in read_provenance(path).get("steps", []))
+            except Exception as exc:
+                _warn(f"{path} is unreadable: {exc}")
+        return sorted(steps | {step for step, _ in parts})
 
     def analysis(self, kind: str) -> pd.DataFrame:
-        """All analyzer tables of one kind, concatenated over checkpoints (sorted by step)."""
+        """All analyzer tables of one kind, concatenated over checkpoints (segments first, then
+        the per-checkpoint files, each in step order)."""
         if kind == "metrics":
             return self.metric_rows("analyzer")
-        return _read_files([p for _, p in self._analysis_files(kind)], ANALYSIS_COLUMNS.get(kind), {})
+        sources = self._analysis_sources(kind)
+        return _read_files(list(sources), ANALYSIS_COLUMNS.get(kind), {}, sources)
 
     def analysis_provenance(self, kind: str) -> dict[int, dict]:
-        """``{step: provenance}`` of every analysis file of ``kind``, from the files' footers
-        (each file opened once; an unreadable one is left out with a warning)."""
+        """``{step: provenance}`` of every analysed checkpoint of ``kind``, by step, from the
+        files' footers (each file opened once: a segment lists its steps' provenance; a newer
+        per-checkpoint file's is the step's; an unreadable file is left out with a warning)."""
+        segments, parts = self.paths.analysis_files(kind)
         out = {}
-        for step, path in self._analysis_files(kind):
+        for _, _, path in segments:
+            try:
+                out.update((int(step), info) for step, info in read_provenance(path)["provenance"].items())
+            except Exception as exc:  # noqa: BLE001 - a corrupt segment must not hide the other files
+                _warn(f"{path} is unreadable: {exc}")
+        for step, path in parts:
             try:
                 out[step] = read_provenance(path)
             except Exception as exc:
                 _warn(f"{path} is unreadable: {exc}")
-        return out
+        return dict(sorted(out.items()))
 
     def analyzed_steps(self, kind: str, probe_set_hash: str | None = None) -> set[int]:
         """Steps with an analysis file of ``kind`` (made with this probe set hash, if given)."""

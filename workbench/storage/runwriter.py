@@ -1,4 +1,5 @@
-"""Writing a run folder: :class:`RunWriter` (run.json, metrics, probe set, probes, samples).
+"""Writing a run folder: :class:`RunWriter` (run.json, metrics, probe set, probes, samples),
+and :func:`merge_analysis_files` (the analyzer's files of one kind merged into segments).
 
 Every file is written atomically (:mod:`workbench.storage.atomic`) except ``metrics.jsonl``,
 which is appended one fsynced line at a time so a kill loses at most the line being
@@ -21,13 +22,14 @@ import pandas as pd
 
 from workbench.errors import DataError, WorkbenchError
 from workbench.storage.atomic import (
+    PROVENANCE_KEY,
     atomic_write_json,
     atomic_write_parquet,
     atomic_write_text,
     json_default,
 )
 from workbench.storage.checkpoints import latest_checkpoint
-from workbench.storage.paths import RunPaths, probe_set_hash
+from workbench.storage.paths import SEGMENT_KINDS, SEGMENT_STEPS, RunPaths, probe_set_hash
 from workbench.storage.runstore import (
     METRIC_CATALOG_KEY,
     STATUSES,
@@ -36,7 +38,7 @@ from workbench.storage.runstore import (
 )
 from workbench.storage.schema import METRIC_COLUMNS, SAMPLE_COLUMNS
 
-__all__ = ["METRIC_ROW_GROUP", "METRIC_SORT", "PROBE_SEGMENT", "RunWriter", "write_metric_table"]
+__all__ = ["METRIC_ROW_GROUP", "METRIC_SORT", "RunWriter", "merge_analysis_files", "write_metric_table"]
 
 # A metric table (one step's probes, one checkpoint's analysis) is stored sorted by metric,
 # then split, in row groups of METRIC_ROW_GROUP rows: a read of one metric (the dashboard's
@@ -44,12 +46,9 @@ __all__ = ["METRIC_ROW_GROUP", "METRIC_SORT", "PROBE_SEGMENT", "RunWriter", "wri
 # layers x 32 heads a step holds ~20k rows, of which one metric on one split is ~36.
 METRIC_SORT = ["metric", "split", "step", "layer", "head", "ref_layer"]
 METRIC_ROW_GROUP = 2048
-# Built-in probe parts are merged into one segment file once this many have gathered (the
-# newest step's part is never merged: a further split of it may still come). A reader then
-# opens about steps / PROBE_SEGMENT files, not one per step (at 36 x 32 and 200 probe steps,
-# opening 200 files cost ~0.25-0.4 s per run on this 2-core machine); a step's write stays
-# bounded: its own part, and every PROBE_SEGMENT steps one merge of PROBE_SEGMENT parts.
-PROBE_SEGMENT = 32
+# Built-in probe parts are merged into one segment file once paths.SEGMENT_STEPS have
+# gathered (the newest step's part is never merged: a further split of it may still come);
+# a step's write stays bounded: its own part, and every SEGMENT_STEPS steps one merge.
 
 
 def write_metric_table(path: str | os.PathLike, df: pd.DataFrame, metadata: dict | None = None) -> None:
@@ -256,14 +255,14 @@ class RunWriter:
         self._merge_probe_parts()
 
     def _merge_probe_parts(self) -> None:
-        """Merge the per-step parts into one segment once :data:`PROBE_SEGMENT` have gathered
+        """Merge the per-step parts into one segment once ``SEGMENT_STEPS`` have gathered
         before the newest one. The segment is written (atomically) before the parts go, so a
         kill in between leaves parts the segment covers, which readers skip and the next
         merge removes."""
         for _, leftover in self.paths.probe_part_files(covered=True):  # of a merge cut short
             leftover.unlink()
         parts = self.paths.probe_part_files()[:-1]  # never the newest step's part
-        if len(parts) < PROBE_SEGMENT:
+        if len(parts) < SEGMENT_STEPS:
             return
         table = pd.concat([pd.read_parquet(p) for _, p in parts], ignore_index=True)
         steps = [step for step, _ in parts]
@@ -300,3 +299,82 @@ class RunWriter:
         if status != "training":
             self.info["end_time"] = _now_iso()
         atomic_write_json(self.run_json, self.info)
+
+
+def merge_analysis_files(paths: RunPaths, kind: str, *, size: int = SEGMENT_STEPS) -> list[Path]:
+    """Merge the per-checkpoint analysis files of ``kind`` (one of
+    :data:`~workbench.storage.paths.SEGMENT_KINDS`) into segment files
+    (``analysis/steps-AAAAAA-BBBBBB-{kind}.parquet``), the way the built-in probes' parts are.
+
+    A per-checkpoint file inside a segment's range (a checkpoint analysed again, or a merge
+    cut short) replaces that step's rows and provenance in the segment. Of the others, every
+    ``size`` consecutive checkpoints with no segment between them become one segment; fewer
+    stay as they are. Each segment keeps its steps' provenance in its footer (``steps``,
+    ``provenance``: step -> the checkpoint file's footer), so
+    :meth:`~workbench.storage.runstore.Run.analysis_provenance` reads the same either way. A
+    segment is written (atomically) before its checkpoint files go: a kill in between leaves
+    files the segment also holds, with the same rows, which readers take from the files and
+    the next merge removes. Called by ``oisd probe`` once every process finished.
+
+    Returns:
+        The segment files written.
+    """
+    if kind not in SEGMENT_KINDS:
+        raise WorkbenchError(f"analysis kind {kind!r} is not merged; merged kinds: {', '.join(SEGMENT_KINDS)}")
+    segments, parts = paths.analysis_files(kind)
+    written = []
+    for first, last, path in segments:  # newer per-checkpoint files inside a segment's range
+        inside = [(step, p) for step, p in parts if first <= step <= last]
+        if not inside:
+            continue
+        newer = {step for step, _ in inside}
+        table, info = _read_with_provenance(path)
+        provenance = {int(step): v for step, v in info.get("provenance", {}).items() if int(step) not in newer}
+        tables = [table[~table["step"].isin(newer)]]
+        for step, p in inside:
+            part, provenance[step] = _read_with_provenance(p)
+            tables.append(part)
+        _write_segment(path, kind, tables, provenance)
+        written.append(path)
+        for _, p in inside:
+            p.unlink()
+    starts = [first for first, _, _ in segments]
+    loose = [(step, p) for step, p in parts if not any(a <= step <= b for a, b, _ in segments)]
+    groups: list[list[tuple[int, Path]]] = []
+    for step, p in loose:  # runs of consecutive files with no segment between them
+        if groups and not any(groups[-1][-1][0] < a < step for a in starts):
+            groups[-1].append((step, p))
+        else:
+            groups.append([(step, p)])
+    for group in groups:
+        for i in range(0, len(group) - size + 1, size):
+            chunk = group[i : i + size]
+            path = paths.analysis_segment(chunk[0][0], chunk[-1][0], kind)
+            read = {step: _read_with_provenance(p) for step, p in chunk}
+            _write_segment(path, kind, [table for table, _ in read.values()],
+                           {step: info for step, (_, info) in read.items()})
+            written.append(path)
+            for _, p in chunk:
+                p.unlink()
+    return written
+
+
+def _read_with_provenance(path: Path) -> tuple[pd.DataFrame, dict]:
+    """A parquet file's table and its provenance, the file opened once."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    raw = (table.schema.metadata or {}).get(PROVENANCE_KEY)
+    return table.to_pandas(), json.loads(raw) if raw else {}
+
+
+def _write_segment(path: Path, kind: str, tables: list[pd.DataFrame], provenance: dict[int, dict]) -> None:
+    """One segment of analysis ``kind``: the checkpoints' rows in step order, and their
+    provenance in the footer."""
+    table = pd.concat(tables, ignore_index=True)
+    steps = sorted(provenance)
+    metadata = {"kind": kind, "steps": steps, "provenance": {str(step): provenance[step] for step in steps}}
+    if kind == "metrics":
+        write_metric_table(path, table, metadata)
+    else:
+        atomic_write_parquet(path, table.sort_values("step", kind="stable", ignore_index=True), metadata=metadata)
