@@ -8,11 +8,12 @@ notebooks can draw the same pictures as the dashboard.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
-from plotly.colors import qualitative
+from plotly.colors import get_colorscale, qualitative, sample_colorscale
 from plotly.subplots import make_subplots
 
 from workbench.storage.schema import METRIC_INFO
@@ -351,19 +352,46 @@ def _cell_text(text: np.ndarray, n_positions: int, size: int, color: str | None 
     return dict(text=text, texttemplate="%{text}", textfont=dict(size=size, color=color))
 
 
-def lens_grid(topk: pd.DataFrame, cells: pd.DataFrame, metric: str | None) -> go.Figure:
-    """The logit-lens grid of one prompt: layers x positions, top-1 token in each cell.
+@dataclass(frozen=True)
+class LensGrid:
+    """What a lens grid shows, drawn two ways: :func:`lens_grid_figure` (Plotly, the
+    notebooks) and :func:`lens_table` (an HTML table, the dashboard).
+
+    Attributes:
+        z: the colour values, layers x positions (index: layers, ascending; columns: positions).
+        text: the label written in each cell (same shape).
+        hover: the extra lines shown on hover in each cell (the top-k tokens), or None.
+        ticks: each position's label (``input -> target``), or None (the position).
+        title: the grid's title.
+        colour_title: what the colour is (the colour bar's title and the hover's name).
+        colorscale: the colour scale; ``reversescale`` flips it.
+        bounds: the scale's ``(zmin, zmax)``; None: the values' range.
+        text_size: the cells' font size in the Plotly form.
+        text_color: the cells' text colour in the Plotly form (None: black or white by cell).
+    """
+
+    z: pd.DataFrame
+    text: np.ndarray
+    hover: np.ndarray | None
+    ticks: list[str] | None
+    title: str
+    colour_title: str
+    colorscale: list | str
+    reversescale: bool = False
+    bounds: tuple[float, float] | None = None
+    text_size: int = 16
+    text_color: str | None = LENS_TEXT_COLOR
+
+
+def lens_grid_content(topk: pd.DataFrame, cells: pd.DataFrame, metric: str | None) -> LensGrid:
+    """The logit-lens grid of one prompt: layers x positions, the top-1 token in each cell, the
+    top-k tokens with their probabilities on hover.
 
     Args:
         topk: ``TOPK_COLUMNS`` rows of one (step, prompt); ``k = 0`` is the top token.
         cells: ``CELL_COLUMNS`` rows of the same (step, prompt): metric values per
             (layer, position), plus the input token and the target at each position.
         metric: Cell metric to colour by; ``None`` colours by the top-1 probability.
-
-    Returns:
-        A heat map with layer 1 at the bottom, the top-1 token written in each cell (up to
-        ``LENS_TEXT_MAX_POSITIONS`` positions), and the top-k tokens with their probabilities
-        on hover.
     """
     ranked = topk.sort_values(["layer", "position", "k"])
     top1 = ranked.groupby(["layer", "position"]).first()
@@ -379,26 +407,49 @@ def lens_grid(topk: pd.DataFrame, cells: pd.DataFrame, metric: str | None) -> go
     else:
         z = top1["prob"].unstack("position")
         colour_title = "top-1 prob"
-    z = z.reindex(index=layers, columns=positions)
     at_position = cells.drop_duplicates("position").set_index("position")
+
     def tick(p: int) -> str:
         if p not in at_position.index:
             return str(p)
         row = at_position.loc[p]
         return f"{display_token(row['token'])}\u2192{display_token(row['target'])}"
-    fig = go.Figure(go.Heatmap(
-        z=z.to_numpy(dtype=float), x=[str(p) for p in positions], y=[str(layer) for layer in layers],
-        **_cell_text(text.to_numpy(), len(positions), 16, LENS_TEXT_COLOR),
-        customdata=hover.reindex(index=layers, columns=positions).to_numpy(),
-        colorscale=LENS_COLORSCALE, reversescale=colour_title in HIGHER_IS_CLOSER or colour_title == "top-1 prob",
-        colorbar=dict(title=dict(text=colour_title, side="right")),
-        hovertemplate=f"layer %{{y}}, position %{{x}}<br>{colour_title} %{{z:.3g}}<br>top-k:<br>%{{customdata}}<extra></extra>",
-    ))
-    fig.update_xaxes(title_text="position (input \u2192 target)", type="category",
-                     tickvals=[str(p) for p in positions], ticktext=[tick(p) for p in positions])
-    fig.update_yaxes(title_text="layer", type="category")
+
     title = metric_label(colour_title) if colour_title != "top-1 prob" else "top-1 probability"
-    fig.update_layout(title=dict(text=f"Logit lens: top-1 token per layer; colour = {title}", font=dict(size=14)),
+    return LensGrid(
+        z=z.reindex(index=layers, columns=positions), text=text.to_numpy(),
+        hover=hover.reindex(index=layers, columns=positions).to_numpy(), ticks=[tick(p) for p in positions],
+        title=f"Logit lens: top-1 token per layer; colour = {title}", colour_title=colour_title,
+        colorscale=LENS_COLORSCALE, reversescale=colour_title in HIGHER_IS_CLOSER or colour_title == "top-1 prob")
+
+
+def lens_grid(topk: pd.DataFrame, cells: pd.DataFrame, metric: str | None) -> go.Figure:
+    """The logit-lens grid of one prompt (:func:`lens_grid_content`) as a Plotly heat map: layer 1
+    at the bottom, the top-1 token written in each cell (up to ``LENS_TEXT_MAX_POSITIONS``
+    positions), the top-k tokens with their probabilities on hover."""
+    return lens_grid_figure(lens_grid_content(topk, cells, metric))
+
+
+def lens_grid_figure(grid: LensGrid) -> go.Figure:
+    """A :class:`LensGrid` as a Plotly heat map (the notebooks' form of the dashboard's table)."""
+    positions, layers = [str(p) for p in grid.z.columns], [str(layer) for layer in grid.z.index]
+    hover = "<br>top-k:<br>%{customdata}" if grid.hover is not None else ""
+    bounds = dict(zmin=grid.bounds[0], zmax=grid.bounds[1]) if grid.bounds else {}
+    fig = go.Figure(go.Heatmap(
+        z=grid.z.to_numpy(dtype=float), x=positions, y=layers,
+        **_cell_text(grid.text, len(positions), grid.text_size, grid.text_color),
+        **({"customdata": grid.hover} if grid.hover is not None else {}),
+        colorscale=grid.colorscale, reversescale=grid.reversescale, **bounds,
+        colorbar=dict(title=dict(text=grid.colour_title, side="right")),
+        hovertemplate=f"layer %{{y}}, position %{{x}}<br>{grid.colour_title} %{{z:.3g}}{hover}<extra></extra>",
+    ))
+    if grid.ticks is not None:
+        fig.update_xaxes(title_text="position (input \u2192 target)", type="category", tickvals=positions,
+                         ticktext=grid.ticks)
+    else:
+        fig.update_xaxes(title_text="position", type="category")
+    fig.update_yaxes(title_text="layer", type="category")
+    fig.update_layout(title=dict(text=grid.title, font=dict(size=14)),
                       height=max(300, 60 + 42 * len(layers)), font=_FONT, margin=dict(t=60, b=60, l=50, r=20))
     return fig
 
@@ -413,8 +464,8 @@ def lens_cell_matrix(topk: pd.DataFrame, cells: pd.DataFrame, metric: str | None
     return top1.pivot_table(index="layer", columns="position", values="prob", aggfunc="first")
 
 
-def lens_grid_difference(a: tuple[pd.DataFrame, pd.DataFrame], b: tuple[pd.DataFrame, pd.DataFrame],
-                         metric: str | None, name_a: str, name_b: str) -> go.Figure:
+def lens_difference_content(a: tuple[pd.DataFrame, pd.DataFrame], b: tuple[pd.DataFrame, pd.DataFrame],
+                            metric: str | None, name_a: str, name_b: str) -> LensGrid:
     """A minus B of two lens grids of the same prompt and positions (white = 0). A cell's
     text is the top-1 token of A, or ``A|B`` where the two top-1 tokens differ."""
     za, zb = lens_cell_matrix(*a, metric), lens_cell_matrix(*b, metric)
@@ -427,18 +478,104 @@ def lens_grid_difference(a: tuple[pd.DataFrame, pd.DataFrame], b: tuple[pd.DataF
     bound = float(np.nanmax(np.abs(diff.to_numpy(dtype=float)))) if diff.size else 1.0
     bound = bound if bound > 0 and math.isfinite(bound) else 1.0
     title = metric or "top-1 prob"
-    fig = go.Figure(go.Heatmap(
-        z=diff.to_numpy(dtype=float), x=[str(p) for p in positions], y=[str(layer) for layer in layers],
-        **_cell_text(np.array(text, dtype=object), len(positions), 13), colorscale=DIVERGING, zmid=0.0,
-        zmin=-bound, zmax=bound, colorbar=dict(title=dict(text=f"\u0394 {title}", side="right")),
-        hovertemplate=f"layer %{{y}}, position %{{x}}<br>\u0394 {title} %{{z:.3g}}<extra></extra>",
-    ))
-    fig.update_xaxes(title_text="position", type="category")
-    fig.update_yaxes(title_text="layer", type="category")
-    fig.update_layout(title=dict(text=f"{name_a} minus {name_b}: {title} (cells show A's top-1, or A|B)",
-                                 font=dict(size=14)),
-                      height=max(300, 60 + 42 * len(layers)), font=_FONT, margin=dict(t=60, b=60, l=50, r=20))
-    return fig
+    return LensGrid(z=diff, text=np.array(text, dtype=object).reshape(diff.shape), hover=None, ticks=None,
+                    title=f"{name_a} minus {name_b}: {title} (cells show A's top-1, or A|B)",
+                    colour_title=f"\u0394 {title}", colorscale=DIVERGING, bounds=(-bound, bound),
+                    text_size=13, text_color=None)
+
+
+def lens_grid_difference(a: tuple[pd.DataFrame, pd.DataFrame], b: tuple[pd.DataFrame, pd.DataFrame],
+                         metric: str | None, name_a: str, name_b: str) -> go.Figure:
+    """:func:`lens_difference_content` as a Plotly heat map."""
+    return lens_grid_figure(lens_difference_content(a, b, metric, name_a, name_b))
+
+
+def on_one_scale(*grids: LensGrid) -> list[LensGrid]:
+    """``grids`` with one colour scale, from the lowest value of any to the highest, so that
+    a colour means the same value in each (two checkpoints' grids side by side)."""
+    values = np.concatenate([g.z.to_numpy(dtype=float).ravel() for g in grids])
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return list(grids)
+    return [replace(g, bounds=(float(finite.min()), float(finite.max()))) for g in grids]
+
+
+def _colours(grid: LensGrid) -> tuple[list[list[str | None]], list[str], float, float]:
+    """Each cell's colour on the grid's scale (None where the value is missing), the scale's
+    colours from its low end to its high end, and the two ends' values."""
+    values = grid.z.to_numpy(dtype=float)
+    finite = values[np.isfinite(values)]
+    low, high = grid.bounds or ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0))
+    scale = get_colorscale(grid.colorscale) if isinstance(grid.colorscale, str) else grid.colorscale
+    span = high - low
+    share = np.clip((values - low) / span, 0.0, 1.0) if span > 0 else np.full(values.shape, 0.5)
+    share = 1.0 - share if grid.reversescale else share
+    flat = sample_colorscale(scale, np.nan_to_num(share.ravel(), nan=0.0).tolist(), colortype="rgb")
+    cells = [[None if not np.isfinite(v) else flat[i * values.shape[1] + j] for j, v in enumerate(row)]
+             for i, row in enumerate(values)]
+    ends = sample_colorscale(scale, [0.0, 0.25, 0.5, 0.75, 1.0], colortype="rgb")
+    return cells, ends[::-1] if grid.reversescale else ends, low, high
+
+
+def _ink(colour: str | None) -> str:
+    """Dark or white text, whichever reads on ``colour`` (``rgb(r, g, b)``; None: the page's)."""
+    if colour is None:
+        return "inherit"
+    r, g, b = (float(x) for x in colour[colour.index("(") + 1 : -1].split(","))
+    return LENS_TEXT_COLOR if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "#ffffff"
+
+
+def lens_table(grid: LensGrid, name: str) -> str:
+    """A :class:`LensGrid` as an HTML table (``st.html``): layer 1 at the bottom, each cell
+    coloured on the grid's scale with its label written in it, a tooltip with its layer,
+    position, value and the top-k tokens, the positions' labels under the grid and a colour
+    bar. A browser lays out a table of 36 x 16 cells in milliseconds where a Plotly heat map
+    with its text took 0.2-0.3 s per draw (Streamlit draws a figure two or three times).
+    Each cell carries its value (``data-z``) and the table its ``name`` (``data-grid``)."""
+    from html import escape
+
+    colours, ends, low, high = _colours(grid)
+    layers, positions = list(grid.z.index), list(grid.z.columns)
+    values = grid.z.to_numpy(dtype=float)
+    rows = []
+    for i in range(len(layers) - 1, -1, -1):  # the last layer on top, as in a heat map
+        tds = []
+        for j, position in enumerate(positions):
+            value, colour = values[i, j], colours[i][j]
+            tip = f"layer {layers[i]}, position {position}\n{grid.colour_title} {value:.3g}"
+            if grid.hover is not None and isinstance(grid.hover[i, j], str):
+                tip += "\ntop-k:\n" + grid.hover[i, j].replace("<br>", "\n")
+            background = f"background:{colour};color:{_ink(colour)}" if colour else ""
+            tds.append(f'<td style="{background}" title="{escape(tip)}" data-z="{float(value)!r}">'
+                       f"{escape(str(grid.text[i, j]))}</td>")
+        rows.append(f'<tr><th class="layer">{layers[i]}</th>{"".join(tds)}</tr>')
+    labels = grid.ticks or [str(p) for p in positions]
+    foot = "".join(f'<th class="tick">{escape(label)}</th>' for label in labels)
+    axis = "position (input \u2192 target)" if grid.ticks is not None else "position"
+    return (
+        f'<div class="lens-table" data-grid="{escape(name)}">{_LENS_TABLE_STYLE}'
+        f'<div class="title">{escape(grid.title)}</div>'
+        f'<table><tr><th class="tick">layer</th><th colspan="{len(positions)}"></th></tr>{"".join(rows)}'
+        f'<tr><th></th>{foot}</tr></table><div class="axis">{axis}</div>'
+        f'<div class="bar"><span>{low:.3g}</span><span class="scale" style="background:linear-gradient(to right, '
+        f'{", ".join(ends)})"></span><span>{high:.3g}</span><span>{escape(grid.colour_title)}</span></div></div>'
+    )
+
+
+_LENS_TABLE_STYLE = (
+    "<style>"
+    ".lens-table{overflow-x:auto;font-size:13px}"
+    ".lens-table .title{font-weight:600;font-size:14px;margin:4px 0 6px}"
+    ".lens-table table{border-collapse:collapse;font-family:monospace;font-size:14px}"
+    ".lens-table td{padding:3px 6px;text-align:center;white-space:pre;border:1px solid rgba(128,128,128,.25)}"
+    ".lens-table th{font-weight:normal;padding:0 6px}"
+    ".lens-table th.layer{text-align:right}"
+    ".lens-table th.tick{font-size:11px;white-space:pre;padding:2px 4px}"
+    ".lens-table .axis{font-size:11px;margin:2px 0 0 40px}"
+    ".lens-table .bar{display:flex;align-items:center;gap:6px;margin:8px 0 0 40px;font-size:11px}"
+    ".lens-table .scale{display:inline-block;width:220px;height:10px}"
+    "</style>"
+)
 
 
 def layer_profiles(rows: dict[str, pd.DataFrame], metric: str) -> go.Figure:

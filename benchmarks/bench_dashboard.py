@@ -199,7 +199,8 @@ def _free_port() -> int:
 def _wait_view(page, header: str, figure_text: str, figures: int) -> None:
     """Until the main header is ``header``, Streamlit has finished running the script (the
     app root's ``data-test-script-state``, what Streamlit's own browser tests wait on) and
-    ``figures`` Plotly figures, one showing ``figure_text``, are drawn.
+    ``figures`` figures (Plotly figures, and the drill-down's lens tables), one showing
+    ``figure_text``, are drawn.
 
     (Until 2026-12-06 this read the status widget's text, which never says "Running" in
     this Streamlit: a switch counted as done once its first figures were drawn, while the
@@ -211,7 +212,8 @@ def _wait_view(page, header: str, figure_text: str, figures: int) -> None:
             if (!app || app.getAttribute('data-test-script-state') !== 'notRunning') return false;
             const h = document.querySelector('[data-testid="stMain"] h2');
             if (!h || h.innerText.trim() !== header) return false;
-            const plots = [...document.querySelectorAll('.js-plotly-plot')].filter(p => p.querySelector('.main-svg'));
+            const plots = [...document.querySelectorAll('.js-plotly-plot')].filter(p => p.querySelector('.main-svg'))
+                .concat([...document.querySelectorAll('.lens-table')].filter(t => t.querySelector('td')));
             if (plots.length < n) return false;
             return plots.some(p => p.textContent.includes(text));
         }""",
@@ -349,7 +351,7 @@ def measure_server(root: Path, repeats: int) -> dict[str, list[float]]:
         seconds = time.perf_counter() - start
         if at.exception:
             raise RuntimeError(f"{what}: the app raised {at.exception[0].value}")
-        drawn = len(at.get("plotly_chart"))
+        drawn = len(at.get("plotly_chart")) + sum('class="lens-table"' in e.proto.body for e in at.get("html"))
         if drawn < figures:
             raise RuntimeError(f"{what}: {drawn} figures drawn, expected at least {figures}")
         return seconds

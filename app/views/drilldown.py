@@ -100,8 +100,10 @@ def render(ctx: ViewContext) -> None:
     if len(topk):
         colour = None if metric == "top-1 prob" else metric
         key = (data.detail_key(run, step, "topk"), data.detail_key(run, step, "cells"), prompt, colour)
-        st.plotly_chart(data.cached_figure("lens_grid", key, lambda: figures.lens_grid(topk, cells, colour)),
-                        key="drilldown_grid")
+        # An HTML table, not a Plotly heat map: the browser lays it out in milliseconds, where
+        # the heat map with a token in each of 576 cells took 0.2-0.3 s per draw.
+        st.html(data.cached_figure("lens_table", key, lambda: figures.lens_table(
+            figures.lens_grid_content(topk, cells, colour), "drilldown_grid")))
         if metric != "top-1 prob":
             st.caption(f"{figures.metric_label(metric)}; {figures.metric_direction(metric)}. "
                        "Hover a cell for the top-k tokens with their probabilities.")
@@ -191,16 +193,19 @@ def _side_by_side(ctx: ViewContext, name: str, run, step: int, prompt: int, reco
     topk_b, _ = data.detail(other, other_step, "topk", prompt)
     cells_b, _ = data.detail(other, other_step, "cells", prompt)
     colour = None if metric == "top-1 prob" else metric
-    st.caption(f"A: {name}, step {step}")
-    st.plotly_chart(figures.lens_grid(topk, cells, colour), key="drilldown_grid_a")
+    grids = [figures.lens_grid_content(topk, cells, colour)]
+    if len(topk_b):  # one colour scale for both: a colour is the same value in A and in B
+        grids = figures.on_one_scale(*grids, figures.lens_grid_content(topk_b, cells_b, colour))
+    st.caption(f"A: {name}, step {step}" + (" (A and B share one colour scale)" if len(grids) == 2 else ""))
+    st.html(figures.lens_table(grids[0], "drilldown_grid_a"))
     st.caption(f"B: {other_name}, step {other_step}")
-    if len(topk_b):
-        st.plotly_chart(figures.lens_grid(topk_b, cells_b, colour), key="drilldown_grid_b")
+    if len(grids) == 2:
+        st.html(figures.lens_table(grids[1], "drilldown_grid_b"))
     else:
         st.info(f"No detail of prompt {prompt} at {other_name}, step {other_step}.")
     if problem:
         st.error(f"No difference grid: {problem}.")
     elif len(topk_b):
-        st.plotly_chart(figures.lens_grid_difference((topk, cells), (topk_b, cells_b), colour,
-                                                     f"{name}@{step}", f"{other_name}@{other_step}"),
-                        key="drilldown_grid_diff")
+        st.html(figures.lens_table(figures.lens_difference_content(
+            (topk, cells), (topk_b, cells_b), colour, f"{name}@{step}", f"{other_name}@{other_step}"),
+            "drilldown_grid_diff"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -273,6 +274,85 @@ def plotly_figures(at) -> dict:
 
     return {element.key: go.Figure(_decode_typed_arrays(json.loads(element.proto.spec)))
             for element in at.get("plotly_chart")}
+
+
+@dataclass
+class HtmlGrid:
+    """A lens table (``app.figures.lens_table``) read back: its title, the cells' values
+    (``data-z``), labels and tooltips (layers x positions, layer 1 first), the layer labels (1
+    first), the positions' labels and the colour bar's texts (low end, high end, title)."""
+
+    title: str
+    z: np.ndarray
+    text: list[list[str]]
+    tips: list[list[str]]
+    layers: list[str]
+    ticks: list[str]
+    bar: list[str]
+
+
+def html_grids(at) -> dict[str, HtmlGrid]:
+    """The lens tables an AppTest run wrote (``st.html``), by their ``data-grid`` name."""
+    from html.parser import HTMLParser
+
+    class Reader(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.grids, self.grid, self.where, self.row = {}, None, None, None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "div" and attrs.get("class") == "lens-table":
+                self.grid = HtmlGrid("", None, [], [], [], [], [])
+                self.grids[attrs["data-grid"]] = self.grid
+            elif tag == "div" and attrs.get("class") == "title":
+                self.where = "title"
+            elif tag == "div" and attrs.get("class") == "bar":
+                self.where = "bar"
+            elif tag == "span" and self.where == "bar" and attrs.get("class") != "scale":
+                self.grid.bar.append("")
+                self.where = "bar-text"
+            elif tag == "tr":
+                self.row = {"z": [], "text": [], "tips": [], "head": []}
+            elif tag == "td":
+                self.row["z"].append(float(attrs["data-z"]))
+                self.row["tips"].append(attrs.get("title", ""))
+                self.row["text"].append("")
+                self.where = "td"
+            elif tag == "th":
+                self.row["head"].append("")
+                self.where = "th"
+
+        def handle_data(self, text):
+            if self.where == "title":
+                self.grid.title += text
+            elif self.where == "bar-text":
+                self.grid.bar[-1] += text
+            elif self.where == "td":
+                self.row["text"][-1] += text
+            elif self.where == "th":
+                self.row["head"][-1] += text
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th", "div"):
+                self.where = None
+            elif tag == "span" and self.where == "bar-text":
+                self.where = "bar"
+            elif tag == "tr" and self.row is not None:
+                if self.row["z"]:  # a layer's row: its label, then its cells
+                    self.grid.layers.insert(0, self.row["head"][0])
+                    self.grid.z = (np.array([self.row["z"]]) if self.grid.z is None
+                                   else np.vstack([np.array([self.row["z"]]), self.grid.z]))
+                    self.grid.text.insert(0, self.row["text"])
+                    self.grid.tips.insert(0, self.row["tips"])
+                elif self.grid.layers:  # the positions' labels, under the cells
+                    self.grid.ticks = self.row["head"][1:]
+                self.row = None
+
+    reader = Reader()
+    for element in at.get("html"):
+        reader.feed(element.proto.body)
+    return reader.grids
 
 
 def stack_block(figure, run: str, rows, row_title: str = "layer") -> np.ndarray:

@@ -117,10 +117,17 @@ def test_runs_view_and_drilldown_render(dashboard, page, tmp_path):
     page.screenshot(path=str(tmp_path / "runs-view.png"), full_page=True)
 
     open_view(page, dashboard, view="Drill-down", runs=["oisd"], step="30", prompt="0", layer="2")
-    page.wait_for_selector(".js-plotly-plot .main-svg", timeout=60_000)
+    page.wait_for_selector(".lens-table td", timeout=60_000)
     assert page.get_by_text("Logit lens: top-1 token").count() >= 1
+    # The lens grid is an HTML table: its style reached the page (coloured, bordered cells) and
+    # each cell has its tooltip.
+    cell = page.locator(".lens-table td").first
+    assert cell.evaluate("c => getComputedStyle(c).borderCollapse === 'collapse' || "
+                         "getComputedStyle(c.closest('table')).borderCollapse === 'collapse'")
+    assert cell.evaluate("c => getComputedStyle(c).backgroundColor") not in ("rgba(0, 0, 0, 0)", "transparent")
+    assert "top-k:" in cell.get_attribute("title")
     # One section at a time: the lens grid alone, then the four attention maps once chosen.
-    assert page.locator(".js-plotly-plot").count() == 1
+    assert page.locator(".js-plotly-plot").count() == 0
     page.locator("[data-testid='stMain'] label").filter(has_text="Attention maps").first.click()
     page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 4", timeout=60_000)
     page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=60_000)

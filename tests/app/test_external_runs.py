@@ -20,7 +20,7 @@ def test_dashboard_shows_analysis_folders_of_two_models_side_by_side(tmp_path, t
     overlays them and the drill-down draws A, B and A minus B (same tokenizer, same prompt)."""
     import numpy as np
 
-    from tests.app.conftest import plotly_figures
+    from tests.app.conftest import html_grids, plotly_figures
 
     out = tmp_path / "analysis"
     for name, seed in (("base", 1), ("tuned", 2)):
@@ -38,8 +38,7 @@ def test_dashboard_shows_analysis_folders_of_two_models_side_by_side(tmp_path, t
                   drilldown_show="Side by side: two checkpoints or models")
     at.run()
     assert not at.exception, [e.value for e in at.exception]
-    figures = plotly_figures(at)
-    a = np.array(figures["drilldown_grid_a"].data[0].z, dtype=float)
-    b = np.array(figures["drilldown_grid_b"].data[0].z, dtype=float)
-    np.testing.assert_allclose(np.array(figures["drilldown_grid_diff"].data[0].z, dtype=float), a - b)
+    grids = html_grids(at)
+    a, b = grids["drilldown_grid_a"].z, grids["drilldown_grid_b"].z
+    np.testing.assert_allclose(grids["drilldown_grid_diff"].z, a - b)
     assert not np.allclose(a, b)  # two different models

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.app.conftest import plotly_figures, stack_block
+from tests.app.conftest import html_grids, plotly_figures, stack_block
 
 L = 4  # blocks of the tiny preset
 
@@ -76,8 +76,7 @@ def test_attention_and_drilldown_views(real_root, make_app):
     at = _run(make_app(real_root, view="Attention", runs=["oisd"], step="2"))
     assert plotly_figures(at)
     at = _run(make_app(real_root, view="Drill-down", runs=["oisd"], step="2", prompt="0", layer="2"))
-    figures = plotly_figures(at)
-    grid = np.array(figures["drilldown_grid"].data[0].z, dtype=float)
+    grid = html_grids(at)["drilldown_grid"].z
     assert grid.shape[0] == L and grid.shape[1] > 1
     at.radio(key="drilldown_show").set_value("Attention maps")
     assert "drilldown_attn_final" in plotly_figures(_run(at))

@@ -21,6 +21,7 @@ from tests.app.conftest import (
     expected_exit,
     expected_patch,
     expected_value,
+    html_grids,
     make_runs_root,
     plotly_figures,
     stack_block,
@@ -156,17 +157,18 @@ def test_attention_view(runs_root, make_app, downloads):
 def test_drilldown_lens_grid_and_attention_maps(runs_root, make_app, downloads):
     at = _run(make_app(runs_root, view="Drill-down", runs=["oisd"], step="10", prompt="1", layer="2"))
     assert (at.selectbox(key="step").value, at.selectbox(key="prompt").value) == (10, 1)
-    figures = plotly_figures(at)
-    grid = figures["drilldown_grid"].data[0]
-    assert np.array(grid.z).shape == (N_LAYERS, 2)  # layers x scored positions
+    grid = html_grids(at)["drilldown_grid"]  # an HTML table, not a Plotly figure
+    assert grid.z.shape == (N_LAYERS, 2) and grid.layers == [str(n) for n in range(1, N_LAYERS + 1)]
     # Top-1 token written in each cell: the input token early, the target from layer 3 on.
-    assert list(grid.text[0]) == [TOKENS[5], TOKENS[6]] and list(grid.text[3]) == [TOKENS[6], TOKENS[7]]
-    assert "0.500" in grid.customdata[0][0] and "7" in grid.customdata[0][0]  # top-k on hover
+    assert grid.text[0] == [TOKENS[5], TOKENS[6]] and grid.text[3] == [TOKENS[6], TOKENS[7]]
+    tip = grid.tips[0][0]  # the tooltip: where, the value, then the top-k tokens with their probabilities
+    assert tip.startswith("layer 1, position ") and "top-k:" in tip and "0.500" in tip and "7" in tip
     np.testing.assert_allclose(grid.z[1][0], expected_value("oisd", "lens_kl", 10, 2) + 0.5)
-    assert "tuned-lens direction" in figures["drilldown_grid"].layout.title.text
+    assert "tuned-lens direction" in grid.title
+    assert len(grid.ticks) == 2 and all("\u2192" in t for t in grid.ticks)  # input -> target under each column
     exported = _csv(downloads, "logit-oisd-step10-prompt1.csv")
     assert len(exported) == N_LAYERS * 2 * 3 and set(exported["prompt"]) == {1}
-    assert set(figures) == {"drilldown_grid"}  # one section at a time
+    assert not plotly_figures(at)  # one section at a time
     at.radio(key="drilldown_show").set_value("Attention maps")
     figures = plotly_figures(_run(at))
     assert set(figures) == {"drilldown_attn_layer", "drilldown_attn_final", "drilldown_attn_step_a",
@@ -238,12 +240,16 @@ def test_gap_split_is_correct_minus_wrong_per_layer_and_step():
 def test_drilldown_side_by_side_grids_and_their_difference(runs_root, make_app):
     at = _run(make_app(runs_root, view="Drill-down", runs=["oisd"], step="10", prompt="1", layer="2",
                        drilldown_show="Side by side: two checkpoints or models"))  # the section from the URL
-    figures = plotly_figures(at)
-    for key in ("drilldown_grid_a", "drilldown_grid_b", "drilldown_grid_diff"):
-        assert key in figures, sorted(figures)
-    a = np.array(figures["drilldown_grid_a"].data[0].z, dtype=float)
-    b = np.array(figures["drilldown_grid_b"].data[0].z, dtype=float)
-    diff = np.array(figures["drilldown_grid_diff"].data[0].z, dtype=float)
+    grids = html_grids(at)
+    assert set(grids) == {"drilldown_grid_a", "drilldown_grid_b", "drilldown_grid_diff"}
+    a, b, diff = (grids[key].z for key in ("drilldown_grid_a", "drilldown_grid_b", "drilldown_grid_diff"))
+    # A and B on one colour scale, from the lower of their minima to the higher of their maxima.
+    both = np.concatenate([a.ravel(), b.ravel()])
+    scale = [f"{both.min():.3g}", f"{both.max():.3g}"]
+    assert grids["drilldown_grid_a"].bar[:2] == scale and grids["drilldown_grid_b"].bar[:2] == scale
+    assert a.min() != b.min() or a.max() != b.max()  # (their own ranges differ)
+    bound = np.abs(diff).max()  # the difference: white at 0, symmetric about it
+    assert grids["drilldown_grid_diff"].bar[:2] == [f"{-bound:.3g}", f"{bound:.3g}"]
     # The default partner is step 20 of the same run: A minus B cell by cell.
     assert "step 20" in at.selectbox(key="drilldown_pair").format_func(at.selectbox(key="drilldown_pair").value)
     np.testing.assert_allclose(diff, a - b)
