@@ -146,32 +146,36 @@ def _attention_maps(ctx: ViewContext, name: str, run, steps: list[int], step: in
     cells, _ = data.detail(run, step, "cells", prompt)
     tokens = {int(p): t for p, t in cells.drop_duplicates("position")[["position", "token"]].itertuples(index=False)}
     head_text = "mean over heads" if head == -1 else f"head {head}"
-
-    chosen, last = head_rows(attn, layer, head), head_rows(attn, final, head)
-    zmax = float(max(chosen["weight"].max(), last["weight"].max()))
-    left, right = st.columns(2)
-    with left:
-        st.plotly_chart(figures.attention_map(chosen, f"Layer {layer}, {head_text}, step {step}", tokens, zmax),
-                        key="drilldown_attn_layer")
-    with right:
-        st.plotly_chart(figures.attention_map(last, f"Final layer {final}, {head_text}, step {step}", tokens, zmax),
-                        key="drilldown_attn_final")
-
     attn_b, messages_b = data.detail(run, step_b, "attn", prompt, layers=[layer])
     for message in messages_b:
         st.error(message)
-    rows_b = head_rows(attn_b, layer, head) if len(attn_b) else attn_b
-    if len(rows_b):
-        zmax_b = float(max(chosen["weight"].max(), rows_b["weight"].max()))
-        left, right = st.columns(2)
-        with left:
-            st.plotly_chart(figures.attention_map(chosen, f"Layer {layer} at step {step}", tokens, zmax_b),
-                            key="drilldown_attn_step_a")
-        with right:
-            st.plotly_chart(figures.attention_map(rows_b, f"Layer {layer} at step {step_b}", tokens, zmax_b),
-                            key="drilldown_attn_step_b")
-    else:
-        st.info(f"No attention detail of prompt {prompt} at step {step_b}.")
+
+    def build() -> dict:
+        chosen, last = head_rows(attn, layer, head), head_rows(attn, final, head)
+        zmax = float(max(chosen["weight"].max(), last["weight"].max()))
+        maps = {"drilldown_attn_layer": figures.attention_map(chosen, f"Layer {layer}, {head_text}, step {step}",
+                                                              tokens, zmax),
+                "drilldown_attn_final": figures.attention_map(last, f"Final layer {final}, {head_text}, step {step}",
+                                                              tokens, zmax)}
+        rows_b = head_rows(attn_b, layer, head) if len(attn_b) else attn_b
+        if len(rows_b):
+            zmax_b = float(max(chosen["weight"].max(), rows_b["weight"].max()))
+            maps["drilldown_attn_step_a"] = figures.attention_map(chosen, f"Layer {layer} at step {step}", tokens,
+                                                                  zmax_b)
+            maps["drilldown_attn_step_b"] = figures.attention_map(rows_b, f"Layer {layer} at step {step_b}", tokens,
+                                                                  zmax_b)
+        return maps
+
+    key = (data.detail_key(run, step, "attn"), data.detail_key(run, step_b, "attn"), data.detail_key(run, step, "cells"),
+           prompt, layer, head)
+    maps = data.cached_figure("attention_maps", key, build)
+    for pair in (("drilldown_attn_layer", "drilldown_attn_final"), ("drilldown_attn_step_a", "drilldown_attn_step_b")):
+        if pair[0] not in maps:
+            st.info(f"No attention detail of prompt {prompt} at step {step_b}.")
+            continue
+        for column, figure in zip(st.columns(2), pair):
+            with column:
+                st.plotly_chart(maps[figure], key=figure)
 
 
 def _side_by_side(ctx: ViewContext, name: str, run, step: int, prompt: int, records: list[dict], metric: str,

@@ -184,6 +184,19 @@ def test_drilldown_lens_grid_and_attention_maps(runs_root, make_app, downloads):
     assert at.query_params["drilldown_show"] == "Attention maps"
 
 
+def test_drilldown_attention_without_the_other_steps_detail(runs_root, tmp_path, make_app):
+    """The step compared with has no attention table: the layer and final-layer maps are drawn,
+    and the missing pair is named instead of drawn."""
+    root = tmp_path / "runs"
+    shutil.copytree(runs_root / "oisd", root / "oisd")
+    (root / "oisd" / "analysis" / "step-000020-attn.parquet").unlink()
+    at = _run(make_app(root, view="Drill-down", runs=["oisd"], step="10", prompt="1", layer="2",
+                       drilldown_show="Attention maps"))
+    assert at.selectbox(key="drilldown_step_b").value == 20
+    assert set(plotly_figures(at)) == {"drilldown_attn_layer", "drilldown_attn_final"}
+    assert any(info.value == "No attention detail of prompt 1 at step 20." for info in at.info)
+
+
 @pytest.mark.parametrize("name", ["../outside", "/etc", "grpo/../../outside"])
 def test_url_naming_a_run_outside_the_root_is_refused(runs_root, make_app, name):
     at = _run(make_app(runs_root, view="Training", runs=[name, "grpo"]))
