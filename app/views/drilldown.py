@@ -82,7 +82,7 @@ def render(ctx: ViewContext) -> None:
         st.markdown(f"**Prompt** `{record.get('prompt', '')}` \u2192 **reference** `{record.get('reference', '')}`")
 
     # One section at a time: the browser draws only what the user looks at (the lens grid,
-    # four attention maps and three more grids together took two seconds to draw).
+    # attention maps and three more grids together took two seconds to draw).
     show = select(ctx, "Show", SECTIONS, "drilldown_show", widget="radio", horizontal=True)
     if show == ATTENTION:
         _attention_maps(ctx, name, run, steps, step, prompt)
@@ -117,7 +117,8 @@ def render(ctx: ViewContext) -> None:
 
 
 def _attention_maps(ctx: ViewContext, name: str, run, steps: list[int], step: int, prompt: int) -> None:
-    """One layer's attention map beside the final layer's, and the same layer at another step."""
+    """One layer's attention map beside the final layer's and beside the same layer's at another
+    step, the three on one colour scale."""
     shape = data.attention_shape(run, step, prompt)
     if shape is None:
         st.info(f"No attention detail at step {step}.")
@@ -151,31 +152,26 @@ def _attention_maps(ctx: ViewContext, name: str, run, steps: list[int], step: in
         st.error(message)
 
     def build() -> dict:
-        chosen, last = head_rows(attn, layer, head), head_rows(attn, final, head)
-        zmax = float(max(chosen["weight"].max(), last["weight"].max()))
-        maps = {"drilldown_attn_layer": figures.attention_map(chosen, f"Layer {layer}, {head_text}, step {step}",
-                                                              tokens, zmax),
-                "drilldown_attn_final": figures.attention_map(last, f"Final layer {final}, {head_text}, step {step}",
-                                                              tokens, zmax)}
+        maps = {"drilldown_attn_layer": (head_rows(attn, layer, head), f"Layer {layer}, step {step}"),
+                "drilldown_attn_final": (head_rows(attn, final, head), f"Final layer {final}, step {step}")}
         rows_b = head_rows(attn_b, layer, head) if len(attn_b) else attn_b
         if len(rows_b):
-            zmax_b = float(max(chosen["weight"].max(), rows_b["weight"].max()))
-            maps["drilldown_attn_step_a"] = figures.attention_map(chosen, f"Layer {layer} at step {step}", tokens,
-                                                                  zmax_b)
-            maps["drilldown_attn_step_b"] = figures.attention_map(rows_b, f"Layer {layer} at step {step_b}", tokens,
-                                                                  zmax_b)
-        return maps
+            maps["drilldown_attn_step_b"] = (rows_b, f"Layer {layer}, step {step_b}")
+        # One colour scale for the three, so that a colour is the same weight in each.
+        zmax = float(max(rows["weight"].max() for rows, _ in maps.values()))
+        return {key: figures.attention_map(rows, f"{title}, {head_text}", tokens, zmax)
+                for key, (rows, title) in maps.items()}
 
     key = (data.detail_key(run, step, "attn"), data.detail_key(run, step_b, "attn"), data.detail_key(run, step, "cells"),
            prompt, layer, head)
     maps = data.cached_figure("attention_maps", key, build)
-    for pair in (("drilldown_attn_layer", "drilldown_attn_final"), ("drilldown_attn_step_a", "drilldown_attn_step_b")):
-        if pair[0] not in maps:
-            st.info(f"No attention detail of prompt {prompt} at step {step_b}.")
-            continue
-        for column, figure in zip(st.columns(2), pair):
-            with column:
-                st.plotly_chart(maps[figure], key=figure)
+    # One row: the layer, the final layer, the same layer at the other step (the layer's map at
+    # this step is the left one of both comparisons).
+    for column, figure in zip(st.columns(3), maps):
+        with column:
+            st.plotly_chart(maps[figure], key=figure)
+    if "drilldown_attn_step_b" not in maps:
+        st.info(f"No attention detail of prompt {prompt} at step {step_b}.")
 
 
 def _side_by_side(ctx: ViewContext, name: str, run, step: int, prompt: int, records: list[dict], metric: str,

@@ -171,14 +171,16 @@ def test_drilldown_lens_grid_and_attention_maps(runs_root, make_app, downloads):
     assert not plotly_figures(at)  # one section at a time
     at.radio(key="drilldown_show").set_value("Attention maps")
     figures = plotly_figures(_run(at))
-    assert set(figures) == {"drilldown_attn_layer", "drilldown_attn_final", "drilldown_attn_step_a",
-                            "drilldown_attn_step_b"}
+    assert set(figures) == {"drilldown_attn_layer", "drilldown_attn_final", "drilldown_attn_step_b"}
+    # One colour scale for the three: from 0 to the highest weight of any.
+    highest = max(np.nanmax(np.array(f.data[0].z, dtype=float)) for f in figures.values())
+    assert [f.data[0].zmax for f in figures.values()] == pytest.approx([highest] * 3)
     assert at.selectbox(key="layer").value == 2  # the URL's layer, kept while the lens section was shown
     chosen = np.array(figures["drilldown_attn_layer"].data[0].z, dtype=float)
     assert chosen.shape == (2, 7)  # queries 5, 6 x keys 0..6
     np.testing.assert_allclose(np.nansum(chosen, axis=1), 1.0)  # each query row is a distribution
     assert "Final layer 4" in figures["drilldown_attn_final"].layout.title.text
-    assert "step 20" in figures["drilldown_attn_step_b"].layout.title.text
+    assert "Layer 2, step 20" in figures["drilldown_attn_step_b"].layout.title.text
     assert set(_csv(downloads, "attention-oisd-step10-prompt1.csv")["layer"]) == {2, N_LAYERS}
     assert at.query_params["prompt"] == "1" and at.query_params["layer"] == "2"
     assert at.query_params["drilldown_show"] == "Attention maps"
