@@ -197,6 +197,13 @@ def _finite_range(matrices: dict[str, pd.DataFrame]) -> tuple[float, float] | No
     return (float(finite.min()), float(finite.max())) if finite.size else None
 
 
+def _symmetric_bound(diff: pd.DataFrame) -> float:
+    """The largest absolute value of a difference (1 when there is none): its colour scale runs
+    from minus it to it, white at 0."""
+    bound = float(np.nanmax(np.abs(diff.to_numpy(dtype=float)))) if diff.size else 1.0
+    return bound if bound > 0 and math.isfinite(bound) else 1.0
+
+
 def layer_checkpoint_heatmaps(matrices: dict[str, pd.DataFrame], metric: str) -> go.Figure:
     """Each run's layer x checkpoint heat map, stacked in one figure on one shared colour scale.
 
@@ -235,8 +242,7 @@ def drift_heatmaps(matrices: dict[str, pd.DataFrame]) -> go.Figure:
 def difference_heatmap(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: str, metric: str) -> go.Figure:
     """The heat map of ``a - b`` on the layers and steps both runs have (white = 0)."""
     diff = layer_step_matrix_difference(a, b)
-    bound = float(np.nanmax(np.abs(diff.to_numpy(dtype=float)))) if diff.size else 1.0
-    bound = bound if bound > 0 and math.isfinite(bound) else 1.0
+    bound = _symmetric_bound(diff)
     fig = go.Figure(_heatmap(diff, colorscale=DIVERGING, zmid=0.0, zmin=-bound, zmax=bound,
                              colorbar=dict(title=dict(text=f"\u0394 {metric}", side="right"))))
     fig.update_xaxes(title_text="checkpoint step")
@@ -399,14 +405,9 @@ def lens_grid_content(topk: pd.DataFrame, cells: pd.DataFrame, metric: str | Non
     hover = ranked.assign(item=[f"{display_token(t)}  {p:.3f}" for t, p in zip(ranked["token"], ranked["prob"])])
     hover = hover.groupby(["layer", "position"])["item"].agg("<br>".join).unstack("position")
     layers, positions = text.index, text.columns
-    per_layer_cells = cells[cells["layer"] >= 1]
-    if metric is not None and metric in set(per_layer_cells["metric"]):
-        z = per_layer_cells[per_layer_cells["metric"] == metric].pivot_table(
-            index="layer", columns="position", values="value", aggfunc="mean")
-        colour_title = metric
-    else:
-        z = top1["prob"].unstack("position")
-        colour_title = "top-1 prob"
+    z = lens_cell_matrix(topk, cells, metric)
+    colour_title = metric if metric is not None and metric in set(cells.loc[cells["layer"] >= 1, "metric"]) \
+        else "top-1 prob"
     at_position = cells.drop_duplicates("position").set_index("position")
 
     def tick(p: int) -> str:
@@ -475,8 +476,7 @@ def lens_difference_content(a: tuple[pd.DataFrame, pd.DataFrame], b: tuple[pd.Da
             .reindex(index=layers, columns=positions) for t in (a[0], b[0])]
     text = [[display_token(x) if x == y else f"{display_token(x)}|{display_token(y)}"
              for x, y in zip(row_a, row_b)] for row_a, row_b in zip(tops[0].to_numpy(), tops[1].to_numpy())]
-    bound = float(np.nanmax(np.abs(diff.to_numpy(dtype=float)))) if diff.size else 1.0
-    bound = bound if bound > 0 and math.isfinite(bound) else 1.0
+    bound = _symmetric_bound(diff)
     title = metric or "top-1 prob"
     return LensGrid(z=diff, text=np.array(text, dtype=object).reshape(diff.shape), hover=None, ticks=None,
                     title=f"{name_a} minus {name_b}: {title} (cells show A's top-1, or A|B)",
@@ -493,19 +493,15 @@ def lens_grid_difference(a: tuple[pd.DataFrame, pd.DataFrame], b: tuple[pd.DataF
 def on_one_scale(*grids: LensGrid) -> list[LensGrid]:
     """``grids`` with one colour scale, from the lowest value of any to the highest, so that
     a colour means the same value in each (two checkpoints' grids side by side)."""
-    values = np.concatenate([g.z.to_numpy(dtype=float).ravel() for g in grids])
-    finite = values[np.isfinite(values)]
-    if not finite.size:
-        return list(grids)
-    return [replace(g, bounds=(float(finite.min()), float(finite.max()))) for g in grids]
+    bounds = _finite_range({str(i): g.z for i, g in enumerate(grids)})
+    return [replace(g, bounds=bounds) for g in grids] if bounds else list(grids)
 
 
 def _colours(grid: LensGrid) -> tuple[list[list[str | None]], list[str], float, float]:
     """Each cell's colour on the grid's scale (None where the value is missing), the scale's
     colours from its low end to its high end, and the two ends' values."""
     values = grid.z.to_numpy(dtype=float)
-    finite = values[np.isfinite(values)]
-    low, high = grid.bounds or ((float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0))
+    low, high = grid.bounds or _finite_range({"z": grid.z}) or (0.0, 1.0)
     scale = get_colorscale(grid.colorscale) if isinstance(grid.colorscale, str) else grid.colorscale
     span = high - low
     share = np.clip((values - low) / span, 0.0, 1.0) if span > 0 else np.full(values.shape, 0.5)

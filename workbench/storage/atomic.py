@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "PROVENANCE_KEY", "atomic_write_bytes", "atomic_write_json", "atomic_write_parquet", "atomic_write_text",
-    "fsync_dir", "json_default", "read_provenance",
+    "fsync_dir", "json_default", "provenance_of", "read_provenance",
 ]
 
 PROVENANCE_KEY = b"workbench.provenance"
@@ -116,6 +116,11 @@ def read_provenance(path: str | os.PathLike) -> dict:
 
     Reads only the parquet footer, so it is cheap on large tables.
     """
-    metadata = pq.read_schema(path).metadata or {}
-    raw = metadata.get(PROVENANCE_KEY)
+    return provenance_of(pq.read_schema(path))
+
+
+def provenance_of(schema: pa.Schema) -> dict:
+    """The provenance in a parquet table's schema (``{}`` when there is none), for a caller
+    that has read the table already."""
+    raw = (schema.metadata or {}).get(PROVENANCE_KEY)
     return json.loads(raw) if raw else {}

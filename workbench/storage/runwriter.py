@@ -22,11 +22,11 @@ import pandas as pd
 
 from workbench.errors import DataError, WorkbenchError
 from workbench.storage.atomic import (
-    PROVENANCE_KEY,
     atomic_write_json,
     atomic_write_parquet,
     atomic_write_text,
     json_default,
+    provenance_of,
 )
 from workbench.storage.checkpoints import latest_checkpoint
 from workbench.storage.paths import SEGMENT_KINDS, SEGMENT_STEPS, RunPaths, probe_set_hash
@@ -364,8 +364,7 @@ def _read_with_provenance(path: Path) -> tuple[pd.DataFrame, dict]:
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
-    raw = (table.schema.metadata or {}).get(PROVENANCE_KEY)
-    return table.to_pandas(), json.loads(raw) if raw else {}
+    return table.to_pandas(), provenance_of(table.schema)
 
 
 def _write_segment(path: Path, kind: str, tables: list[pd.DataFrame], provenance: dict[int, dict]) -> None:
