@@ -8,6 +8,7 @@ notebooks can draw the same pictures as the dashboard.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -25,6 +26,15 @@ DIVERGING = "RdBu_r"
 # maps are drawn with the scale reversed so that "good" is always the same colour.
 HIGHER_IS_CLOSER = {"top1_agree"}
 _FONT = dict(size=13)
+# Margins are computed here, from the tick labels, and axis automargin is off. Streamlit's
+# Plotly theme turns automargin on for every axis; Plotly then draws a figure, measures its
+# tick labels, widens the margins and draws it again, every time Streamlit draws the figure
+# (two or three times per view): the training view's figure took 0.35 s to appear instead of
+# 0.25 s (measured 2026-12-07). A tick label is at most _CHAR_PX pixels per character at the
+# theme's 12 px tick font (digits and Latin letters are 6-7), a number's at most
+# _NUMBER_CHARS characters (Plotly's "-0.0004", "1.25k"). Legends and colour bars still widen
+# the margins themselves: Plotly places them before the axes, without a second draw.
+_CHAR_PX, _NUMBER_CHARS, _TICKS_PX, _TITLE_PX, _PAD_PX = 7, 7, 20, 22, 10
 
 
 def metric_label(metric: str) -> str:
@@ -69,6 +79,33 @@ def _grid(n: int, max_cols: int = 2) -> tuple[int, int]:
 # download keeps every step). 1,000 points cost the browser a quarter more than 300 (6 runs x
 # 8 panels, measured 2026-12-06).
 MAX_CURVE_POINTS = 500
+
+
+def tick_chars(labels: object) -> int:
+    """Characters of the longest tick label (markup such as ``<b>`` not counted)."""
+    return max((len(re.sub(r"<[^>]*>", "", str(label))) for label in labels), default=0)
+
+
+def _fixed_margins(fig: go.Figure, *, top: int = 60, y_labels: object = None, x_labels: object = None,
+                   x_vertical: bool = False) -> go.Figure:
+    """Set ``fig``'s margins from its tick labels and axis titles and turn automargin off.
+
+    Args:
+        top: Room for the title (and subplot titles) above the plot.
+        y_labels: The y axis's tick labels where they are words; ``None``: numbers.
+        x_labels: The x axis's tick labels where they are words and drawn vertically.
+        x_vertical: The x tick labels are turned a quarter (``tickangle=-90``).
+    """
+    y_title = any(axis.title.text for axis in fig.select_yaxes())
+    x_title = any(axis.title.text for axis in fig.select_xaxes())
+    y_chars = tick_chars(y_labels) if y_labels is not None else _NUMBER_CHARS
+    x_ticks = _CHAR_PX * tick_chars(x_labels) if x_vertical and x_labels is not None else _TICKS_PX
+    fig.update_xaxes(automargin=False)
+    fig.update_yaxes(automargin=False)
+    fig.update_layout(font=_FONT, margin=dict(
+        t=top, r=20, l=_PAD_PX + _CHAR_PX * y_chars + (_TITLE_PX if y_title else 0),
+        b=_PAD_PX + x_ticks + (_TITLE_PX if x_title else 0)))
+    return fig
 
 
 def decimate(x: np.ndarray, y: np.ndarray, max_points: int = MAX_CURVE_POINTS) -> tuple[np.ndarray, np.ndarray]:
@@ -119,10 +156,10 @@ def training_curves(tables: dict[str, pd.DataFrame], keys: list[str], smooth: in
             at_cols.append(j % cols + 1)
     if traces:  # one call: plotly validates the figure once, not once per trace
         fig.add_traces(traces, rows=at_rows, cols=at_cols)
-    fig.update_xaxes(title_text="step")
-    fig.update_layout(height=max(320, 260 * rows), margin=dict(t=40, b=40, l=50, r=20), font=_FONT,
+    fig.update_xaxes(title_text="step", row=rows)  # the bottom row's: above, it would cover the titles below
+    fig.update_layout(height=max(320, 260 * rows),
                       legend=dict(orientation="h", yanchor="bottom", y=1.02 + 0.02 * rows, x=0))
-    return fig
+    return _fixed_margins(fig, top=40)
 
 
 # ---------------------------------------------------------------------------
@@ -187,8 +224,8 @@ def _heatmap_stack(matrices: dict[str, pd.DataFrame], *, title: str, row_title: 
     fig.update_xaxes(title_text="checkpoint step")
     fig.update_yaxes(title_text=row_title, type="category", tickvals=list(ticks), ticktext=list(ticks.values()))
     fig.update_layout(title=dict(text=title, font=dict(size=14)), coloraxis=coloraxis,
-                      height=max(320, 110 + int(4.5 * len(labels))), margin=dict(t=60, b=40, l=50, r=20), font=_FONT)
-    return fig
+                      height=max(320, 110 + int(4.5 * len(labels))))
+    return _fixed_margins(fig, y_labels=ticks.values())
 
 
 def _finite_range(matrices: dict[str, pd.DataFrame]) -> tuple[float, float] | None:
@@ -248,8 +285,8 @@ def difference_heatmap(a: pd.DataFrame, b: pd.DataFrame, name_a: str, name_b: st
     fig.update_xaxes(title_text="checkpoint step")
     fig.update_yaxes(title_text="layer", dtick=_layer_dtick(len(diff.index)))
     fig.update_layout(title=dict(text=f"{name_a} minus {name_b}: {metric_label(metric)}", font=dict(size=14)),
-                      height=320, margin=dict(t=60, b=40, l=50, r=20), font=_FONT)
-    return fig
+                      height=320)
+    return _fixed_margins(fig)
 
 
 def layer_step_matrix_difference(a: pd.DataFrame, b: pd.DataFrame) -> pd.DataFrame:
@@ -267,8 +304,8 @@ def step_lines(series: dict[str, pd.DataFrame], metric: str) -> go.Figure:
         fig.add_trace(go.Scatter(x=rows["step"], y=rows["value"], mode="lines+markers", name=name,
                                  line=dict(color=PALETTE[i % len(PALETTE)])))
     fig.update_layout(title=dict(text=metric_label(metric), font=dict(size=14)), xaxis_title="checkpoint step",
-                      yaxis_title=metric, height=340, margin=dict(t=60, b=40, l=50, r=20), font=_FONT)
-    return fig
+                      yaxis_title=metric, height=340)
+    return _fixed_margins(fig)
 
 
 # ---------------------------------------------------------------------------
@@ -286,9 +323,8 @@ def square_heatmap(matrix: pd.DataFrame, title: str, x_title: str, y_title: str,
     ))
     fig.update_xaxes(title_text=x_title, type="category")
     fig.update_yaxes(title_text=y_title, type="category", autorange="reversed")
-    fig.update_layout(title=dict(text=title, font=dict(size=14)), height=380,
-                      margin=dict(t=60, b=40, l=50, r=20), font=_FONT)
-    return fig
+    fig.update_layout(title=dict(text=title, font=dict(size=14)), height=380)
+    return _fixed_margins(fig, y_labels=[str(i) for i in matrix.index])
 
 
 def head_matching_bars(rows: pd.DataFrame) -> go.Figure:
@@ -300,9 +336,8 @@ def head_matching_bars(rows: pd.DataFrame) -> go.Figure:
         fig.add_trace(go.Bar(x=part["layer"].astype(str), y=part["value"], name=label, marker_color=colour))
     fig.update_layout(barmode="group", title=dict(text="Head matching to the final layer: mean JSD (lower = more similar)",
                                                   font=dict(size=14)),
-                      xaxis_title="layer", yaxis_title="mean JSD", height=340, font=_FONT,
-                      margin=dict(t=60, b=40, l=50, r=20), legend=dict(orientation="h", y=-0.25))
-    return fig
+                      xaxis_title="layer", yaxis_title="mean JSD", height=340, legend=dict(orientation="h", y=-0.25))
+    return _fixed_margins(fig)
 
 
 def attention_map(rows: pd.DataFrame, title: str, tokens: dict[int, str] | None = None,
@@ -325,9 +360,9 @@ def attention_map(rows: pd.DataFrame, title: str, tokens: dict[int, str] | None 
     ))
     fig.update_xaxes(title_text="key position", type="category", tickangle=-90)
     fig.update_yaxes(title_text="query position", type="category", autorange="reversed")
-    fig.update_layout(title=dict(text=title, font=dict(size=14)), height=420, font=_FONT,
-                      margin=dict(t=50, b=60, l=60, r=20))
-    return fig
+    fig.update_layout(title=dict(text=title, font=dict(size=14)), height=420)
+    return _fixed_margins(fig, top=50, y_labels=[label(q) for q in matrix.index],
+                          x_labels=[label(k) for k in matrix.columns], x_vertical=True)
 
 
 # ---------------------------------------------------------------------------
@@ -450,9 +485,8 @@ def lens_grid_figure(grid: LensGrid) -> go.Figure:
     else:
         fig.update_xaxes(title_text="position", type="category")
     fig.update_yaxes(title_text="layer", type="category")
-    fig.update_layout(title=dict(text=grid.title, font=dict(size=14)),
-                      height=max(300, 60 + 42 * len(layers)), font=_FONT, margin=dict(t=60, b=60, l=50, r=20))
-    return fig
+    fig.update_layout(title=dict(text=grid.title, font=dict(size=14)), height=max(300, 60 + 42 * len(layers)))
+    return _fixed_margins(fig, y_labels=layers)
 
 
 def lens_cell_matrix(topk: pd.DataFrame, cells: pd.DataFrame, metric: str | None) -> pd.DataFrame:
@@ -582,9 +616,8 @@ def layer_profiles(rows: dict[str, pd.DataFrame], metric: str) -> go.Figure:
         fig.add_trace(go.Scatter(x=part["layer"], y=part["value"], mode="lines+markers", name=name,
                                  line=dict(color=PALETTE[i % len(PALETTE)])))
     fig.update_xaxes(title_text="layer", dtick=1)
-    fig.update_layout(title=dict(text=metric_label(metric), font=dict(size=14)), yaxis_title=metric,
-                      height=340, margin=dict(t=60, b=40, l=50, r=20), font=_FONT)
-    return fig
+    fig.update_layout(title=dict(text=metric_label(metric), font=dict(size=14)), yaxis_title=metric, height=340)
+    return _fixed_margins(fig)
 
 
 # ---------------------------------------------------------------------------
@@ -605,9 +638,8 @@ def lens_comparison(rows: dict[str, pd.DataFrame], metric: str) -> go.Figure:
                                          name=f"{name} ({lens})", line=dict(color=PALETTE[i % len(PALETTE)], dash=dash)))
     fig.update_xaxes(title_text="layer", dtick=1)
     fig.update_layout(title=dict(text=f"{metric_label(metric)}: logit lens (solid) and learned lens (dashed)",
-                                 font=dict(size=14)), yaxis_title=metric, height=360,
-                      margin=dict(t=60, b=40, l=50, r=20), font=_FONT)
-    return fig
+                                 font=dict(size=14)), yaxis_title=metric, height=360)
+    return _fixed_margins(fig)
 
 
 def patch_curves(rows: dict[str, pd.DataFrame], metric: str = "patch_recovered") -> go.Figure:
@@ -627,6 +659,5 @@ def patch_curves(rows: dict[str, pd.DataFrame], metric: str = "patch_recovered")
                           row=i // ncols + 1, col=i % ncols + 1)
     fig.update_xaxes(title_text="layer", dtick=1)
     fig.update_yaxes(title_text="recovered share")
-    fig.update_layout(title=dict(text=metric_label(metric), font=dict(size=14)), height=max(340, 320 * nrows),
-                      margin=dict(t=70, b=40, l=50, r=20), font=_FONT)
-    return fig
+    fig.update_layout(title=dict(text=metric_label(metric), font=dict(size=14)), height=max(340, 320 * nrows))
+    return _fixed_margins(fig, top=70)
