@@ -110,6 +110,26 @@ def open_view(page, url: str, **query) -> None:
     page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=60_000)
 
 
+def assert_labels_inside(page) -> None:
+    """Every drawn figure's tick labels and axis titles lie inside its SVG: the margins that
+    figures.py computes from the labels (automargin is off) leave room for them."""
+    outside = page.evaluate("""() => {
+        const out = [];
+        for (const plot of document.querySelectorAll('.js-plotly-plot')) {
+            const box = plot.querySelector('.main-svg').getBoundingClientRect();
+            for (const t of plot.querySelectorAll('.xtick text, .ytick text, .g-xtitle text, .g-ytitle text')) {
+                const r = t.getBoundingClientRect();
+                if (!t.textContent.trim() || r.width === 0) continue;
+                if (r.left < box.left - 1 || r.right > box.right + 1 || r.top < box.top - 1 || r.bottom > box.bottom + 1)
+                    out.push(t.textContent);
+            }
+        }
+        return out;
+    }""")
+    assert page.locator(".js-plotly-plot .xtick text").count() > 0
+    assert outside == [], f"labels drawn outside their figure: {outside}"
+
+
 def test_runs_view_and_drilldown_render(dashboard, page, tmp_path):
     open_view(page, dashboard, view="Runs")
     page.wait_for_selector("[data-testid='stDataFrame']", timeout=60_000)
@@ -135,6 +155,7 @@ def test_runs_view_and_drilldown_render(dashboard, page, tmp_path):
     page.set_viewport_size({"width": 1500, "height": 2700})
     page.wait_for_timeout(500)
     page.screenshot(path=str(tmp_path / "drilldown-view.png"))
+    assert_labels_inside(page)  # token labels on both axes, the keys' turned a quarter
     page.set_viewport_size({"width": 1500, "height": 1100})
     # The view's state is in the URL, so the link reopens it.
     assert "prompt=0" in page.url and "layer=2" in page.url and "view=Drill-down" in page.url
@@ -145,6 +166,7 @@ def test_runs_view_and_drilldown_render(dashboard, page, tmp_path):
     page.set_viewport_size({"width": 1500, "height": 1500})
     page.wait_for_timeout(500)
     page.screenshot(path=str(tmp_path / "alignment-view.png"))
+    assert_labels_inside(page)  # the runs' names beside their rows
     # The table behind a view is written when its download button is clicked (deferred): the
     # file that arrives holds the view's rows.
     with page.expect_download(timeout=60_000) as download:
