@@ -205,14 +205,18 @@ def _wait_view(page, header: str, figure_text: str, figures: int) -> None:
     (Until 2026-12-06 this read the status widget's text, which never says "Running" in
     this Streamlit: a switch counted as done once its first figures were drawn, while the
     script still ran, and the rest of that view, the alignment view's 650 KB drift figure,
-    was drawn inside the next switch's time.)"""
+    was drawn inside the next switch's time. Until 2026-12-07 a figure counted once its SVG
+    existed; Streamlit's Plotly component first draws a figure hidden, before it knows its
+    container's width, and shows it at the next draw, 0.03 s later in a minimal page: a
+    figure now counts once it is shown.)"""
     page.wait_for_function(
         """([header, text, n]) => {
             const app = document.querySelector('[data-testid="stApp"]');
             if (!app || app.getAttribute('data-test-script-state') !== 'notRunning') return false;
             const h = document.querySelector('[data-testid="stMain"] h2');
             if (!h || h.innerText.trim() !== header) return false;
-            const plots = [...document.querySelectorAll('.js-plotly-plot')].filter(p => p.querySelector('.main-svg'))
+            const shown = p => { const s = getComputedStyle(p); return s.visibility !== 'hidden' && s.display !== 'none'; };
+            const plots = [...document.querySelectorAll('.js-plotly-plot')].filter(p => p.querySelector('.main-svg') && shown(p))
                 .concat([...document.querySelectorAll('.lens-table')].filter(t => t.querySelector('td')));
             if (plots.length < n) return false;
             return plots.some(p => p.textContent.includes(text));
