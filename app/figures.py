@@ -350,19 +350,45 @@ def attention_map(rows: pd.DataFrame, title: str, tokens: dict[int, str] | None 
         tokens: Position -> token label, used on the axes where known.
         zmax: Upper end of the colour scale (share it between maps to compare them).
     """
-    matrix = rows.pivot_table(index="query", columns="key", values="weight", aggfunc="mean")
+    return attention_maps([(rows, title)], tokens, zmax=zmax)
+
+
+def attention_maps(maps: list[tuple[pd.DataFrame, str]], tokens: dict[int, str] | None = None, *,
+                   title: str = "", zmax: float | None = None) -> go.Figure:
+    """Attention maps side by side in one figure (queries down, on one axis; keys across), on
+    one colour scale from 0 to ``zmax`` (default: the highest weight of any map), one colour bar.
+
+    One figure rather than one per map: Streamlit draws every figure three times, and each
+    figure is its own canvas, axes and colour bar (the drill-down's three maps, A/B in one
+    browser: 2026-12-07, ``benchmarks/README.md``).
+
+    Args:
+        maps: ``(rows, subplot title)`` per map, left to right; ``rows``: ``ATTN_COLUMNS`` rows of
+            one (step, prompt, layer, head selection).
+        tokens: Position -> token label, used on the axes where known.
+        title: Figure title (what the maps share, e.g. the head selection).
+    """
     tokens = tokens or {}
     label = lambda p: f"{p} {display_token(tokens[p])}" if p in tokens else str(p)  # noqa: E731
-    keys, queries = [label(k) for k in matrix.columns], [label(q) for q in matrix.index]
-    fig = go.Figure(go.Heatmap(
-        z=matrix.to_numpy(dtype=float), x=keys, y=queries,
-        colorscale="Blues", zmin=0.0, zmax=zmax, colorbar=dict(title=dict(text="weight", side="right")),
-        hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.3f}<extra></extra>",
-    ))
+    matrices = [rows.pivot_table(index="query", columns="key", values="weight", aggfunc="mean") for rows, _ in maps]
+    if zmax is None:
+        zmax = max((float(np.nanmax(m.to_numpy(dtype=float))) for m in matrices if m.size), default=1.0)
+    fig = make_subplots(rows=1, cols=max(len(maps), 1), shared_yaxes=True, horizontal_spacing=0.03,
+                        subplot_titles=[name for _, name in maps])
+    keys, queries = [], []
+    for i, matrix in enumerate(matrices):
+        x, y = [label(k) for k in matrix.columns], [label(q) for q in matrix.index]
+        keys, queries = keys + x, queries + y
+        fig.add_trace(go.Heatmap(z=matrix.to_numpy(dtype=float), x=x, y=y, coloraxis="coloraxis",
+                                 hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.3f}<extra></extra>"),
+                      row=1, col=i + 1)
     fig.update_xaxes(title_text="key position", type="category", tickangle=-90)
-    fig.update_yaxes(title_text="query position", type="category", autorange="reversed")
-    fig.update_layout(title=dict(text=title, font=dict(size=14)), height=420)
-    return _fixed_margins(fig, top=50, y_labels=queries, x_upright_labels=keys)
+    fig.update_yaxes(type="category", autorange="reversed")
+    fig.update_yaxes(title_text="query position", row=1, col=1)
+    fig.update_layout(title=dict(text=title, font=dict(size=14)), height=420,
+                      coloraxis=dict(colorscale="Blues", cmin=0.0, cmax=zmax,
+                                     colorbar=dict(title=dict(text="weight", side="right"))))
+    return _fixed_margins(fig, top=60 if title else 50, y_labels=queries, x_upright_labels=keys)
 
 
 # ---------------------------------------------------------------------------

@@ -242,7 +242,7 @@ FLOOR = "floor: bare Streamlit + 1 figure"
 VIEWS = (("Training", "reward", 1), ("Drill-down", "Logit lens", 1), ("Layer alignment", "tuned-lens direction", 1))
 # Sections drawn on demand inside a view (a radio in the main area), timed like a switch:
 # (view, section label, text one of its figures shows, figures, URL key of the radio).
-SECTIONS = (("Drill-down", "Attention maps", "Final layer", 3, "drilldown_show"),
+SECTIONS = (("Drill-down", "Attention maps", "Final layer", 1, "drilldown_show"),
             ("Drill-down", "Logit lens", "Logit lens", 1, "drilldown_show"),
             ("Layer alignment", "Weight drift", "Weight drift", 1, "alignment_show"),
             ("Layer alignment", "Heat maps", "tuned-lens direction", 1, "alignment_show"))

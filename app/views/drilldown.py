@@ -151,26 +151,21 @@ def _attention_maps(ctx: ViewContext, name: str, run, steps: list[int], step: in
     for message in messages_b:
         st.error(message)
 
-    def build() -> dict:
-        maps = {"drilldown_attn_layer": (head_rows(attn, layer, head), f"Layer {layer}, step {step}"),
-                "drilldown_attn_final": (head_rows(attn, final, head), f"Final layer {final}, step {step}")}
+    def build():  # the figure, built once per key
+        maps = [(head_rows(attn, layer, head), f"Layer {layer}, step {step}"),
+                (head_rows(attn, final, head), f"Final layer {final}, step {step}")]
         rows_b = head_rows(attn_b, layer, head) if len(attn_b) else attn_b
         if len(rows_b):
-            maps["drilldown_attn_step_b"] = (rows_b, f"Layer {layer}, step {step_b}")
-        # One colour scale for the three, so that a colour is the same weight in each.
-        zmax = float(max(rows["weight"].max() for rows, _ in maps.values()))
-        return {key: figures.attention_map(rows, f"{title}, {head_text}", tokens, zmax)
-                for key, (rows, title) in maps.items()}
+            maps.append((rows_b, f"Layer {layer}, step {step_b}"))
+        return figures.attention_maps(maps, tokens, title=f"Attention weights, {head_text}")
 
     key = (data.detail_key(run, step, "attn"), data.detail_key(run, step_b, "attn"), data.detail_key(run, step, "cells"),
            prompt, layer, head)
-    maps = data.cached_figure("attention_maps", key, build)
-    # One row: the layer, the final layer, the same layer at the other step (the layer's map at
-    # this step is the left one of both comparisons).
-    for column, figure in zip(st.columns(3), maps):
-        with column:
-            st.plotly_chart(maps[figure], key=figure)
-    if "drilldown_attn_step_b" not in maps:
+    # One row, one colour scale: the layer, the final layer, the same layer at the other step
+    # (the layer's map at this step is the left one of both comparisons).
+    figure = data.cached_figure("attention_maps", key, build)
+    st.plotly_chart(figure, key="drilldown_attention")
+    if len(figure.data) < 3:
         st.info(f"No attention detail of prompt {prompt} at step {step_b}.")
 
 

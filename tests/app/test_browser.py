@@ -149,7 +149,7 @@ def test_runs_view_and_drilldown_render(dashboard, page, tmp_path):
     # One section at a time: the lens grid alone, then the three attention maps once chosen.
     assert page.locator(".js-plotly-plot").count() == 0
     page.locator("[data-testid='stMain'] label").filter(has_text="Attention maps").first.click()
-    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length >= 3", timeout=60_000)
+    page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .hm').length >= 3", timeout=60_000)
     page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=60_000)
     # Streamlit scrolls inside its main block, so a tall viewport is what shows the whole view.
     page.set_viewport_size({"width": 1500, "height": 2700})

@@ -79,4 +79,5 @@ def test_attention_and_drilldown_views(real_root, make_app):
     grid = html_grids(at)["drilldown_grid"].z
     assert grid.shape[0] == L and grid.shape[1] > 1
     at.radio(key="drilldown_show").set_value("Attention maps")
-    assert "drilldown_attn_final" in plotly_figures(_run(at))
+    maps = plotly_figures(_run(at))["drilldown_attention"]
+    assert len(maps.data) >= 2 and "Final layer" in maps.layout.annotations[1].text

@@ -171,16 +171,20 @@ def test_drilldown_lens_grid_and_attention_maps(runs_root, make_app, downloads):
     assert not plotly_figures(at)  # one section at a time
     at.radio(key="drilldown_show").set_value("Attention maps")
     figures = plotly_figures(_run(at))
-    assert set(figures) == {"drilldown_attn_layer", "drilldown_attn_final", "drilldown_attn_step_b"}
+    assert set(figures) == {"drilldown_attention"}  # the three maps in one figure
+    maps = figures["drilldown_attention"]
+    assert [a.text for a in maps.layout.annotations] == ["Layer 2, step 10", "Final layer 4, step 10",
+                                                        "Layer 2, step 20"]
+    assert maps.layout.title.text == "Attention weights, mean over heads"
     # One colour scale for the three: from 0 to the highest weight of any.
-    highest = max(np.nanmax(np.array(f.data[0].z, dtype=float)) for f in figures.values())
-    assert [f.data[0].zmax for f in figures.values()] == pytest.approx([highest] * 3)
+    highest = max(np.nanmax(np.array(trace.z, dtype=float)) for trace in maps.data)
+    assert [trace.coloraxis for trace in maps.data] == ["coloraxis"] * 3
+    assert (maps.layout.coloraxis.cmin, maps.layout.coloraxis.cmax) == (0.0, pytest.approx(highest))
     assert at.selectbox(key="layer").value == 2  # the URL's layer, kept while the lens section was shown
-    chosen = np.array(figures["drilldown_attn_layer"].data[0].z, dtype=float)
+    chosen = np.array(maps.data[0].z, dtype=float)
     assert chosen.shape == (2, 7)  # queries 5, 6 x keys 0..6
     np.testing.assert_allclose(np.nansum(chosen, axis=1), 1.0)  # each query row is a distribution
-    assert "Final layer 4" in figures["drilldown_attn_final"].layout.title.text
-    assert "Layer 2, step 20" in figures["drilldown_attn_step_b"].layout.title.text
+    assert list(maps.data[0].y) == list(maps.data[2].y)  # one query axis: the same prompt's positions
     assert set(_csv(downloads, "attention-oisd-step10-prompt1.csv")["layer"]) == {2, N_LAYERS}
     assert at.query_params["prompt"] == "1" and at.query_params["layer"] == "2"
     assert at.query_params["drilldown_show"] == "Attention maps"
@@ -195,7 +199,8 @@ def test_drilldown_attention_without_the_other_steps_detail(runs_root, tmp_path,
     at = _run(make_app(root, view="Drill-down", runs=["oisd"], step="10", prompt="1", layer="2",
                        drilldown_show="Attention maps"))
     assert at.selectbox(key="drilldown_step_b").value == 20
-    assert set(plotly_figures(at)) == {"drilldown_attn_layer", "drilldown_attn_final"}
+    maps = plotly_figures(at)["drilldown_attention"]
+    assert [a.text for a in maps.layout.annotations] == ["Layer 2, step 10", "Final layer 4, step 10"]
     assert any(info.value == "No attention detail of prompt 1 at step 20." for info in at.info)
 
 
