@@ -28,7 +28,7 @@ HIGHER_IS_CLOSER = {"top1_agree"}
 _FONT = dict(size=13)
 # Margins are computed here, from the tick labels, and axis automargin is off. Streamlit's
 # Plotly theme turns automargin on for every axis; Plotly then draws a figure, measures its
-# tick labels, widens the margins and draws it again, each of the three times Streamlit draws
+# tick labels, widens the margins and draws it again, each of the two or three times Streamlit draws
 # the figure per view switch: the training view's figure took 0.34 s to appear instead of
 # 0.25 s (measured 2026-12-07). A tick label is at most _CHAR_PX pixels per character at the
 # theme's 12 px tick font (digits and Latin letters are 6-7), a number's at most
@@ -358,7 +358,7 @@ def attention_maps(maps: list[tuple[pd.DataFrame, str]], tokens: dict[int, str] 
     """Attention maps side by side in one figure (queries down, on one axis; keys across), on
     one colour scale from 0 to ``zmax`` (default: the highest weight of any map), one colour bar.
 
-    One figure rather than one per map: Streamlit draws every figure three times, and each
+    One figure rather than one per map: Streamlit draws every figure two or three times, and each
     figure is its own canvas, axes and colour bar (the drill-down's three maps, A/B in one
     browser: 2026-12-07, ``benchmarks/README.md``).
 
