@@ -141,7 +141,7 @@ def bench(size: str, repeats: int, device: str, dtype: torch.dtype) -> dict[str,
     medians = {name: statistics.median(values) for name, values in times.items()}
     print(
         f"{size:>7}: B={batch} T={prompt + response} L={total_layers} attn layers {layers}  "
-        + "  ".join(f"{name} {1e3 * t:8.1f} ms" for name, t in medians.items())
+        + "  ".join(f"{name} {1e3 * t:9.2f} ms" for name, t in medians.items())
         + f"  | selective/sdpa {medians['selective'] / medians['sdpa']:.2f}x"
         + f"  eager/sdpa {medians['eager'] / medians['sdpa']:.2f}x"
         + f"  selective/eager {medians['selective'] / medians['eager']:.2f}x"

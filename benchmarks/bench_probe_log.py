@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
     print(f"{'layout':<12} {'step 1 (s)':>11} {f'step {args.steps} (s)':>13} {'ratio':>7}")
     for name in ("parts", "one_table"):
         r = results[name]
-        print(f"{name:<12} {r['step_1_s']:>11.4f} {r[f'step_{args.steps}_s']:>13.4f} {r['ratio']:>7.2f}")
+        print(f"{name:<12} {r['step_1_s']:>11.5f} {r[f'step_{args.steps}_s']:>13.5f} {r['ratio']:>7.2f}")
     p = results["parts"]
     print(f"parts: mean {p['mean_s']:.4f} s per step, slowest {p['max_s']:.4f} s (the merges included), "
           f"{p['files']} files for {args.steps} steps")
