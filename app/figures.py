@@ -375,10 +375,11 @@ def attention_maps(maps: list[tuple[pd.DataFrame, str]], tokens: dict[int, str] 
         zmax = max((float(np.nanmax(m.to_numpy(dtype=float))) for m in matrices if m.size), default=1.0)
     fig = make_subplots(rows=1, cols=max(len(maps), 1), shared_yaxes=True, horizontal_spacing=0.03,
                         subplot_titles=[name for _, name in maps])
-    keys, queries = [], []
+    keys, queries = [], []  # every map's tick labels, for the margins
     for i, matrix in enumerate(matrices):
         x, y = [label(k) for k in matrix.columns], [label(q) for q in matrix.index]
-        keys, queries = keys + x, queries + y
+        keys += x
+        queries += y
         fig.add_trace(go.Heatmap(z=matrix.to_numpy(dtype=float), x=x, y=y, coloraxis="coloraxis",
                                  hovertemplate="query %{y}<br>key %{x}<br>weight %{z:.3f}<extra></extra>"),
                       row=1, col=i + 1)

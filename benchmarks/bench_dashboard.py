@@ -454,13 +454,14 @@ def run(args, root: Path, layers: int, heads: int, browser: bool) -> int:
     print(f"{'smoke, ' if args.smoke else ''}{where}: {args.runs} runs x {args.checkpoints} checkpoints, "
           f"{layers} layers x {heads} heads")
     # Seconds to the millisecond: Streamlit's bare switch under AppTest (the smoke) takes a few ms.
+    seconds, megabytes = "{:7.3f}s".format, "{:8.2f}".format
     print(f"{'measure':42s} {'first':>8s} {'median':>8s} {'target':>8s}")
     ok = True
     for name, values in times.items():
         warm = float(np.median(values[1:])) if len(values) > 1 else float(values[0])
         if name in (FLOOR, FLOOR_SWITCH) or name.endswith("(MB)") or args.smoke:  # a smoke judges no target
-            cell = "{:8.2f}" if name.endswith("(MB)") else "{:7.3f}s"
-            print(f"{name:42s} {cell.format(values[0])} {cell.format(warm)}")
+            cell = megabytes if name.endswith("(MB)") else seconds
+            print(f"{name:42s} {cell(values[0])} {cell(warm)}")
             continue
         if name.startswith("first"):
             target = floor + TARGET_OVER_FLOOR_S
@@ -470,7 +471,7 @@ def run(args, root: Path, layers: int, heads: int, browser: bool) -> int:
             target = TARGET_SWITCH_S
         verdict = "ok" if warm < target else "SLOW"
         ok &= warm < target
-        print(f"{name:42s} {values[0]:7.3f}s {warm:7.3f}s {target:7.3f}s  {verdict}")
+        print(f"{name:42s} {seconds(values[0])} {seconds(warm)} {seconds(target)}  {verdict}")
     switch_floor = float(np.median(times[FLOOR_SWITCH]))
     print("switch / floor switch: " + ", ".join(
         f"{name.removeprefix('switch to ').removeprefix('section: ')} "
